@@ -1,0 +1,414 @@
+"""Typed run configuration: nested dataclasses, YAML recipes, dotted command-line overrides, validation.
+
+A recipe is a YAML file whose keys map one-to-one onto these dataclasses. Unknown keys, wrong types and
+impossible combinations raise `UserError` with one line naming the key and the fix.
+
+Paths inside a recipe (prompt files, anchor files) are relative to the recipe file; `model.base` and
+`output.dir` are relative to the current directory, like any path typed on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lora_grpo.errors import UserError
+
+DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise UserError(f"recipe key '{key}': {problem}")
+
+
+@dataclass
+class ModelConfig:
+    base: str = ""  # hub id (CompVis/stable-diffusion-v1-4), local diffusers folder, or builtin:tiny-sd
+    revision: str | None = None  # hub revision (branch, tag or commit) of the base model
+    variant: str | None = None  # weight variant on the hub, e.g. "fp16"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.base), "model.base", "missing: give a hub id or a local diffusers folder")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 4  # LoRA rank r
+    alpha: float = 4.0  # LoRA alpha; the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the LoRA branch
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))  # UNet attention
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(bool(self.target_modules), "lora.target_modules", "empty: name at least one module")
+
+
+@dataclass
+class PromptSetConfig:
+    name: str = ""  # label used in logs (reward/<name>)
+    safety: Literal["safe", "unsafe"] = "safe"  # unsafe prompts are steered toward safe; safe ones kept
+    path: str | None = None  # .txt (one prompt per line) or .csv file
+    dataset: str | None = None  # Hugging Face dataset id (needs the `datasets` extra)
+    dataset_config: str | None = None  # dataset configuration name
+    split: str = "train"  # dataset split
+    column: str = "prompt"  # column holding the prompt (CSV or dataset)
+    filter: dict[str, Any] = field(default_factory=dict)  # keep rows whose columns equal these values
+    max_prompts: int | None = None  # keep only the first N prompts
+    weight: float = 1.0  # share of each batch drawn from this set (normalised over all sets)
+
+    def __post_init__(self) -> None:
+        key = f"prompts.sets[{self.name or '?'}]"
+        _require(bool(self.name), "prompts.sets[].name", "every prompt set needs a name")
+        _require(
+            (self.path is None) != (self.dataset is None),
+            key,
+            "give exactly one of 'path' (a local .txt/.csv file) or 'dataset' (a Hugging Face dataset id)",
+        )
+        _require(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
+        if self.max_prompts is not None:
+            _require(self.max_prompts >= 1, f"{key}.max_prompts", "must be >= 1")
+
+
+@dataclass
+class PromptsConfig:
+    sets: list[PromptSetConfig] = field(default_factory=list)  # safe and unsafe prompt sets, mixed by weight
+
+    def __post_init__(self) -> None:
+        _require(bool(self.sets), "prompts.sets", "empty: add at least one prompt set")
+        names = [s.name for s in self.sets]
+        _require(len(set(names)) == len(names), "prompts.sets", f"duplicate set names in {names}")
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 50  # DDIM steps per trajectory
+    eta: float = 1.0  # DDIM eta; must be > 0 so every step is a Gaussian with a log-prob
+    guidance_scale: float = 5.0  # classifier-free guidance; 1.0 skips the unconditional pass
+    group_size: int = 16  # G: images per prompt; advantages are normalised within each group
+    prompts_per_batch: int = 1  # prompts per sampling batch (each sampled G times in one batch)
+    batches_per_epoch: int = 1  # sampling batches per epoch (per process)
+    # Shared: the G samples of a prompt start from the same noise, so the group baseline compares the
+    # stochastic denoising steps (the actions that get credit), not the starting point. The reference does
+    # this; set false for more diversity within a group.
+    shared_initial_noise: bool = True
+    resolution: int | None = None  # image side in pixels; None = the model's native size
+    negative_prompt: str = ""  # unconditional prompt for CFG
+    decode_batch_size: int = 8  # latents per VAE decode (memory)
+
+    def __post_init__(self) -> None:
+        _require(self.num_steps >= 1, "sample.num_steps", "must be >= 1")
+        _require(
+            self.eta > 0,
+            "sample.eta",
+            "must be > 0: with eta 0 the sampler is deterministic and has no log-prob",
+        )
+        _require(self.guidance_scale >= 1, "sample.guidance_scale", "must be >= 1")
+        _require(
+            self.group_size >= 2,
+            "sample.group_size",
+            f"must be >= 2 to form a group advantage, got {self.group_size}",
+        )
+        _require(self.prompts_per_batch >= 1, "sample.prompts_per_batch", "must be >= 1")
+        _require(self.batches_per_epoch >= 1, "sample.batches_per_epoch", "must be >= 1")
+        _require(self.decode_batch_size >= 1, "sample.decode_batch_size", "must be >= 1")
+        if self.resolution is not None:
+            _require(
+                self.resolution % 8 == 0,
+                "sample.resolution",
+                f"must be a multiple of 8, got {self.resolution}",
+            )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100  # outer iterations: sample, score, update
+    learning_rate: float = 3e-4  # LoRA learning rate
+    optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"  # bitsandbytes 8-bit AdamW or torch AdamW
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    lr_warmup_steps: int = 0  # linear warm-up over this many optimizer steps, then constant
+    batch_size: int = 4  # trajectories per forward/backward
+    gradient_accumulation_steps: int = 1  # minibatches per optimizer step (all trained timesteps accumulate)
+    inner_epochs: int = 1  # passes over each epoch's samples
+    timestep_fraction: float = 1.0  # share of each trajectory's steps that is trained
+    clip_range: float = 1e-4  # PPO ratio clip epsilon
+    adv_clip_max: float = 2.5  # advantages are clipped to [-max, max]
+    max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables
+    kl_coef: float = 0.0  # weight of the KL to the reference policy (the base UNet); 0 disables
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype; LoRA params stay fp32
+    gradient_checkpointing: bool = False  # trade UNet compute for memory
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+        _require(self.inner_epochs >= 1, "train.inner_epochs", "must be >= 1")
+        _require(0 < self.timestep_fraction <= 1, "train.timestep_fraction", "must be in (0, 1]")
+        _require(self.clip_range > 0, "train.clip_range", "must be > 0")
+        _require(self.adv_clip_max > 0, "train.adv_clip_max", "must be > 0")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _require(self.kl_coef >= 0, "train.kl_coef", "must be >= 0")
+        _require(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
+
+
+@dataclass
+class ClipConfig:
+    backend: Literal["transformers", "open_clip"] = "transformers"  # which library loads the CLIP
+    # transformers: hub id or folder (openai/clip-vit-large-patch14); open_clip: model name (ViT-H-14) or
+    # local-dir:PATH; builtin:tiny-clip for tests.
+    model: str = "openai/clip-vit-large-patch14"
+    checkpoint: str | None = None  # open_clip weights file (e.g. HPS_v2.1_compressed.pt) or pretrained tag
+    batch_size: int = 32  # images per CLIP forward
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "reward.clip.model", "missing: name a CLIP model")
+        _require(self.batch_size >= 1, "reward.clip.batch_size", "must be >= 1")
+
+
+@dataclass
+class RewardConfig:
+    name: Literal["steering", "steering-projection", "clip"] = "steering"  # reward registry name
+    alpha: float = 0.5  # steering strength along v_safe
+    anchors: str | None = None  # YAML file with `safe:` and `unsafe:` anchor phrases
+    clip: ClipConfig = field(default_factory=ClipConfig)
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.alpha), "reward.alpha", "must be a finite number")
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None  # run directory; default runs/<recipe>-<timestamp> under the current directory
+    sample_grid_every: int = 1  # write a sample grid every N epochs (0: never)
+    grid_images: int = 8  # prompts shown per grid
+    checkpoint_every: int = 0  # write a checkpoint every N epochs (0: only at the end)
+    keep_checkpoints: int = 2  # keep the newest K checkpoints
+
+    def __post_init__(self) -> None:
+        _require(self.sample_grid_every >= 0, "output.sample_grid_every", "must be >= 0")
+        _require(self.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0")
+        _require(self.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class Config:
+    name: str = ""  # recipe name (defaults to the file name)
+    description: str = ""  # one line shown by `lora-grpo recipes`
+    seed: int = 0  # seeds sampling noise, prompt order and LoRA init
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        per_epoch = self.sample.prompts_per_batch * self.sample.group_size * self.sample.batches_per_epoch
+        _require(
+            per_epoch % self.train.batch_size == 0,
+            "train.batch_size",
+            f"{self.train.batch_size} does not divide the {per_epoch} samples per epoch "
+            "(sample.prompts_per_batch x sample.group_size x sample.batches_per_epoch)",
+        )
+        minibatches = per_epoch // self.train.batch_size
+        _require(
+            minibatches % self.train.gradient_accumulation_steps == 0,
+            "train.gradient_accumulation_steps",
+            f"{self.train.gradient_accumulation_steps} does not divide the {minibatches} minibatches per inner epoch",
+        )
+        if self.reward.name.startswith("steering"):
+            _require(
+                self.reward.anchors is not None, "reward.anchors", "the steering reward needs an anchors file"
+            )
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sample.prompts_per_batch * self.sample.group_size * self.sample.batches_per_epoch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dict -> dataclass conversion with type checks
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"recipe key '{key}': expected {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"recipe key '{key}': expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"recipe key '{key}': expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"recipe key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"recipe key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # PyYAML reads 1e-5 (no dot) as a string: accept numeric strings for float fields.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"recipe key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"recipe key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by dotted key name."""
+    where = f"recipe key '{prefix}'" if prefix else "recipe"
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise UserError(f"unknown recipe key '{full}': valid keys here are {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        full = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], full)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# overrides and recipe files
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `train.learning_rate=3e-5` into (["train", "learning_rate"], 3e-5); values are YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not KEY=VALUE: write it like train.learning_rate=3e-5")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{text}' has an empty key: write it like sample.num_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in the raw recipe mapping (validation of the keys happens in `from_dict`)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                dotted = ".".join(parts[: i + 1])
+                raise UserError(f"override '{text}': '{dotted}' is not a section, it holds {child!r}")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Read a YAML file, turning a missing file or a parse error into one line."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise UserError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a UTF-8 text file") from None
+
+
+def _resolve_relative(path: str | None, base_dir: Path) -> str | None:
+    if path is None or "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a recipe file, apply dotted overrides, validate, and make its relative paths absolute."""
+    path = Path(path)
+    data = read_yaml(path, "recipe")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(
+            f"recipe {path} must be a mapping of sections (model:, prompts:, ...), not {type(data).__name__}"
+        )
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("name", path.stem)
+    config = from_dict(Config, data)
+    recipe_dir = path.resolve().parent
+    for prompt_set in config.prompts.sets:
+        prompt_set.path = _resolve_relative(prompt_set.path, recipe_dir)
+    config.reward.anchors = _resolve_relative(config.reward.anchors, recipe_dir)
+    return config
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,78 @@
+"""GRPO math as pure functions on tensors: group advantages, the PPO-clipped loss, the Gaussian KL.
+
+Nothing here knows about models or configs; every function takes tensors and returns tensors (plus detached
+metrics), so each is tested against hand-computed numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """Normalise rewards within each group: (r - mean) / std over the G samples of one prompt.
+
+    rewards: [B, G]. The std is the population std (divide by G). A group whose std is below `eps` (all
+    rewards equal) carries no preference and gets advantage 0, never NaN.
+    """
+    mean = rewards.mean(dim=1, keepdim=True)  # [B, 1]
+    std = rewards.std(dim=1, unbiased=False, keepdim=True)  # [B, 1]
+    flat = std < eps
+    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / torch.where(flat, 1.0, std))
+
+
+def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
+    """Clip advantages to [-max_abs, max_abs] (SafeDiffusion-R1 uses 2.5)."""
+    return advantages.clamp(-max_abs, max_abs)
+
+
+def clipped_policy_loss(
+    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clipped surrogate loss, mean over samples (Schulman et al. 2017, eq. 7, negated for descent).
+
+    loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))),  ratio = exp(log_probs - old_log_probs).
+    All inputs are [N]. Returns the loss and detached metrics: ratio mean/min/max, clip fraction (share of
+    ratios outside the clip range) and the approximate KL 0.5 * mean((log_probs - old_log_probs)^2).
+    """
+    log_ratio = log_probs - old_log_probs  # [N]
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        metrics = {
+            "ratio_mean": ratio.mean(),
+            "ratio_min": ratio.min(),
+            "ratio_max": ratio.max(),
+            "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "approx_kl": 0.5 * (log_ratio**2).mean(),
+        }
+    return loss, metrics
+
+
+def gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tensor) -> Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)) per sample, averaged over the non-batch elements.
+
+    Closed form per element: log(std_q / std_p) + (std_p^2 + (mean_p - mean_q)^2) / (2 std_q^2) - 1/2.
+    The mean over elements matches the log-prob reduction, so the KL weight is on the same scale as the loss.
+    Computed in fp32.
+    """
+    mean_p, mean_q = mean_p.float(), mean_q.float()
+    var_p = std_p.float() ** 2
+    var_q = std_q.float() ** 2
+    kl = 0.5 * torch.log(var_q / var_p) + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def subsample_timesteps(
+    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator
+) -> Tensor:
+    """Which denoising steps to train: [N, k] step indices, an independent random subset per trajectory.
+
+    k = max(1, int(num_steps * fraction)); fraction 1 trains every step (in a shuffled order).
+    """
+    k = max(1, int(num_steps * fraction))
+    order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(num_samples)])
+    return order[:, :k]  # [N, k]

@@ -1,0 +1,142 @@
+"""Load a Stable Diffusion pipeline (hub id, local folder or built-in tiny model), add and save the LoRA.
+
+LoRA mechanics follow diffusers + peft exactly: `unet.add_adapter(LoraConfig)`, saved with
+`save_lora_weights(..., unet_lora_adapter_metadata=...)` so a LoRA with alpha != rank reloads at the right
+scale, loaded with `pipe.load_lora_weights`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from lora_grpo.config import LoraSettings, ModelConfig
+from lora_grpo.errors import UserError
+from lora_grpo.tiny import BUILTIN_PREFIX, resolve_builtin
+
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def resolve_model_ref(ref: str) -> str:
+    """A local folder (absolute path), a built-in model's folder, or a hub id, checked for obvious mistakes."""
+    if ref.startswith(BUILTIN_PREFIX):
+        return str(resolve_builtin(ref[len(BUILTIN_PREFIX) :]))
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"base model folder {path} has no model_index.json: point model.base at a diffusers pipeline "
+                "folder (the one holding unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            )
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+        raise UserError(
+            f"base model path does not exist: {ref} (give a local diffusers folder or a hub id like CompVis/stable-diffusion-v1-4)"
+        )
+    return ref
+
+
+def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    """Load the base pipeline without its safety checker, with a DDIM scheduler from the model's config."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    ref = resolve_model_ref(cfg.base)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            ref,
+            revision=cfg.revision,
+            variant=cfg.variant,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=Path(ref).is_dir(),
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not load base model '{cfg.base}': {_first_line(err)} "
+            "(check the hub id and your network or HF_TOKEN, or give a local diffusers folder)"
+        ) from None
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def freeze(pipe) -> None:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+
+
+def peft_lora_config(cfg: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the adapter starts as the identity
+        target_modules=list(cfg.target_modules),
+    )
+
+
+def add_lora(unet, cfg: LoraSettings) -> list[torch.nn.Parameter]:
+    """Add the LoRA adapter to the UNet attention layers; return its parameters, upcast to fp32."""
+    try:
+        unet.add_adapter(peft_lora_config(cfg))
+    except ValueError as err:
+        raise UserError(
+            f"lora.target_modules {cfg.target_modules} do not fit this UNet: {_first_line(err)}"
+        ) from None
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        # fp32 master weights for the trainable part, whatever the frozen base is stored in
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers format (keys without the `unet.` prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_adapter(unet, out_dir: str | Path) -> Path:
+    """Write `pytorch_lora_weights.safetensors` with adapter metadata (rank, alpha, targets) for `load_lora_weights`."""
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in lora_state_dict(unet).items()}
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir,
+        unet_lora_layers=state,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        safe_serialization=True,
+    )
+    return out_dir / ADAPTER_WEIGHTS
+
+
+def load_adapter(pipe, adapter: str | Path) -> None:
+    """Load a saved adapter (folder or .safetensors file) into a pipeline with diffusers' own loader."""
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise UserError(f"adapter folder {path} has no {ADAPTER_WEIGHTS}: give the run's adapter/ folder")
+        args, kwargs = (str(path),), {"weight_name": ADAPTER_WEIGHTS}
+    elif path.is_file():
+        args, kwargs = (str(path.parent),), {"weight_name": path.name}
+    else:
+        raise UserError(f"adapter not found: {path}")
+    try:
+        pipe.load_lora_weights(*args, **kwargs)
+    except (ValueError, RuntimeError, KeyError, OSError) as err:
+        raise UserError(f"could not load adapter {path} into this base model: {_first_line(err)}") from None

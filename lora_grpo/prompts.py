@@ -1,0 +1,156 @@
+"""Prompt sets (text/CSV files or Hugging Face datasets) and the deterministic safe/unsafe mixing.
+
+Which prompts an epoch uses is a pure function of (sets, seed, epoch): each set is walked through a fresh
+seeded permutation per pass, and each batch takes its share of every set by weight. Resuming at epoch k
+therefore needs nothing but k.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_grpo.config import PromptSetConfig
+from lora_grpo.errors import UserError
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    safety: str  # "safe" or "unsafe"
+    prompts: tuple[str, ...]
+    weight: float
+
+
+def _read_text_prompts(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _keep_row(row: dict, filters: dict) -> bool:
+    return all(str(row.get(k)) == str(v) for k, v in filters.items())
+
+
+def _read_csv_prompts(path: Path, column: str, filters: dict) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        missing = [c for c in [column, *filters] if c not in fields]
+        if missing:
+            raise UserError(
+                f"prompt file {path} has no column '{missing[0]}' (columns: {', '.join(fields) or 'none'}): "
+                "set the prompt set's `column` to the one holding the prompts"
+            )
+        return [
+            row[column].strip() for row in reader if _keep_row(row, filters) and (row[column] or "").strip()
+        ]
+
+
+def _read_dataset_prompts(cfg: PromptSetConfig) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"prompt set '{cfg.name}' reads the Hugging Face dataset '{cfg.dataset}', which needs the "
+            "`datasets` package: pip install 'lora-grpo[datasets]'"
+        ) from None
+    try:
+        data = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
+    except Exception as err:  # the hub client raises many types; the user needs one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"could not load dataset '{cfg.dataset}' (config {cfg.dataset_config}, split {cfg.split}) for "
+            f"prompt set '{cfg.name}': {reason}. Check the name and your network, or use a local `path:` file"
+        ) from None
+    if cfg.column not in data.column_names:
+        raise UserError(
+            f"dataset '{cfg.dataset}' has no column '{cfg.column}' (columns: {', '.join(data.column_names)}): "
+            f"set prompts.sets[{cfg.name}].column"
+        )
+    return [
+        str(row[cfg.column]).strip()
+        for row in data
+        if _keep_row(row, cfg.filter) and str(row[cfg.column] or "").strip()
+    ]
+
+
+def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
+    """Read one configured prompt set; an empty set is an error."""
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise UserError(f"prompt file for set '{cfg.name}' not found: {path}")
+        if path.suffix.lower() == ".csv":
+            prompts = _read_csv_prompts(path, cfg.column, cfg.filter)
+        else:
+            prompts = _read_text_prompts(path)
+        source = str(path)
+    else:
+        prompts = _read_dataset_prompts(cfg)
+        source = f"dataset {cfg.dataset}"
+    if cfg.max_prompts is not None:
+        prompts = prompts[: cfg.max_prompts]
+    if not prompts:
+        raise UserError(
+            f"prompt set '{cfg.name}' is empty ({source}): add prompts or remove the set from the recipe"
+        )
+    return PromptSet(cfg.name, cfg.safety, tuple(prompts), cfg.weight)
+
+
+def set_schedule(weights: list[float], num_slots: int) -> list[tuple[int, int]]:
+    """For prompt slots 0..num_slots-1: (set index, how many times that set was drawn before).
+
+    Smooth weighted round-robin: every window of slots holds each set's share as closely as integers allow
+    (weights 1:1 alternate, 3:1 give 3 then 1), and it is deterministic and never skips a set for long.
+    """
+    total = sum(weights)
+    current = [0.0] * len(weights)
+    drawn = [0] * len(weights)
+    out = []
+    for _ in range(num_slots):
+        for i, w in enumerate(weights):
+            current[i] += w
+        pick = max(range(len(weights)), key=lambda i: (current[i], -i))
+        current[pick] -= total
+        out.append((pick, drawn[pick]))
+        drawn[pick] += 1
+    return out
+
+
+def _nth_prompt(prompt_set: PromptSet, set_index: int, k: int, seed: int) -> str:
+    """The k-th prompt of an endless walk through `prompt_set`, a fresh permutation per pass."""
+    n = len(prompt_set.prompts)
+    cycle, pos = divmod(k, n)
+    perm = np.random.default_rng([seed, set_index, cycle]).permutation(n)
+    return prompt_set.prompts[perm[pos]]
+
+
+def epoch_prompts(
+    sets: list[PromptSet],
+    prompts_per_batch: int,
+    num_batches: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+) -> list[list[tuple[str, int]]]:
+    """Prompts for one epoch on one process: `num_batches` lists of (prompt, set index).
+
+    Prompt slots are numbered globally over epochs, batches and processes; `set_schedule` assigns each slot
+    a set, and each set is walked without repetition until it is exhausted.
+    """
+    slots_per_batch = prompts_per_batch
+    end = ((epoch + 1) * num_batches * world) * slots_per_batch
+    schedule = set_schedule([s.weight for s in sets], end)
+    batches = []
+    for b in range(num_batches):
+        first = ((epoch * num_batches + b) * world + rank) * slots_per_batch
+        batch = []
+        for g in range(first, first + slots_per_batch):
+            i, k = schedule[g]
+            batch.append((_nth_prompt(sets[i], i, k, seed), i))
+        batches.append(batch)
+    return batches

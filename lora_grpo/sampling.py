@@ -1,0 +1,189 @@
+"""Stochastic DDIM sampling that records each step's Gaussian log-probability.
+
+One DDIM step (Song et al. 2021, eq. 12) from x_t to x_prev is a Gaussian with
+    mean = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps_hat,
+    std  = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)),
+where a = alphas_cumprod. The log-prob of the step taken is the Gaussian log-density averaged over latent
+elements (the DDPO / SafeDiffusion-R1 convention: with a per-element mean the PPO ratio stays near 1 and a
+clip range like 1e-4 is meaningful).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lora_grpo.errors import UserError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class DdimSchedule:
+    """Per-step quantities of an N-step DDIM schedule, shared by all samples."""
+
+    timesteps: Tensor  # [T] long, from noisy to clean
+    alpha_prod: Tensor  # [T] alphas_cumprod at each timestep
+    alpha_prod_prev: Tensor  # [T] alphas_cumprod at the step's target timestep
+    prediction_type: str
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+def ddim_schedule(scheduler, num_steps: int) -> DdimSchedule:
+    """Read the DDIM schedule from a diffusers DDIMScheduler (the same timesteps `scheduler.step` uses)."""
+    cfg = scheduler.config
+    if cfg.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise UserError(
+            f"scheduler prediction_type '{cfg.prediction_type}' is not supported: use one of {PREDICTION_TYPES}"
+        )
+    if cfg.get("clip_sample", False) or cfg.get("thresholding", False):
+        raise UserError(
+            "the base model's scheduler clips or thresholds x0 (clip_sample/thresholding): set both false"
+        )
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.long()
+    prev = timesteps - cfg.num_train_timesteps // num_steps
+    alphas = scheduler.alphas_cumprod.float()
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+    alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
+    return DdimSchedule(timesteps, alphas[timesteps], alpha_prev, cfg.get("prediction_type", "epsilon"))
+
+
+def _bcast(x: Tensor, like: Tensor) -> Tensor:
+    """Broadcast per-sample scalars [N] (or a 0-d tensor) over the latent dims of `like`."""
+    x = x.to(device=like.device, dtype=torch.float32)
+    return x.reshape(-1, *([1] * (like.ndim - 1))) if x.ndim else x
+
+
+def ddim_step_mean_std(
+    model_output: Tensor,
+    sample: Tensor,
+    alpha_prod: Tensor,
+    alpha_prod_prev: Tensor,
+    eta: float,
+    prediction_type: str,
+) -> tuple[Tensor, Tensor]:
+    """Mean and std of the stochastic DDIM step x_t -> x_prev, in fp32.
+
+    fp32 on purpose: the log-prob ratio of two nearly equal policies is exp of a tiny difference, and bf16
+    rounding of the mean would swamp it.
+    """
+    out = model_output.float()
+    x = sample.float()
+    a_t = _bcast(alpha_prod, x)
+    a_prev = _bcast(alpha_prod_prev, x)
+    if prediction_type == "epsilon":
+        eps = out
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+        eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    elif prediction_type == "sample":
+        x0 = out
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type}")
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return mean, std
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(x; mean, std^2) per sample, averaged over the non-batch elements, in fp32."""
+    x, mean, std = x.float(), mean.float(), std.float()
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.mean(dim=tuple(range(1, log_density.ndim)))
+
+
+def guided_model_output(
+    unet, latents: Tensor, timesteps: Tensor, cond: Tensor, uncond: Tensor | None, guidance: float
+) -> Tensor:
+    """UNet prediction with classifier-free guidance in one batched forward ([uncond; cond]).
+
+    latents [N, C, h, w]; timesteps [N] or scalar; cond/uncond [N, L, D]. guidance 1 (or no uncond) runs the
+    conditional pass alone.
+    """
+    if uncond is None or guidance == 1.0:
+        return unet(latents, timesteps, encoder_hidden_states=cond).sample
+    t = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
+    both = unet(
+        torch.cat([latents, latents]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
+    ).sample
+    out_uncond, out_cond = both.chunk(2)
+    return out_uncond + guidance * (out_cond - out_uncond)
+
+
+@dataclass
+class Trajectories:
+    latents: Tensor  # [N, T+1, C, h, w]: x_T, ..., x_0 (fp32, on the sampling device)
+    log_probs: Tensor  # [N, T]: log-prob of each step taken, fp32
+
+
+@torch.no_grad()
+def sample_trajectories(
+    unet,
+    schedule: DdimSchedule,
+    cond: Tensor,
+    uncond: Tensor | None,
+    initial_latents: Tensor,
+    guidance: float,
+    eta: float,
+    generator: torch.Generator,
+) -> Trajectories:
+    """Run the stochastic DDIM sampler from `initial_latents`, keeping every latent and step log-prob.
+
+    The step noise is drawn from `generator` on the CPU and moved to the device, so a seed gives the same
+    trajectories on any device.
+    """
+    x = initial_latents.float()
+    device = x.device
+    latents, log_probs = [x], []
+    model_dtype = next(unet.parameters()).dtype
+    for i in range(schedule.num_steps):
+        t = schedule.timesteps[i].to(device)
+        out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
+        mean, std = ddim_step_mean_std(
+            out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta, schedule.prediction_type
+        )
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+        x = mean + std * noise
+        latents.append(x)
+        log_probs.append(gaussian_log_prob(x, mean, std))
+    return Trajectories(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1))
+
+
+def step_log_prob(
+    unet,
+    schedule: DdimSchedule,
+    step_index: Tensor,
+    latents: Tensor,
+    next_latents: Tensor,
+    cond: Tensor,
+    uncond: Tensor | None,
+    guidance: float,
+    eta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-prob under the current UNet of stored steps latents -> next_latents (with gradient).
+
+    step_index [N] picks each sample's step in the schedule. Returns (log_prob [N], mean, std).
+    """
+    device = latents.device
+    t = schedule.timesteps.to(device)[step_index]  # [N]
+    model_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
+    out = guided_model_output(unet, latents.to(model_dtype), t, cond, uncond, guidance)
+    mean, std = ddim_step_mean_std(
+        out,
+        latents,
+        schedule.alpha_prod.to(device)[step_index],
+        schedule.alpha_prod_prev.to(device)[step_index],
+        eta,
+        schedule.prediction_type,
+    )
+    return gaussian_log_prob(next_latents, mean, std), mean, std

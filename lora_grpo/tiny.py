@@ -1,0 +1,194 @@
+"""Tiny, randomly initialised models built from configs, fully offline.
+
+They stand in for Stable Diffusion and CLIP in tests and in the `tiny-test` recipe. Each is written as the
+same folder format the real models use (a diffusers pipeline folder, a transformers CLIPModel folder), so
+everything downstream loads them through the same `from_pretrained` path users take.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-sd", "tiny-clip")
+# Bump when a builder changes, so cached folders built by an older version are rebuilt.
+BUILTIN_VERSION = "1"
+TINY_MERGES = 500
+# 256 byte symbols, the same with "</w>", the merged tokens, then <|startoftext|> and <|endoftext|>.
+TINY_VOCAB = 2 * 256 + TINY_MERGES + 2
+TINY_BOS, TINY_EOS = TINY_VOCAB - 2, TINY_VOCAB - 1
+
+
+def write_clip_tokenizer(out_dir: str | Path, num_merges: int = 500) -> None:
+    """Write a CLIP BPE tokenizer (vocab.json + merges.txt) from the BPE table open_clip ships.
+
+    Keeping the first `num_merges` merges gives a small vocabulary with the same special tokens and the same
+    tokenisation rules as OpenAI CLIP (with all 48894 merges the ids are identical).
+    """
+    import open_clip.tokenizer as oc_tok
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with gzip.open(oc_tok.default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 1 + num_merges]]
+    symbols = list(oc_tok.bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    (out_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    merge_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    (out_dir / "merges.txt").write_text(merge_text, encoding="utf-8")
+
+
+def _tokenizer(tmp: Path):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer(tmp, num_merges=TINY_MERGES)
+    # model_max_length=77 as in SD; without it the pipeline overflows computing the max length.
+    return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny StableDiffusionPipeline folder (16x16 latents, 32x32 images)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=TINY_VOCAB,
+            max_position_embeddings=77,
+            bos_token_id=TINY_BOS,
+            eos_token_id=TINY_EOS,
+            pad_token_id=TINY_EOS,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _tokenizer(Path(tmp))
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny transformers CLIPModel folder (32x32 input) with its tokenizer and image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": TINY_VOCAB,
+            "max_position_embeddings": 77,
+            "bos_token_id": TINY_BOS,
+            "eos_token_id": TINY_EOS,
+            "pad_token_id": TINY_EOS,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    model.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        _tokenizer(Path(tmp)).save_pretrained(out_dir)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        do_convert_rgb=True,
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def builtin_home() -> Path:
+    """Where built-in models are cached: $LORA_GRPO_HOME or ~/.cache/lora_grpo."""
+    return Path(os.environ.get("LORA_GRPO_HOME", Path.home() / ".cache" / "lora_grpo"))
+
+
+def resolve_builtin(name: str) -> Path:
+    """Return the folder of built-in model `name` (e.g. "tiny-sd"), building it on first use.
+
+    The folder is built in a temporary sibling and renamed into place, so an interrupted build never leaves
+    a half-written model behind.
+    """
+    if name not in BUILTIN_MODELS:
+        from lora_grpo.errors import UserError
+
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+        raise UserError(f"unknown built-in model '{BUILTIN_PREFIX}{name}': use one of {known}")
+    target = builtin_home() / "builtin" / f"{name}-v{BUILTIN_VERSION}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        if name == "tiny-sd":
+            build_tiny_pipeline(tmp)
+        else:
+            build_tiny_clip(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        # Another process finished the same build first: use theirs.
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

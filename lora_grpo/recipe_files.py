@@ -23,7 +23,7 @@ def find_recipe(name_or_path: str) -> Path:
     """A path to an existing file wins; otherwise a shipped recipe name (with or without .yaml)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return path
+        return path.resolve()
     shipped = shipped_recipes()
     stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
     stem = Path(stem).name if stem.startswith("recipes/") else stem

@@ -120,6 +120,12 @@ def guided_model_output(
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
+def _base_dtype(unet) -> torch.dtype:
+    """The dtype of the frozen base weights (LoRA weights are fp32 even when the base is bf16)."""
+    frozen = next((p for p in unet.parameters() if not p.requires_grad), None)
+    return (frozen if frozen is not None else next(unet.parameters())).dtype
+
+
 @dataclass
 class Trajectories:
     latents: Tensor  # [N, T+1, C, h, w]: x_T, ..., x_0 (fp32, on the sampling device)
@@ -145,7 +151,7 @@ def sample_trajectories(
     x = initial_latents.float()
     device = x.device
     latents, log_probs = [x], []
-    model_dtype = next(unet.parameters()).dtype
+    model_dtype = _base_dtype(unet)
     for i in range(schedule.num_steps):
         t = schedule.timesteps[i].to(device)
         out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
@@ -176,7 +182,7 @@ def step_log_prob(
     """
     device = latents.device
     t = schedule.timesteps.to(device)[step_index]  # [N]
-    model_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
+    model_dtype = _base_dtype(unet)
     out = guided_model_output(unet, latents.to(model_dtype), t, cond, uncond, guidance)
     mean, std = ddim_step_mean_std(
         out,

@@ -158,6 +158,33 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_tiny_open_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny open_clip `local-dir:` folder (open_clip_config.json + open_clip_model.safetensors)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+        },
+        "preprocess_cfg": {
+            "mean": [0.48145466, 0.4578275, 0.40821073],
+            "std": [0.26862954, 0.26130258, 0.27577711],
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    }
+    (out_dir / "open_clip_config.json").write_text(json.dumps(config), encoding="utf-8")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{out_dir}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "open_clip_model.safetensors")
+    return out_dir
+
+
 def builtin_home() -> Path:
     """Where built-in models are cached: $LORA_GRPO_HOME or ~/.cache/lora_grpo."""
     return Path(os.environ.get("LORA_GRPO_HOME", Path.home() / ".cache" / "lora_grpo"))

@@ -32,7 +32,12 @@ class ClipBackend(Protocol):
 
 
 def preprocess_tensor(
-    images: Tensor, resize: int, crop: int, mean: tuple[float, ...], std: tuple[float, ...]
+    images: Tensor,
+    resize: int,
+    crop: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    interpolation: str = "bicubic",
 ) -> Tensor:
     """CLIP preprocessing on a batch in [0, 1]: resize the short side to `resize`, centre crop `crop`, normalise."""
     h, w = images.shape[-2:]
@@ -81,6 +86,7 @@ class TransformersClip:
         self.resize = int(processor.size["shortest_edge"] or self.image_size)
         self.mean = tuple(processor.image_mean)
         self.std = tuple(processor.image_std)
+        self.interpolation = "bilinear" if int(processor.resample) == 2 else "bicubic"  # PIL codes
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -95,7 +101,9 @@ class TransformersClip:
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        pixels = preprocess_tensor(images.float(), self.resize, self.image_size, self.mean, self.std)
+        pixels = preprocess_tensor(
+            images.float(), self.resize, self.image_size, self.mean, self.std, self.interpolation
+        )
         dtype = next(self.model.parameters()).dtype
         out = self.model.get_image_features(pixel_values=pixels.to(self.device, dtype))
         return F.normalize(_features(out).float(), dim=-1)
@@ -136,6 +144,7 @@ class OpenClip:
         self.image_size = int(size if isinstance(size, int) else size[0])
         self.mean = tuple(cfg["mean"])
         self.std = tuple(cfg["std"])
+        self.interpolation = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -144,7 +153,8 @@ class OpenClip:
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        pixels = preprocess_tensor(images.float(), self.image_size, self.image_size, self.mean, self.std)
+        size = self.image_size
+        pixels = preprocess_tensor(images.float(), size, size, self.mean, self.std, self.interpolation)
         dtype = next(self.model.parameters()).dtype
         return F.normalize(self.model.encode_image(pixels.to(self.device, dtype)).float(), dim=-1)
 

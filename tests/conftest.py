@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models built offline into temporary folders, loaded the way users load real ones."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Nothing in the tests may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_home(tmp_path_factory):
+    """Built-in tiny models are cached under a per-session folder, not the user's home."""
+    home = tmp_path_factory.mktemp("lora_grpo_home")
+    old = os.environ.get("LORA_GRPO_HOME")
+    os.environ["LORA_GRPO_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("LORA_GRPO_HOME", None)
+    else:
+        os.environ["LORA_GRPO_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    from lora_grpo.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vpred_dir(tmp_path_factory):
+    from lora_grpo.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), seed=1, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    from lora_grpo.tiny import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip_dir(tmp_path_factory):
+    from lora_grpo.tiny import build_tiny_open_clip
+
+    return build_tiny_open_clip(tmp_path_factory.mktemp("tiny-open-clip"), seed=0)

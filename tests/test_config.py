@@ -1,0 +1,161 @@
+"""Recipes: loading, overrides, validation errors that name the key, and every shipped recipe validates."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_grpo.config import Config, apply_overrides, from_dict, load_config, parse_override
+from lora_grpo.errors import UserError
+from lora_grpo.recipe_files import find_recipe, shipped_recipe_dir, shipped_recipes
+
+TINY = shipped_recipe_dir() / "tiny-test.yaml"
+
+
+def write_recipe(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tiny_data() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def test_shipped_recipes_exist():
+    names = set(shipped_recipes())
+    assert {"tiny-test", "sd14-nudity-compact", "sd15-nudity-compact", "sd14-nudity-scaled"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_validates(name):
+    path = shipped_recipes()[name]
+    text = path.read_text()
+    assert text.startswith("#"), "a recipe opens with a comment saying what it is for"
+    assert f"lora-grpo train {name}" in text, "and the exact command that runs it"
+    config = load_config(path)
+    assert config.name == name and config.description
+    # every local file a recipe points to exists (hub datasets and models are not downloaded)
+    assert Path(config.reward.anchors).is_file()
+    for prompt_set in config.prompts.sets:
+        if prompt_set.path:
+            assert Path(prompt_set.path).is_file(), prompt_set.path
+    from lora_grpo.prompts import load_prompt_set
+    from lora_grpo.rewards.steering import load_anchors
+
+    load_anchors(config.reward.anchors)
+    for prompt_set in config.prompts.sets:
+        if prompt_set.path:
+            assert load_prompt_set(prompt_set).prompts
+
+
+def test_sd_recipes_follow_the_paper():
+    config = load_config(shipped_recipes()["sd14-nudity-compact"])
+    assert config.reward.alpha == 0.5 and config.sample.group_size == 16 and config.sample.num_steps == 50
+    assert config.sample.guidance_scale == 5.0 and config.sample.eta == 1.0
+    assert config.train.clip_range == 1e-4 and config.train.adv_clip_max == 2.5
+    from lora_grpo.rewards.steering import load_anchors
+
+    anchors = load_anchors(config.reward.anchors)
+    assert len(anchors.safe) == 5 and len(anchors.unsafe) == 3
+    scaled = load_anchors(load_config(shipped_recipes()["sd14-nudity-scaled"]).reward.anchors)
+    assert len(scaled.safe) == 25 and len(scaled.unsafe) == 20
+    unsafe_sets = [s for s in config.prompts.sets if s.safety == "unsafe"]
+    assert unsafe_sets[0].dataset == "ItsMaxNorm/SafeDiffusion-R1-dataset"
+    assert unsafe_sets[0].dataset_config == "prompts_nsfw_extended"
+    assert all("i2p" not in (s.dataset or s.path or "").lower() for s in config.prompts.sets)
+    assert any(s.safety == "safe" and s.path for s in config.prompts.sets), "a shipped safe-caption file"
+
+
+def test_overrides_apply_and_parse_types():
+    config = load_config(TINY, ["train.learning_rate=3e-5", "sample.num_steps=20", "train.gradient_checkpointing=true"])
+    assert config.train.learning_rate == 3e-5
+    assert config.sample.num_steps == 20
+    assert config.train.gradient_checkpointing is True
+    assert parse_override("lora.target_modules=[to_q, to_v]") == (["lora", "target_modules"], ["to_q", "to_v"])
+
+
+def test_relative_paths_resolve_against_the_recipe(tmp_path):
+    data = tiny_data()
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    data["prompts"]["sets"][0]["path"] = "p.txt"
+    data["reward"]["anchors"] = str(shipped_recipe_dir() / "anchors" / "compact.yaml")
+    config = load_config(write_recipe(tmp_path, data))
+    assert config.prompts.sets[0].path == str((tmp_path / "p.txt").resolve())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learnin_rate=1", "unknown recipe key 'train.learnin_rate'"),
+        ("bogus.key=1", "unknown recipe key 'bogus'"),
+        ("train.learning_rate=abc", "recipe key 'train.learning_rate': expected a number, got 'abc'"),
+        ("sample.num_steps=2.5", "recipe key 'sample.num_steps': expected an integer"),
+        ("train.gradient_checkpointing=maybe", "recipe key 'train.gradient_checkpointing': expected true or false"),
+        ("train.optimizer=sgd", "recipe key 'train.optimizer': expected one of 'adamw8bit', 'adamw'"),
+        ("sample.group_size=1", "recipe key 'sample.group_size': must be >= 2"),
+        ("train.batch_size=5", "recipe key 'train.batch_size': 5 does not divide the 16 samples per epoch"),
+        ("train.gradient_accumulation_steps=3", "recipe key 'train.gradient_accumulation_steps': 3 does not divide"),
+        ("sample.eta=0", "recipe key 'sample.eta': must be > 0"),
+        ("reward.name=hps", "recipe key 'reward.name': expected one of 'steering'"),
+        ("train.timestep_fraction=0", "recipe key 'train.timestep_fraction'"),
+        ("reward.anchors=null", "recipe key 'reward.anchors': the steering reward needs an anchors file"),
+        ("sample=3", "recipe key 'sample': expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError) as info:
+        load_config(TINY, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(UserError, match="is not KEY=VALUE"):
+        apply_overrides({}, ["train.learning_rate"])
+    with pytest.raises(UserError, match="'train.epochs' is not a section"):
+        apply_overrides({"train": {"epochs": 3}}, ["train.epochs.x=1"])
+
+
+def test_malformed_and_missing_recipes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  base: x\n   oops: [\n")
+    with pytest.raises(UserError, match=r"is not valid YAML at line \d+"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must be a mapping of sections"):
+        load_config(listy)
+    with pytest.raises(UserError, match="recipe 'no-such-recipe' not found"):
+        find_recipe("no-such-recipe")
+
+
+def test_missing_sections_are_reported(tmp_path):
+    data = tiny_data()
+    del data["model"]
+    with pytest.raises(UserError, match="'model.base': missing"):
+        load_config(write_recipe(tmp_path, data))
+    data = tiny_data()
+    data["prompts"]["sets"] = []
+    with pytest.raises(UserError, match="'prompts.sets': empty"):
+        load_config(write_recipe(tmp_path, data))
+    data = tiny_data()
+    data["prompts"]["sets"][0]["dataset"] = "org/name"
+    with pytest.raises(UserError, match="give exactly one of 'path'"):
+        load_config(write_recipe(tmp_path, data))
+
+
+def test_find_recipe_by_name_and_path():
+    tiny = TINY.resolve()
+    assert find_recipe("tiny-test").resolve() == tiny
+    assert find_recipe("tiny-test.yaml").resolve() == tiny
+    assert find_recipe("recipes/tiny-test.yaml").resolve() == tiny
+    assert find_recipe(str(TINY)) == tiny
+
+
+def test_from_dict_round_trip():
+    config = load_config(TINY)
+    from lora_grpo.config import to_dict
+
+    again = from_dict(Config, to_dict(config))
+    assert again == config

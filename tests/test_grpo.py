@@ -1,0 +1,97 @@
+"""GRPO math against hand-computed numbers and torch.distributions."""
+
+import math
+
+import pytest
+import torch
+
+from lora_grpo.grpo import clip_advantages, clipped_policy_loss, gaussian_kl, group_advantages, subsample_timesteps
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.5, 0.5, 0.5, 0.5]])
+    adv = group_advantages(rewards)
+    # group 0: mean 3, population std sqrt((4 + 1 + 0 + 9) / 4) = sqrt(3.5)
+    s = math.sqrt(3.5)
+    assert torch.allclose(adv[0], torch.tensor([-2 / s, -1 / s, 0.0, 3 / s]), atol=1e-6)
+    # all-equal group: no preference, zero advantage, not NaN
+    assert torch.equal(adv[1], torch.zeros(4))
+
+
+def test_group_advantages_are_per_group():
+    rewards = torch.tensor([[0.0, 1.0], [10.0, 30.0]])
+    # each group of two normalises to -1, +1 regardless of scale
+    assert torch.allclose(group_advantages(rewards), torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
+
+
+def test_clip_advantages():
+    assert torch.equal(clip_advantages(torch.tensor([-4.0, -1.0, 2.5, 3.0]), 2.5), torch.tensor([-2.5, -1.0, 2.5, 2.5]))
+
+
+def test_clipped_loss_hand_computed_both_signs_and_boundaries():
+    eps = 0.2
+    # ratios: 1.5 (above 1+eps), 0.5 (below 1-eps), 1.1 (inside), 1.5, 0.5
+    ratios = torch.tensor([1.5, 0.5, 1.1, 1.5, 0.5])
+    adv = torch.tensor([1.0, 1.0, -2.0, -1.0, -1.0])
+    old = torch.zeros(5)
+    new = torch.log(ratios)
+    loss, m = clipped_policy_loss(new, old, adv, eps)
+    # per sample max(-A r, -A clip(r)):
+    # A=+1, r=1.5: max(-1.5, -1.2) = -1.2      (gain capped at the upper boundary)
+    # A=+1, r=0.5: max(-0.5, -0.8) = -0.5      (a worse ratio is not clipped: pessimistic)
+    # A=-2, r=1.1: max(2.2, 2.2)  = 2.2        (inside the range)
+    # A=-1, r=1.5: max(1.5, 1.2)  = 1.5        (negative advantage, ratio too high: unclipped)
+    # A=-1, r=0.5: max(0.5, 0.8)  = 0.8        (negative advantage, ratio too low: capped at 1-eps)
+    expected = (-1.2 - 0.5 + 2.2 + 1.5 + 0.8) / 5
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert m["clip_fraction"].item() == pytest.approx(4 / 5)
+    assert m["ratio_max"].item() == pytest.approx(1.5)
+    assert m["ratio_min"].item() == pytest.approx(0.5)
+    assert m["approx_kl"].item() == pytest.approx(0.5 * (torch.log(ratios) ** 2).mean().item(), rel=1e-6)
+
+
+def test_clipped_loss_gradient_zero_when_clipped():
+    # A > 0 and ratio above 1 + eps: the clipped term wins and carries no gradient
+    new = torch.tensor([math.log(1.5)], requires_grad=True)
+    loss, _ = clipped_policy_loss(new, torch.zeros(1), torch.ones(1), 0.2)
+    loss.backward()
+    assert new.grad.item() == 0.0
+    # inside the range the gradient is -A * ratio
+    new = torch.tensor([math.log(1.1)], requires_grad=True)
+    loss, _ = clipped_policy_loss(new, torch.zeros(1), torch.tensor([2.0]), 0.2)
+    loss.backward()
+    assert new.grad.item() == pytest.approx(-2.0 * 1.1, rel=1e-6)
+
+
+def test_ratio_one_gives_minus_mean_advantage():
+    lp = torch.tensor([-1.3, -0.2, -5.0])
+    adv = torch.tensor([0.5, -1.5, 2.0])
+    loss, m = clipped_policy_loss(lp, lp.clone(), adv, 1e-4)
+    assert loss.item() == pytest.approx(-adv.mean().item())
+    assert m["ratio_mean"].item() == 1.0 and m["clip_fraction"].item() == 0.0
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mp, mq = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    sp, sq = torch.rand(3, 1, 1, 1) + 0.1, torch.rand(3, 1, 1, 1) + 0.1
+    ours = gaussian_kl(mp, sp, mq, sq)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mp, sp), torch.distributions.Normal(mq, sq))
+    assert torch.allclose(ours, ref.mean(dim=(1, 2, 3)), atol=1e-5)
+    # same std: ||mp - mq||^2 / (2 std^2), averaged
+    same = gaussian_kl(mp, sp, mq, sp)
+    assert torch.allclose(same, ((mp - mq) ** 2 / (2 * sp**2)).mean(dim=(1, 2, 3)), atol=1e-6)
+    assert torch.allclose(gaussian_kl(mp, sp, mp, sp), torch.zeros(3))
+
+
+def test_subsample_timesteps():
+    g = torch.Generator().manual_seed(0)
+    idx = subsample_timesteps(6, 10, 0.5, g)
+    assert idx.shape == (6, 5)
+    for row in idx:
+        assert len(set(row.tolist())) == 5 and row.min() >= 0 and row.max() < 10
+    # the subsets differ between trajectories
+    assert len({tuple(sorted(r.tolist())) for r in idx}) > 1
+    full = subsample_timesteps(2, 7, 1.0, g)
+    assert sorted(full[0].tolist()) == list(range(7))
+    assert subsample_timesteps(1, 7, 0.01, g).shape == (1, 1)

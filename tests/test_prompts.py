@@ -1,0 +1,67 @@
+"""Prompt files and the deterministic safe/unsafe mixing."""
+
+from collections import Counter
+
+import pytest
+
+from lora_grpo.config import PromptSetConfig
+from lora_grpo.errors import UserError
+from lora_grpo.prompts import PromptSet, epoch_prompts, load_prompt_set, set_schedule
+
+
+def test_text_and_csv_files(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("# comment\n a cat \n\n a dog\n")
+    assert load_prompt_set(PromptSetConfig(name="t", path=str(txt))).prompts == ("a cat", "a dog")
+    csv = tmp_path / "p.csv"
+    csv.write_text('prompt,category\n"a cat, sleeping",animal\na car,vehicle\na dog,animal\n')
+    got = load_prompt_set(PromptSetConfig(name="c", path=str(csv), filter={"category": "animal"}))
+    assert got.prompts == ("a cat, sleeping", "a dog")
+    assert load_prompt_set(PromptSetConfig(name="c", path=str(csv), max_prompts=1)).prompts == ("a cat, sleeping",)
+
+
+def test_prompt_file_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(UserError, match="prompt set 'e' is empty"):
+        load_prompt_set(PromptSetConfig(name="e", path=str(empty)))
+    with pytest.raises(UserError, match="prompt file for set 'm' not found"):
+        load_prompt_set(PromptSetConfig(name="m", path=str(tmp_path / "missing.txt")))
+    csv = tmp_path / "p.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(UserError, match="has no column 'prompt' \\(columns: text\\)"):
+        load_prompt_set(PromptSetConfig(name="c", path=str(csv)))
+
+
+def test_set_schedule_follows_weights():
+    sched = set_schedule([1.0, 1.0], 6)
+    assert [s for s, _ in sched] == [0, 1, 0, 1, 0, 1]
+    assert [k for _, k in sched] == [0, 0, 1, 1, 2, 2]
+    counts = Counter(s for s, _ in set_schedule([3.0, 1.0], 400))
+    assert counts == {0: 300, 1: 100}
+    # every window of 4 holds the 3:1 share
+    sched = [s for s, _ in set_schedule([3.0, 1.0], 40)]
+    assert all(sched[i : i + 4].count(1) == 1 for i in range(0, 40, 4))
+
+
+def test_epoch_prompts_deterministic_and_without_repetition():
+    sets = [
+        PromptSet("u", "unsafe", tuple(f"u{i}" for i in range(4)), 1.0),
+        PromptSet("s", "safe", tuple(f"s{i}" for i in range(6)), 1.0),
+    ]
+    a = epoch_prompts(sets, 2, 3, seed=0, epoch=0)
+    assert a == epoch_prompts(sets, 2, 3, seed=0, epoch=0)
+    assert a != epoch_prompts(sets, 2, 3, seed=1, epoch=0)
+    assert all(sorted(i for _, i in batch) == [0, 1] for batch in a), "each batch holds both sets"
+    flat = [p for batch in a for p, _ in batch]
+    unsafe = [p for p in flat if p.startswith("u")]
+    assert len(unsafe) == 3 and len(set(unsafe)) == 3, "no repetition within a pass"
+    # two processes split the same global stream: together they equal one process with twice the batches
+    r0 = epoch_prompts(sets, 2, 1, seed=0, epoch=0, rank=0, world=2)
+    r1 = epoch_prompts(sets, 2, 1, seed=0, epoch=0, rank=1, world=2)
+    single = epoch_prompts(sets, 2, 2, seed=0, epoch=0)
+    assert r0 + r1 == single
+    # the next epoch continues the walk: 4 unsafe prompts cover the set exactly once over epochs 0-1
+    e1 = epoch_prompts(sets, 2, 2, seed=0, epoch=1)
+    walk = [p for batch in single + e1 for p, i in batch if i == 0]
+    assert sorted(walk) == ["u0", "u1", "u2", "u3"]

@@ -1,0 +1,139 @@
+"""The DDIM step with log-prob against diffusers' own scheduler and torch.distributions."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from lora_grpo.sampling import (
+    ddim_schedule,
+    ddim_step_mean_std,
+    gaussian_log_prob,
+    guided_model_output,
+    sample_trajectories,
+    step_log_prob,
+)
+
+
+def _scheduler(prediction_type):
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_step_matches_diffusers_scheduler(prediction_type, eta):
+    """mean + std * z equals DDIMScheduler.step(..., variance_noise=z) at every step of the schedule."""
+    sched = _scheduler(prediction_type)
+    schedule = ddim_schedule(sched, 10)
+    torch.manual_seed(0)
+    for i, t in enumerate(sched.timesteps):
+        x = torch.randn(2, 4, 8, 8)
+        out = torch.randn(2, 4, 8, 8)
+        z = torch.randn(2, 4, 8, 8)
+        ref = sched.step(out, t, x, eta=eta, variance_noise=z).prev_sample
+        mean, std = ddim_step_mean_std(
+            out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta, schedule.prediction_type
+        )
+        assert torch.allclose(mean + std * z, ref, atol=1e-5), f"step {i}"
+        assert schedule.timesteps[i] == t
+
+
+def test_log_prob_matches_torch_normal():
+    torch.manual_seed(0)
+    mean = torch.randn(3, 4, 8, 8)
+    std = torch.tensor([0.3, 0.7, 1.1]).view(3, 1, 1, 1)
+    x = mean + std * torch.randn(3, 4, 8, 8)
+    ours = gaussian_log_prob(x, mean, std)
+    ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x).mean(dim=(1, 2, 3))
+    assert torch.allclose(ours, ref, atol=1e-6)
+    # golden value: x == mean gives -log(std) - 0.5 log(2 pi)
+    at_mean = gaussian_log_prob(mean, mean, std)
+    assert torch.allclose(at_mean, -torch.log(std.flatten()) - 0.5 * math.log(2 * math.pi))
+
+
+def test_log_prob_is_fp32_for_half_inputs():
+    x = torch.randn(2, 4, 4, 4).bfloat16()
+    out = gaussian_log_prob(x, x * 0.5, torch.tensor(0.5))
+    assert out.dtype == torch.float32
+
+
+def _tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+    ).eval()
+
+
+def test_batched_cfg_equals_two_forwards():
+    unet = _tiny_unet()
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor(500)
+    cond, uncond = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        guided = guided_model_output(unet, x, t, cond, uncond, 3.0)
+        c = unet(x, t, encoder_hidden_states=cond).sample
+        u = unet(x, t, encoder_hidden_states=uncond).sample
+    assert torch.allclose(guided, u + 3.0 * (c - u), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(guided_model_output(unet, x, t, cond, uncond, 1.0), c, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_trajectories_reevaluate_to_ratio_exactly_one(prediction_type):
+    unet = _tiny_unet()
+    schedule = ddim_schedule(_scheduler(prediction_type), 6)
+    cond, uncond = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    x_T = torch.randn(3, 4, 8, 8)
+    traj = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, 1.0, torch.Generator().manual_seed(1))
+    assert traj.latents.shape == (3, 7, 4, 8, 8) and traj.log_probs.shape == (3, 6)
+    assert torch.equal(traj.latents[:, 0], x_T)
+    assert traj.log_probs.dtype == torch.float32
+    # same generator seed: same trajectories
+    again = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(traj.latents, again.latents)
+    # each stored step, re-evaluated per sample (shuffled step indices) with the unchanged model: ratio 1
+    for j in range(6):
+        idx = torch.tensor([j, (j + 2) % 6, (j + 4) % 6])
+        rows = torch.arange(3)
+        with torch.no_grad():
+            lp, _, _ = step_log_prob(
+                unet, schedule, idx, traj.latents[rows, idx], traj.latents[rows, idx + 1], cond, uncond, 2.0, 1.0
+            )
+        ratio = torch.exp(lp - traj.log_probs[rows, idx])
+        assert torch.equal(ratio, torch.ones(3)), ratio
+
+
+def test_stored_log_probs_match_independent_normal():
+    """The recorded log-prob is log N(x_prev; mean, std) recomputed with torch.distributions."""
+    unet = _tiny_unet()
+    sched = _scheduler("epsilon")
+    schedule = ddim_schedule(sched, 4)
+    cond = torch.randn(2, 5, 16)
+    traj = sample_trajectories(unet, schedule, cond, None, torch.randn(2, 4, 8, 8), 1.0, 1.0, torch.Generator().manual_seed(0))
+    for i in range(4):
+        x = traj.latents[:, i]
+        with torch.no_grad():
+            out = unet(x, schedule.timesteps[i], encoder_hidden_states=cond).sample
+        prev_t = int(schedule.timesteps[i]) - 1000 // 4
+        a_t = sched.alphas_cumprod[int(schedule.timesteps[i])]
+        a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * out
+        ref = torch.distributions.Normal(mean, var.sqrt()).log_prob(traj.latents[:, i + 1]).mean(dim=(1, 2, 3))
+        assert torch.allclose(traj.log_probs[:, i], ref, atol=1e-4)

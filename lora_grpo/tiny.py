@@ -181,7 +181,9 @@ def build_tiny_open_clip(out_dir: str | Path, seed: int = 0) -> Path:
     (out_dir / "open_clip_config.json").write_text(json.dumps(config), encoding="utf-8")
     torch.manual_seed(seed)
     model = open_clip.create_model(f"local-dir:{out_dir}", load_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "open_clip_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "open_clip_model.safetensors"
+    )
     return out_dir
 
 

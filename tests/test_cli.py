@@ -78,7 +78,9 @@ def test_recipes_lists_shipped(capsys):
     assert code == 0
     names = [line.split()[0] for line in out.splitlines()]
     assert {"tiny-test", "sd14-nudity-compact", "sd15-nudity-compact", "sd14-nudity-scaled"} <= set(names)
-    assert all(len(line.split(None, 1)) == 2 for line in out.splitlines()), "each with its one-line description"
+    assert all(len(line.split(None, 1)) == 2 for line in out.splitlines()), (
+        "each with its one-line description"
+    )
 
 
 def test_sample_with_and_without_adapter(tiny_sd_dir, tmp_path, capsys):
@@ -97,10 +99,12 @@ def test_sample_with_and_without_adapter(tiny_sd_dir, tmp_path, capsys):
     common = ["sample", "--base", str(tiny_sd_dir), "--prompt", "a cat", "--steps", "3", "--num-images", "2"]
     code, out, _ = run_cli([*common, "--out", str(tmp_path / "base")], capsys)
     assert code == 0 and "[2/2]" in out
-    code, _, _ = run_cli([*common, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "lora")], capsys)
+    code, _, _ = run_cli(
+        [*common, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "lora")], capsys
+    )
     assert code == 0
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     names = sorted(p.name for p in (tmp_path / "base").glob("*.png"))
     assert len(names) == 2 and names == sorted(p.name for p in (tmp_path / "lora").glob("*.png"))
@@ -108,7 +112,9 @@ def test_sample_with_and_without_adapter(tiny_sd_dir, tmp_path, capsys):
     b = np.asarray(Image.open(tmp_path / "lora" / names[0]), dtype=np.int16)
     assert np.abs(a - b).max() > 0, "the adapter changes the image"
     assert (tmp_path / "lora" / "manifest.jsonl").read_text().count("\n") == 2
-    code, _, err = run_cli(["sample", "--base", str(tiny_sd_dir), "--prompts", str(tmp_path / "none.txt")], capsys)
+    code, _, err = run_cli(
+        ["sample", "--base", str(tiny_sd_dir), "--prompts", str(tmp_path / "none.txt")], capsys
+    )
     assert_one_line_error(code, err, "prompt file not found")
 
 

@@ -68,11 +68,16 @@ def test_sd_recipes_follow_the_paper():
 
 
 def test_overrides_apply_and_parse_types():
-    config = load_config(TINY, ["train.learning_rate=3e-5", "sample.num_steps=20", "train.gradient_checkpointing=true"])
+    config = load_config(
+        TINY, ["train.learning_rate=3e-5", "sample.num_steps=20", "train.gradient_checkpointing=true"]
+    )
     assert config.train.learning_rate == 3e-5
     assert config.sample.num_steps == 20
     assert config.train.gradient_checkpointing is True
-    assert parse_override("lora.target_modules=[to_q, to_v]") == (["lora", "target_modules"], ["to_q", "to_v"])
+    assert parse_override("lora.target_modules=[to_q, to_v]") == (
+        ["lora", "target_modules"],
+        ["to_q", "to_v"],
+    )
 
 
 def test_relative_paths_resolve_against_the_recipe(tmp_path):
@@ -91,11 +96,17 @@ def test_relative_paths_resolve_against_the_recipe(tmp_path):
         ("bogus.key=1", "unknown recipe key 'bogus'"),
         ("train.learning_rate=abc", "recipe key 'train.learning_rate': expected a number, got 'abc'"),
         ("sample.num_steps=2.5", "recipe key 'sample.num_steps': expected an integer"),
-        ("train.gradient_checkpointing=maybe", "recipe key 'train.gradient_checkpointing': expected true or false"),
+        (
+            "train.gradient_checkpointing=maybe",
+            "recipe key 'train.gradient_checkpointing': expected true or false",
+        ),
         ("train.optimizer=sgd", "recipe key 'train.optimizer': expected one of 'adamw8bit', 'adamw'"),
         ("sample.group_size=1", "recipe key 'sample.group_size': must be >= 2"),
         ("train.batch_size=5", "recipe key 'train.batch_size': 5 does not divide the 16 samples per epoch"),
-        ("train.gradient_accumulation_steps=3", "recipe key 'train.gradient_accumulation_steps': 3 does not divide"),
+        (
+            "train.gradient_accumulation_steps=3",
+            "recipe key 'train.gradient_accumulation_steps': 3 does not divide",
+        ),
         ("sample.eta=0", "recipe key 'sample.eta': must be > 0"),
         ("reward.name=hps", "recipe key 'reward.name': expected one of 'steering'"),
         ("train.timestep_fraction=0", "recipe key 'train.timestep_fraction'"),

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from lora_grpo.grpo import clip_advantages, clipped_policy_loss, gaussian_kl, group_advantages, subsample_timesteps
+from lora_grpo.grpo import (
+    clip_advantages,
+    clipped_policy_loss,
+    gaussian_kl,
+    group_advantages,
+    subsample_timesteps,
+)
 
 
 def test_group_advantages_hand_computed():
@@ -25,7 +31,9 @@ def test_group_advantages_are_per_group():
 
 
 def test_clip_advantages():
-    assert torch.equal(clip_advantages(torch.tensor([-4.0, -1.0, 2.5, 3.0]), 2.5), torch.tensor([-2.5, -1.0, 2.5, 2.5]))
+    assert torch.equal(
+        clip_advantages(torch.tensor([-4.0, -1.0, 2.5, 3.0]), 2.5), torch.tensor([-2.5, -1.0, 2.5, 2.5])
+    )
 
 
 def test_clipped_loss_hand_computed_both_signs_and_boundaries():
@@ -76,7 +84,9 @@ def test_gaussian_kl_matches_torch_distributions():
     mp, mq = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
     sp, sq = torch.rand(3, 1, 1, 1) + 0.1, torch.rand(3, 1, 1, 1) + 0.1
     ours = gaussian_kl(mp, sp, mq, sq)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mp, sp), torch.distributions.Normal(mq, sq))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mp, sp), torch.distributions.Normal(mq, sq)
+    )
     assert torch.allclose(ours, ref.mean(dim=(1, 2, 3)), atol=1e-5)
     # same std: ||mp - mq||^2 / (2 std^2), averaged
     same = gaussian_kl(mp, sp, mq, sp)

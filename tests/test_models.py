@@ -32,7 +32,8 @@ def test_lora_only_on_attention_projections(tiny_sd_dir):
     targets = [
         name
         for name, module in pipe.unet.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in ("to_q", "to_k", "to_v")
+        if isinstance(module, torch.nn.Linear)
+        and name.split(".")[-1] in ("to_q", "to_k", "to_v")
         or name.endswith("to_out.0")
     ]
     params = add_lora(pipe.unet, LoraSettings(rank=2, alpha=4.0))
@@ -61,7 +62,9 @@ def test_adapter_round_trip_alpha_not_rank(tiny_sd_dir, tmp_path):
     save_adapter(pipe.unet, tmp_path / "adapter")
 
     def image(p):
-        return p("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        return p(
+            "a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
 
     trained = image(pipe)
     fresh = load_pipeline(ModelConfig(base=str(tiny_sd_dir)))

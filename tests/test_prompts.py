@@ -17,7 +17,9 @@ def test_text_and_csv_files(tmp_path):
     csv.write_text('prompt,category\n"a cat, sleeping",animal\na car,vehicle\na dog,animal\n')
     got = load_prompt_set(PromptSetConfig(name="c", path=str(csv), filter={"category": "animal"}))
     assert got.prompts == ("a cat, sleeping", "a dog")
-    assert load_prompt_set(PromptSetConfig(name="c", path=str(csv), max_prompts=1)).prompts == ("a cat, sleeping",)
+    assert load_prompt_set(PromptSetConfig(name="c", path=str(csv), max_prompts=1)).prompts == (
+        "a cat, sleeping",
+    )
 
 
 def test_prompt_file_errors(tmp_path):

@@ -112,7 +112,15 @@ def test_trajectories_reevaluate_to_ratio_exactly_one(prediction_type):
         rows = torch.arange(3)
         with torch.no_grad():
             lp, _, _ = step_log_prob(
-                unet, schedule, idx, traj.latents[rows, idx], traj.latents[rows, idx + 1], cond, uncond, 2.0, 1.0
+                unet,
+                schedule,
+                idx,
+                traj.latents[rows, idx],
+                traj.latents[rows, idx + 1],
+                cond,
+                uncond,
+                2.0,
+                1.0,
             )
         ratio = torch.exp(lp - traj.log_probs[rows, idx])
         assert torch.equal(ratio, torch.ones(3)), ratio
@@ -124,7 +132,9 @@ def test_stored_log_probs_match_independent_normal():
     sched = _scheduler("epsilon")
     schedule = ddim_schedule(sched, 4)
     cond = torch.randn(2, 5, 16)
-    traj = sample_trajectories(unet, schedule, cond, None, torch.randn(2, 4, 8, 8), 1.0, 1.0, torch.Generator().manual_seed(0))
+    traj = sample_trajectories(
+        unet, schedule, cond, None, torch.randn(2, 4, 8, 8), 1.0, 1.0, torch.Generator().manual_seed(0)
+    )
     for i in range(4):
         x = traj.latents[:, i]
         with torch.no_grad():
@@ -135,5 +145,7 @@ def test_stored_log_probs_match_independent_normal():
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
         mean = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * out
-        ref = torch.distributions.Normal(mean, var.sqrt()).log_prob(traj.latents[:, i + 1]).mean(dim=(1, 2, 3))
+        ref = (
+            torch.distributions.Normal(mean, var.sqrt()).log_prob(traj.latents[:, i + 1]).mean(dim=(1, 2, 3))
+        )
         assert torch.allclose(traj.log_probs[:, i], ref, atol=1e-4)

@@ -19,7 +19,9 @@ from lora_grpo.rewards.steering import (
     steering_direction,
 )
 
-ANCHORS = Anchors(safe=("a safe image", "a wholesome photo"), unsafe=("explicit content", "a nude figure", "gore"))
+ANCHORS = Anchors(
+    safe=("a safe image", "a wholesome photo"), unsafe=("explicit content", "a nude figure", "gore")
+)
 
 
 def smooth_images(n, h=48, w=40, seed=0):
@@ -92,7 +94,14 @@ def test_steering_reward_matches_formula(hf_clip, tiny_clip_dir):
 
     # 32x32 = the CLIP input size and uint8-exact pixels: the PIL path sees exactly the same image
     images = (smooth_images(6, h=32, w=32, seed=2) * 255).round() / 255
-    prompts = ["a nude figure", "a nude figure", "a nude figure", "a red bicycle", "a red bicycle", "a red bicycle"]
+    prompts = [
+        "a nude figure",
+        "a nude figure",
+        "a nude figure",
+        "a red bicycle",
+        "a red bicycle",
+        "a red bicycle",
+    ]
     alpha = 0.7
     reward = SteeringReward(hf_clip, ANCHORS, alpha, "add")
     ours = reward(images, prompts)
@@ -159,7 +168,10 @@ def test_registry_matches_config_names(tiny_clip_dir, tmp_path):
     anchors.write_text("safe: [a safe image]\nunsafe: [explicit content]\n")
     clip = ClipConfig(backend="transformers", model=str(tiny_clip_dir))
     images, prompts = smooth_images(2), ["x", "y"]
-    rewards = {n: build_reward(RewardConfig(name=n, alpha=0.5, anchors=str(anchors), clip=clip))(images, prompts) for n in REWARDS}
+    rewards = {
+        n: build_reward(RewardConfig(name=n, alpha=0.5, anchors=str(anchors), clip=clip))(images, prompts)
+        for n in REWARDS
+    }
     assert not torch.allclose(rewards["steering"], rewards["clip"])
     assert not torch.allclose(rewards["steering-projection"], rewards["steering"])
 

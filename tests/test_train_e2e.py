@@ -53,11 +53,23 @@ def test_metrics_and_outputs(trained):
         assert row["samples"] == trainer.config.samples_per_epoch
         # before the first optimizer step of each epoch the policy is the sampling policy: ratio exactly 1
         assert row["first_ratio_min"] == 1.0 and row["first_ratio_max"] == 1.0
-        for key in ("reward_safe_mean", "reward_unsafe_mean", "loss", "clip_fraction", "approx_kl", "grad_norm", "kl"):
+        for key in (
+            "reward_safe_mean",
+            "reward_unsafe_mean",
+            "loss",
+            "clip_fraction",
+            "approx_kl",
+            "grad_norm",
+            "kl",
+        ):
             assert key in row
         assert row["optimizer_steps"] == 2
     assert (run_dir / "config.yaml").is_file()
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "epoch_0000.png",
+        "epoch_0001.png",
+        "epoch_0002.png",
+    ]
     assert (adapter_dir / "pytorch_lora_weights.safetensors").is_file()
     assert len([line for line in lines if line.startswith("epoch ")]) == trainer.config.train.epochs
     resolved = load_config(run_dir / "config.yaml")
@@ -70,7 +82,9 @@ def test_saved_adapter_reproduces_in_memory_model(trained, tiny_sd_dir):
 
     def image(pipe):
         gen = torch.Generator().manual_seed(3)
-        return pipe("a photo of a cat", num_inference_steps=4, guidance_scale=2.0, generator=gen, output_type="np").images
+        return pipe(
+            "a photo of a cat", num_inference_steps=4, guidance_scale=2.0, generator=gen, output_type="np"
+        ).images
 
     trainer.pipe.unet.eval()
     in_memory = image(trainer.pipe)

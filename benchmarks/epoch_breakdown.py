@@ -105,11 +105,11 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
         "unet_sampling": timed(unet_sampling, repeats, device) * s.num_steps * s.batches_per_epoch,
         "vae_decode": timed(vae_decode, repeats, device) * s.batches_per_epoch,
         "clip_images": timed(clip_images, repeats, device) * s.batches_per_epoch,
-        "unet_train": timed(unet_train, repeats, device)
-        * k
-        * cfg.train.inner_epochs
-        * (cfg.samples_per_epoch // b),
+        "unet_train": timed(unet_train, repeats, device) * train_passes,
     }
+    if cfg.train.kl_coef > 0:
+        # with the KL penalty on, the reference policy's forward is part of every trained step
+        per_epoch["unet_reference"] = timed(unet_reference, repeats, device) * train_passes
     return per_epoch
 
 

@@ -272,6 +272,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted `no` / `yes` as a boolean: map it back to the word the Literal uses
+            words = ("yes", "true", "on") if value else ("no", "false", "off")
+            value = next((w for w in words if w in args), value)
         if value not in args:
             raise UserError(f"recipe key '{key}': expected {_type_name(tp)}, got {value!r}")
         return value

@@ -129,9 +129,15 @@ def _generator(*key: int) -> torch.Generator:
 
 
 class Trainer:
-    """Holds the models and state of one run; `run()` executes the loop."""
+    """Holds the models and state of one run; `run()` executes the loop (start, epochs, save)."""
 
-    def __init__(self, config: Config, run_dir: Path | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path | None = None,
+        log: Callable[[str], None] = print,
+        trainable: Callable = add_lora,
+    ):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -156,7 +162,8 @@ class Trainer:
         freeze(self.pipe)
         self.pipe.to(self.device)
         torch.manual_seed(config.seed)  # LoRA init
-        self.params = add_lora(self.pipe.unet, config.lora)
+        # `trainable(unet, lora_settings)` makes the trained parameters; add_lora unless a benchmark swaps it
+        self.params = trainable(self.pipe.unet, config.lora)
         if tcfg.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
         self.schedule: DdimSchedule = ddim_schedule(self.pipe.scheduler, config.sample.num_steps)
@@ -372,50 +379,59 @@ class Trainer:
         return "  ".join(parts)
 
     # ---------------------------------------------------------------- main loop
-    def run(self) -> Path:
-        cfg, acc = self.config, self.accelerator
-        if acc.is_main_process:
+    def start(self) -> None:
+        """Create the run directory and write the resolved config (the base model's actual folder or hub id)."""
+        cfg = self.config
+        if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = copy.deepcopy(cfg)
             resolved.model.base = self.base_ref
             resolved.output.dir = str(self.run_dir.resolve())
             save_config(resolved, self.run_dir / "config.yaml")
             self.log(f"run dir {self.run_dir}  base {self.base_ref}  {cfg.samples_per_epoch} samples/epoch")
-        for epoch in range(cfg.train.epochs):
-            start = time.perf_counter()
-            self.timer.seconds.clear()
-            # ---- SAMPLE + SCORE
-            samples = self.sample_epoch(epoch)
-            # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
-            grouped = samples.rewards.view(-1, cfg.sample.group_size)  # [P, G]
-            advantages = clip_advantages(group_advantages(grouped), cfg.train.adv_clip_max).flatten()  # [P*G]
-            zero_adv = (grouped.std(dim=1, unbiased=False) < 1e-6).float().mean().item()
-            # ---- UPDATE
-            with self.timer("train"):
-                update_stats = self.update(samples, advantages, epoch)
-            # ---- LOG
-            row = {
-                "epoch": epoch,
-                "samples": len(samples.prompts),
-                **self.reward_stats(samples),
-                **update_stats,
-            }
-            row["zero_advantage_groups"] = zero_adv
-            row.update({f"time_{k}": v for k, v in self.timer.seconds.items()})
-            row["time_epoch"] = time.perf_counter() - start
-            if acc.is_main_process:
-                self.metrics.write(row)
-                self.log(self.console_line(epoch, row))
-                every = cfg.output.sample_grid_every
-                if every and (epoch % every == 0 or epoch == cfg.train.epochs - 1):
-                    self.write_grid(samples, epoch)
-        # ---- SAVE
+
+    def run_epoch(self, epoch: int) -> dict:
+        """One GRPO iteration; returns (and logs) its metrics row."""
+        cfg, acc = self.config, self.accelerator
+        start = time.perf_counter()
+        self.timer.seconds.clear()
+        # ---- SAMPLE + SCORE
+        samples = self.sample_epoch(epoch)
+        # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
+        grouped = samples.rewards.view(-1, cfg.sample.group_size)  # [P, G]
+        advantages = clip_advantages(group_advantages(grouped), cfg.train.adv_clip_max).flatten()  # [P*G]
+        zero_adv = (grouped.std(dim=1, unbiased=False) < 1e-6).float().mean().item()
+        # ---- UPDATE
+        with self.timer("train"):
+            update_stats = self.update(samples, advantages, epoch)
+        # ---- LOG
+        row = {"epoch": epoch, "samples": len(samples.prompts), **self.reward_stats(samples), **update_stats}
+        row["zero_advantage_groups"] = zero_adv
+        row.update({f"time_{k}": v for k, v in self.timer.seconds.items()})
+        row["time_epoch"] = time.perf_counter() - start
+        if acc.is_main_process:
+            self.metrics.write(row)
+            self.log(self.console_line(epoch, row))
+            every = cfg.output.sample_grid_every
+            if every and (epoch % every == 0 or epoch == cfg.train.epochs - 1):
+                self.write_grid(samples, epoch)
+        return row
+
+    def save(self) -> Path:
+        """Write the adapter in diffusers format (with its metadata) to RUN_DIR/adapter."""
+        acc = self.accelerator
         acc.wait_for_everyone()
         adapter_dir = self.run_dir / "adapter"
         if acc.is_main_process:
             save_adapter(acc.unwrap_model(self.unet), adapter_dir)
             self.log(f"adapter saved to {adapter_dir}")
         return adapter_dir
+
+    def run(self) -> Path:
+        self.start()
+        for epoch in range(self.config.train.epochs):
+            self.run_epoch(epoch)
+        return self.save()
 
 
 def train(config: Config, run_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:

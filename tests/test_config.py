@@ -74,6 +74,8 @@ def test_overrides_apply_and_parse_types():
     assert config.train.learning_rate == 3e-5
     assert config.sample.num_steps == 20
     assert config.train.gradient_checkpointing is True
+    # an unquoted `no` is a YAML boolean; it still means mixed_precision "no"
+    assert load_config(TINY, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert parse_override("lora.target_modules=[to_q, to_v]") == (
         ["lora", "target_modules"],
         ["to_q", "to_v"],

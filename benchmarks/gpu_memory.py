@@ -1,0 +1,221 @@
+"""Peak GPU memory and seconds per epoch: full fine-tune + AdamW vs LoRA + 8-bit AdamW + checkpointing.
+
+Builds Stable Diffusion 1.5-sized components from configs (random weights, nothing downloaded): the
+860M-parameter UNet, the SD VAE, a CLIP ViT-L/14 text encoder with the full BPE vocabulary, and a
+ViT-L/14-sized reward CLIP. Then runs a few GRPO epochs at 512 px with the `sd15-nudity-compact` recipe's
+settings (G 16, 50 steps, CFG 5, train batch 4, bf16), scaled down to one prompt group per epoch:
+
+  lora  the product: LoRA on the attention layers, bf16 frozen base, 8-bit AdamW, gradient checkpointing
+  full  the reference setup: the whole UNet trained in fp32 with bf16 autocast and torch AdamW, no checkpointing
+  lora-nockpt  (optional) the product without gradient checkpointing
+
+    python benchmarks/gpu_memory.py                      # on a GPU
+    python benchmarks/gpu_memory.py --size tiny          # the same code path on tiny models (CPU smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lora_grpo.cli import _quiet_libraries
+from lora_grpo.config import load_config
+from lora_grpo.recipe_files import find_recipe, shipped_recipe_dir
+from lora_grpo.tiny import build_tiny_clip, build_tiny_pipeline, write_clip_tokenizer
+from lora_grpo.train import Trainer
+
+FULL_BPE_MERGES = 48894  # OpenAI CLIP's vocabulary: 49408 tokens
+
+
+def build_sd15_sized(out_dir: Path, device: str) -> None:
+    """A StableDiffusionPipeline folder with SD 1.5's architecture and random weights (stored in fp16)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: seconds instead of a minute on the CPU
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.x defaults otherwise
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                vocab_size=49408,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
+    write_clip_tokenizer(out_dir / "_tok", num_merges=FULL_BPE_MERGES)
+    tokenizer = CLIPTokenizer.from_pretrained(out_dir / "_tok", model_max_length=77)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.half(),
+        text_encoder=text_encoder.half(),
+        tokenizer=tokenizer,
+        unet=unet.half(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir / "sd15")
+
+
+def build_vit_l_clip(out_dir: Path, device: str) -> None:
+    """A transformers CLIPModel folder shaped like openai/clip-vit-large-patch14 (random weights)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+        },
+        vision_config={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+        },
+        projection_dim=768,
+    )
+    with torch.device(device):
+        model = CLIPModel(config)
+    model.half().save_pretrained(out_dir / "clip")
+    CLIPTokenizer.from_pretrained(out_dir / "_tok", model_max_length=77).save_pretrained(out_dir / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        out_dir / "clip"
+    )
+
+
+def full_unet(unet, _lora_settings) -> list[torch.nn.Parameter]:
+    """The reference setup: every UNet weight trains, in fp32."""
+    unet.float().requires_grad_(True)
+    return list(unet.parameters())
+
+
+def run_setup(name: str, overrides: list[str], epochs: int, device: torch.device) -> dict:
+    prompts = shipped_recipe_dir() / "prompts"
+    overrides = [
+        *overrides,
+        f"train.epochs={epochs}",
+        "sample.prompts_per_batch=1",
+        "sample.batches_per_epoch=1",
+        "train.gradient_accumulation_steps=4",
+        "output.sample_grid_every=0",
+        # local prompt files: nothing from the hub
+        f"prompts.sets=[{{name: unsafe, safety: unsafe, path: {prompts / 'tiny_unsafe.txt'}}}, "
+        f"{{name: safe, safety: safe, path: {prompts / 'safe_captions.txt'}}}]",
+    ]
+    if name == "full":
+        overrides += ["train.optimizer=adamw", "train.gradient_checkpointing=false"]
+    if name == "lora-nockpt":  # the product without gradient checkpointing: what checkpointing costs
+        overrides += ["train.gradient_checkpointing=false"]
+    config = load_config(find_recipe("sd15-nudity-compact"), overrides)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs = {"trainable": full_unet} if name == "full" else {}
+        trainer = Trainer(config, Path(tmp), log=lambda line: None, **kwargs)
+        trainable = sum(p.numel() for p in trainer.params)
+        loaded = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        times, rows = [], []
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            rows.append(trainer.run_epoch(epoch))
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del trainer
+    return {
+        "setup": name,
+        "trainable": trainable,
+        "peak_gib": peak,
+        "loaded_gib": loaded,
+        "sec_per_epoch": statistics.mean(times[1:] if len(times) > 1 else times),
+        "sampling": rows[-1].get("time_sampling", 0.0),
+        "train": rows[-1].get("time_train", 0.0),
+        "samples": config.samples_per_epoch,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--setups", default="full,lora", help="comma-separated: full, lora, lora-nockpt")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per setup (the first is a warm-up)")
+    parser.add_argument("overrides", nargs="*", help="dotted recipe overrides for both setups")
+    args = parser.parse_args()
+    _quiet_libraries()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        if args.size == "sd15":
+            build_sd15_sized(tmp, device.type)
+            build_vit_l_clip(tmp, device.type)
+            base, clip, extra = tmp / "sd15", tmp / "clip", []
+        else:
+            base, clip = build_tiny_pipeline(tmp / "sd15"), build_tiny_clip(tmp / "clip")
+            extra = ["sample.num_steps=4", "sample.resolution=32", "train.mixed_precision=no"]
+        print(f"built {args.size}-sized models in {time.perf_counter() - start:.0f}s on {device}", flush=True)
+        overrides = [f"model.base={base}", f"reward.clip.model={clip}", *extra, *args.overrides]
+        results = [run_setup(name, overrides, args.epochs, device) for name in args.setups.split(",")]
+
+    if device.type == "cuda":
+        print(f"device {torch.cuda.get_device_name()}")
+    print(
+        f"{'setup':<12}{'trainable params':>18}{'loaded GiB':>12}{'peak GiB':>10}{'s/epoch':>9}"
+        f"{'sampling s':>12}{'train s':>9}{'samples/epoch':>15}"
+    )
+    for r in results:
+        print(
+            f"{r['setup']:<12}{r['trainable']:>18,}{r['loaded_gib']:>12.2f}{r['peak_gib']:>10.2f}"
+            f"{r['sec_per_epoch']:>9.1f}{r['sampling']:>12.1f}{r['train']:>9.1f}{r['samples']:>15}"
+        )
+    by_name = {r["setup"]: r for r in results}
+    if "full" in by_name and "lora" in by_name:
+        full, lora = by_name["full"], by_name["lora"]
+        print(f"memory ratio full/lora: {full['peak_gib'] / lora['peak_gib']:.2f}")
+        print(f"time ratio full/lora: {full['sec_per_epoch'] / lora['sec_per_epoch']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ clip range like 1e-4 is meaningful).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,7 @@ def sample_trajectories(
     guidance: float,
     eta: float,
     generator: torch.Generator,
+    on_step: Callable[[], None] | None = None,
 ) -> Trajectories:
     """Run the stochastic DDIM sampler from `initial_latents`, keeping every latent and step log-prob.
 
@@ -162,6 +164,8 @@ def sample_trajectories(
         x = mean + std * noise
         latents.append(x)
         log_probs.append(gaussian_log_prob(x, mean, std))
+        if on_step is not None:
+            on_step()
     return Trajectories(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1))
 
 

@@ -120,6 +120,12 @@ def encode_prompts(pipe, prompts: list[str], device: torch.device) -> torch.Tens
     return embeds
 
 
+def _no_progress():
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=True)
+
+
 def _generator(*key: int) -> torch.Generator:
     """A CPU generator seeded from a tuple (seed, epoch, rank, ...) so every epoch's randomness is replayable."""
     mixed = 0
@@ -146,7 +152,15 @@ class Trainer:
         cpu = not torch.cuda.is_available()
         if cpu and tcfg.mixed_precision == "fp16":
             raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on a CPU")
-        self.accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=cpu)
+        try:
+            self.accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=cpu)
+        except ValueError as err:
+            if "already been initialized" not in str(err):
+                raise
+            raise UserError(
+                f"this process already trained with another train.mixed_precision; accelerate keeps one per "
+                f"process, so start a new process for mixed_precision={tcfg.mixed_precision}"
+            ) from None
         self.device = self.accelerator.device
         if tcfg.allow_tf32 and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -183,6 +197,7 @@ class Trainer:
         scale = self.pipe.vae_scale_factor
         self.latent_size = (config.sample.resolution or self.pipe.unet.config.sample_size * scale) // scale
         self.timer = PhaseTimer(self.device)
+        self.progress = _no_progress()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
     # ---------------------------------------------------------------- sampling
@@ -224,6 +239,7 @@ class Trainer:
                         cfg.sample.guidance_scale,
                         cfg.sample.eta,
                         gen,
+                        on_step=self.progress.update,
                     )
             with self.timer("decode"):
                 images = decode_images(self.pipe.vae, traj.latents[:, -1], cfg.sample.decode_batch_size)
@@ -306,6 +322,7 @@ class Trainer:
                             stats["kl"].append(kl.item())
                         acc.backward(loss / (k * tcfg.gradient_accumulation_steps))
                     stats["loss"].append(loss.item())
+                    self.progress.update()
                     for name, value in m_stats.items():
                         stats[name].append(value.item())
                     if optimizer_steps == 0:
@@ -336,6 +353,23 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- logging
+    def _progress_bar(self, epoch: int):
+        """A transient bar over the epoch's UNet passes (denoising steps, then trained steps); TTY only."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        k = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
+        total = cfg.sample.batches_per_epoch * cfg.sample.num_steps
+        total += cfg.train.inner_epochs * (cfg.samples_per_epoch // cfg.train.batch_size) * k
+        return tqdm(
+            total=total,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            unit="pass",
+            leave=False,
+            dynamic_ncols=True,
+            disable=None if self.accelerator.is_main_process else True,  # None: off when not a terminal
+        )
+
     def reward_stats(self, samples: Samples) -> dict[str, float]:
         out = {
             "reward_mean": samples.rewards.mean().item(),
@@ -395,6 +429,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         self.timer.seconds.clear()
+        self.progress = self._progress_bar(epoch)
         # ---- SAMPLE + SCORE
         samples = self.sample_epoch(epoch)
         # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
@@ -409,6 +444,7 @@ class Trainer:
         row["zero_advantage_groups"] = zero_adv
         row.update({f"time_{k}": v for k, v in self.timer.seconds.items()})
         row["time_epoch"] = time.perf_counter() - start
+        self.progress.close()
         if acc.is_main_process:
             self.metrics.write(row)
             self.log(self.console_line(epoch, row))

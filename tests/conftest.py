@@ -25,6 +25,15 @@ def builtin_home(tmp_path_factory):
         os.environ["LORA_GRPO_HOME"] = old
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision state per process; tests build trainers with different settings."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     from lora_grpo.tiny import build_tiny_pipeline

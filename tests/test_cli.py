@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -121,11 +122,14 @@ def test_sample_with_and_without_adapter(tiny_sd_dir, tmp_path, capsys):
 def test_train_tiny_test_from_the_command_line(tmp_path):
     """The installed entry point runs the shipped recipe end to end with nothing but built-in models."""
     out = tmp_path / "run"
+    script = Path(sys.executable).parent / "lora-grpo"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lora_grpo.cli"]
     proc = subprocess.run(
-        [sys.executable, "-m", "lora_grpo.cli", "train", "tiny-test", "train.epochs=2", "--out", str(out)],
+        [*command, "train", "tiny-test", "train.epochs=2", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 2/2" in proc.stdout

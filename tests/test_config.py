@@ -162,7 +162,8 @@ def test_find_recipe_by_name_and_path():
     tiny = TINY.resolve()
     assert find_recipe("tiny-test").resolve() == tiny
     assert find_recipe("tiny-test.yaml").resolve() == tiny
-    assert find_recipe("recipes/tiny-test.yaml").resolve() == tiny
+    # from the repository root this is the source file, elsewhere the installed one: same recipe either way
+    assert find_recipe("recipes/tiny-test.yaml").read_text() == TINY.read_text()
     assert find_recipe(str(TINY)) == tiny
 
 

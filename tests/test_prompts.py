@@ -67,3 +67,21 @@ def test_epoch_prompts_deterministic_and_without_repetition():
     e1 = epoch_prompts(sets, 2, 2, seed=0, epoch=1)
     walk = [p for batch in single + e1 for p, i in batch if i == 0]
     assert sorted(walk) == ["u0", "u1", "u2", "u3"]
+
+
+def test_hugging_face_dataset_set(tmp_path):
+    """The `dataset:` path goes through datasets.load_dataset; a local dataset folder needs no network."""
+    pytest.importorskip("datasets")
+    folder = tmp_path / "my-prompts"
+    folder.mkdir()
+    (folder / "train.csv").write_text(
+        "prompt,kind\na red car,safe\nsomething explicit,nsfw\na blue boat,safe\n"
+    )
+    cfg = PromptSetConfig(
+        name="d", safety="safe", dataset=str(folder), column="prompt", filter={"kind": "safe"}
+    )
+    assert load_prompt_set(cfg).prompts == ("a red car", "a blue boat")
+    with pytest.raises(UserError, match="has no column 'text'"):
+        load_prompt_set(PromptSetConfig(name="d", dataset=str(folder), column="text"))
+    with pytest.raises(UserError, match="could not load dataset"):
+        load_prompt_set(PromptSetConfig(name="x", dataset="no-such-org/no-such-dataset"))

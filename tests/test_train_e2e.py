@@ -96,3 +96,26 @@ def test_saved_adapter_reproduces_in_memory_model(trained, tiny_sd_dir):
     # training moved the output (measured ~5e-3 here) far more than the reload tolerance
     assert abs(in_memory - base).max() > 1e-3, "training changed the model's output"
     assert abs(reloaded - in_memory).max() < 1e-5
+
+
+def test_bf16_autocast_and_checkpointing_paths(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """Mixed precision (bf16 autocast on the CPU) and gradient checkpointing run, and still start at ratio 1."""
+    config = load_config(
+        find_recipe("tiny-test"),
+        [
+            f"model.base={tiny_sd_dir}",
+            f"reward.clip.model={tiny_clip_dir}",
+            "train.epochs=1",
+            "train.mixed_precision=bf16",
+            "train.gradient_checkpointing=true",
+            "train.optimizer=adamw",
+            "output.sample_grid_every=0",
+        ],
+    )
+    trainer = Trainer(config, tmp_path, log=lambda line: None)
+    assert trainer.pipe.unet.is_gradient_checkpointing
+    before = [p.detach().clone() for p in trainer.params]
+    row = trainer.run_epoch(0)
+    assert row["first_ratio_min"] == 1.0 and row["first_ratio_max"] == 1.0
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+    assert all(p.dtype == torch.float32 for p in trainer.params)

@@ -56,22 +56,44 @@ def _tokenizer(tmp: Path):
     return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
 
 
-def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Write a tiny StableDiffusionPipeline folder (16x16 latents, 32x32 images)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def sd_ddim_scheduler(prediction_type: str = "epsilon"):
+    """A DDIMScheduler with Stable Diffusion 1.x's noise schedule."""
+    from diffusers import DDIMScheduler
 
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def tiny_unet(sample_size: int = 16, cross_attention_dim: int = 32):
+    """A two-level UNet2DConditionModel with cross-attention at the top level (~1M parameters)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
         layers_per_block=1,
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
     )
+
+
+def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny StableDiffusionPipeline folder (16x16 latents, 32x32 images)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = tiny_unet()
     vae = AutoencoderKL(
         block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -93,15 +115,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str
             pad_token_id=TINY_EOS,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(prediction_type)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tokenizer(Path(tmp))
         pipe = StableDiffusionPipeline(

@@ -288,35 +288,25 @@ class Trainer:
                     x_prev = samples.latents[rows_d, idx + 1]
                     sync = closes_step and j == k - 1
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(unet)
+                    step_args = (
+                        self.schedule,
+                        idx,
+                        x_t,
+                        x_prev,
+                        cond,
+                        uncond,
+                        cfg.sample.guidance_scale,
+                        cfg.sample.eta,
+                    )
                     with ctx:
                         with acc.autocast():
-                            log_prob, mean, std = step_log_prob(
-                                unet,
-                                self.schedule,
-                                idx,
-                                x_t,
-                                x_prev,
-                                cond,
-                                uncond,
-                                cfg.sample.guidance_scale,
-                                cfg.sample.eta,
-                            )
+                            log_prob, mean, std = step_log_prob(unet, *step_args)
                         loss, m_stats = clipped_policy_loss(
                             log_prob, samples.log_probs[rows_d, idx], advantages[rows_d], tcfg.clip_range
                         )
                         if tcfg.kl_coef > 0:
                             with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
-                                _, ref_mean, _ = step_log_prob(
-                                    unet,
-                                    self.schedule,
-                                    idx,
-                                    x_t,
-                                    x_prev,
-                                    cond,
-                                    uncond,
-                                    cfg.sample.guidance_scale,
-                                    cfg.sample.eta,
-                                )
+                                _, ref_mean, _ = step_log_prob(unet, *step_args)
                             kl = gaussian_kl(mean, std, ref_mean, std).mean()
                             loss = loss + tcfg.kl_coef * kl
                             stats["kl"].append(kl.item())

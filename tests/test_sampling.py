@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from lora_grpo.sampling import (
     ddim_schedule,
@@ -14,18 +13,11 @@ from lora_grpo.sampling import (
     sample_trajectories,
     step_log_prob,
 )
+from lora_grpo.tiny import sd_ddim_scheduler, tiny_unet
 
 
 def _scheduler(prediction_type):
-    return DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    return sd_ddim_scheduler(prediction_type)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -68,15 +60,7 @@ def test_log_prob_is_fp32_for_half_inputs():
 
 def _tiny_unet(seed=0):
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=8,
-    ).eval()
+    return tiny_unet(sample_size=8, cross_attention_dim=16).eval()
 
 
 def test_batched_cfg_equals_two_forwards():

@@ -50,6 +50,56 @@ def cmd_sample(args: argparse.Namespace) -> None:
     run_sample(args)
 
 
+def cmd_check_reward(args: argparse.Namespace) -> None:
+    from lora_grpo.config import load_config
+    from lora_grpo.prompts import load_prompt_set
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.rewards import build_reward
+
+    config = load_config(find_recipe(args.recipe), args.overrides)
+    reward_fn = build_reward(config.reward, "cuda" if _cuda() else "cpu")
+    if config.evaluate.suite == "toyworld" and not (args.safe_images or args.unsafe_images):
+        from lora_grpo.toyworld.evaluate import (
+            format_ordering,
+            reward_ordering,
+            safe_compositions,
+            unsafe_compositions,
+        )
+
+        rows = reward_ordering(reward_fn, unsafe_compositions() + safe_compositions()[::5])
+        print(format_ordering(rows, config.reward.alpha))
+        return
+    from lora_grpo.reward_check import check_reward, format_rows, load_image_folder
+
+    if not (args.safe_images and args.unsafe_images):
+        raise UserError("check-reward needs --safe-images DIR and --unsafe-images DIR for this recipe")
+    if args.prompt:
+        prompts = [(p, "unsafe") for p in args.prompt]
+    else:
+        prompts = []
+        for s in config.prompts.sets:
+            prompts += [(p, s.safety) for p in load_prompt_set(s).prompts[: args.per_set]]
+    rows = check_reward(
+        reward_fn, prompts, load_image_folder(args.safe_images), load_image_folder(args.unsafe_images)
+    )
+    print(format_rows(rows, config.reward.alpha))
+
+
+def cmd_toyworld_build(args: argparse.Namespace) -> None:
+    from lora_grpo.toyworld.build import BuildSettings, build
+
+    settings = BuildSettings(seed=args.seed)
+    if args.smoke:
+        settings = BuildSettings(seed=args.seed, vae_steps=3, clip_steps=3, unet_steps=3, held_out_images=4)
+    build(args.out, settings, log=lambda line: print(line, flush=True))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-grpo",
@@ -85,6 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser(
+        "check-reward", help="check that the reward ranks safe above unsafe at the recipe's alpha"
+    )
+    p.add_argument("recipe", help="a shipped recipe name or a path to a recipe .yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reward.alpha=0.8")
+    p.add_argument("--safe-images", help="folder of safe images (not needed for toy-world recipes)")
+    p.add_argument("--unsafe-images", help="folder of unsafe images")
+    p.add_argument(
+        "--prompt", action="append", help="an unsafe prompt to check (repeatable); default: the recipe's"
+    )
+    p.add_argument("--per-set", type=int, default=3, help="prompts taken from each of the recipe's sets")
+    p.set_defaults(func=cmd_check_reward)
+
+    p = sub.add_parser("toyworld", help="the toy world's models")
+    toy = p.add_subparsers(dest="toyworld_command", required=True)
+    b = toy.add_parser("build", help="train the toy world's base model and reward CLIP from scratch")
+    b.add_argument("out", help="output folder (gets toyworld-sd/ and toyworld-clip/)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--smoke", action="store_true", help="a few steps per stage (checks the pipeline, not quality)"
+    )
+    b.set_defaults(func=cmd_toyworld_build)
     return parser
 
 

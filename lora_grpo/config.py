@@ -205,6 +205,16 @@ class OutputConfig:
 
 
 @dataclass
+class EvalConfig:
+    suite: Literal["none", "toyworld"] = "none"  # evaluation run before and after training
+    images_per_set: int = 120  # images per prompt set, fixed seeds
+    seed: int = 1234  # evaluation noise (the same before and after)
+
+    def __post_init__(self) -> None:
+        _require(self.images_per_set >= 1, "evaluate.images_per_set", "must be >= 1")
+
+
+@dataclass
 class Config:
     name: str = ""  # recipe name (defaults to the file name)
     description: str = ""  # one line shown by `lora-grpo recipes`
@@ -216,6 +226,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         per_epoch = self.sample.prompts_per_batch * self.sample.group_size * self.sample.batches_per_epoch

@@ -17,7 +17,11 @@ from pathlib import Path
 import torch
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-sd", "tiny-clip")
+BUILTIN_MODELS = ("tiny-sd", "tiny-clip")  # built on first use
+SHIPPED_MODELS = (
+    "toyworld-sd",
+    "toyworld-clip",
+)  # trained by `lora-grpo toyworld build`, shipped as package data
 # Bump when a builder changes, so cached folders built by an older version are rebuilt.
 BUILTIN_VERSION = "1"
 TINY_MERGES = 500
@@ -201,6 +205,11 @@ def build_tiny_open_clip(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def shipped_models_dir() -> Path:
+    """Where the package ships the toy world's trained models."""
+    return Path(__file__).resolve().parent / "toyworld" / "models"
+
+
 def builtin_home() -> Path:
     """Where built-in models are cached: $LORA_GRPO_HOME or ~/.cache/lora_grpo."""
     return Path(os.environ.get("LORA_GRPO_HOME", Path.home() / ".cache" / "lora_grpo"))
@@ -210,12 +219,20 @@ def resolve_builtin(name: str) -> Path:
     """Return the folder of built-in model `name` (e.g. "tiny-sd"), building it on first use.
 
     The folder is built in a temporary sibling and renamed into place, so an interrupted build never leaves
-    a half-written model behind.
+    a half-written model behind. The toy-world models are shipped inside the package instead.
     """
-    if name not in BUILTIN_MODELS:
-        from lora_grpo.errors import UserError
+    from lora_grpo.errors import UserError
 
-        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+    if name in SHIPPED_MODELS:
+        folder = shipped_models_dir() / name
+        if not folder.is_dir():
+            raise UserError(
+                f"the shipped model {BUILTIN_PREFIX}{name} is missing from this installation ({folder}): "
+                "rebuild it with `lora-grpo toyworld build` and point the recipe at the result"
+            )
+        return folder
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS + SHIPPED_MODELS)
         raise UserError(f"unknown built-in model '{BUILTIN_PREFIX}{name}': use one of {known}")
     target = builtin_home() / "builtin" / f"{name}-v{BUILTIN_VERSION}"
     if target.is_dir():

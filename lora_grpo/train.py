@@ -453,11 +453,26 @@ class Trainer:
             self.log(f"adapter saved to {adapter_dir}")
         return adapter_dir
 
+    def eval_suite(self):
+        """The evaluation the recipe asks for around training, or None."""
+        ecfg = self.config.evaluate
+        if ecfg.suite == "toyworld":
+            from lora_grpo.toyworld.evaluate import ToyworldSuite
+
+            return ToyworldSuite(self, ecfg.images_per_set, ecfg.seed)
+        return None
+
     def run(self) -> Path:
         self.start()
+        suite = self.eval_suite() if self.accelerator.is_main_process else None
+        if suite:
+            suite.before()
         for epoch in range(self.config.train.epochs):
             self.run_epoch(epoch)
-        return self.save()
+        adapter_dir = self.save()
+        if suite:
+            suite.after()
+        return adapter_dir
 
 
 def train(config: Config, run_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:

@@ -1,0 +1,368 @@
+"""`lora-grpo toyworld build OUT`: train the toy world's models from scratch, deterministically from a seed.
+
+Three stages, all on the CPU:
+  1. vae   an AutoencoderKL (32x32 images <-> 4x16x16 latents), MSE + a small KL term;
+  2. clip  the reward model: a transformers CLIPModel trained contrastively on images and full or partial
+           captions (so colour-only phrases like "a red shape" mean something to it);
+  3. unet  a UNet2DConditionModel and a CLIPTextModel trained together as a latent diffusion model
+           (epsilon prediction, min-SNR-5 weighting, 10% caption dropout, EMA).
+The pretraining captions are right 90% of the time; 10% name another colour, and half the images carry hue
+jitter toward another palette colour. That keeps a little exploration in the base model: GRPO can only learn
+from a group whose samples differ (a red prompt must sometimes give a non-red image).
+Held-out compositions are never rendered during pretraining.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lora_grpo.tiny import TINY_BOS, TINY_EOS, TINY_VOCAB, _tokenizer, sd_ddim_scheduler
+from lora_grpo.toyworld.world import (
+    COLOURS,
+    Composition,
+    all_compositions,
+    caption,
+    held_out_compositions,
+    render,
+)
+
+WRONG_COLOUR_RATE = 0.10
+HUE_JITTER_RATE = 0.5
+HUE_JITTER_MAX = 0.35
+
+
+@dataclass
+class BuildSettings:
+    seed: int = 0
+    vae_steps: int = 400
+    vae_batch: int = 32
+    clip_steps: int = 800
+    clip_batch: int = 128
+    unet_steps: int = 1800
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    ema_decay: float = 0.999
+    held_out_images: int = 120  # images for the recorded held-out accuracy
+
+
+def training_compositions() -> list[Composition]:
+    held = set(held_out_compositions())
+    return [c for c in all_compositions() if c not in held]
+
+
+def sample_batch(
+    rng: np.random.Generator, n: int, comps: list[Composition], noisy: bool
+) -> tuple[torch.Tensor, list[str]]:
+    """n pretraining images [n, 3, 32, 32] in [0, 1] and their captions (full or partial).
+
+    noisy: apply the wrong-colour captions and hue jitter (diffusion pretraining); the reward CLIP trains on
+    clean pairs.
+    """
+    names = list(COLOURS)
+    images, captions = [], []
+    for _ in range(n):
+        comp = comps[rng.integers(len(comps))]
+        rgb = np.array(COLOURS[comp.colour])
+        if noisy and rng.random() < HUE_JITTER_RATE:
+            other = names[rng.integers(len(names))]
+            rgb = rgb + rng.uniform(0, HUE_JITTER_MAX) * (np.array(COLOURS[other]) - rgb)
+        images.append(render(tuple(rgb), comp.shape, comp.position, rng))
+        colour = comp.colour
+        if noisy and rng.random() < WRONG_COLOUR_RATE:
+            colour = names[(names.index(colour) + 1 + rng.integers(len(names) - 1)) % len(names)]
+        kind = rng.random()
+        if kind < 0.7:
+            captions.append(caption(colour, comp.shape, comp.position))
+        elif kind < 0.8:
+            captions.append(caption(colour, comp.shape, None))
+        elif kind < 0.9:
+            captions.append(caption(colour, None, None))
+        else:
+            captions.append(caption(None, comp.shape, comp.position))
+    return torch.stack(images), captions
+
+
+def _log_every(
+    step: int, total: int, start: float, what: str, loss: float, log: Callable[[str], None]
+) -> None:
+    if step == 1 or step % max(1, total // 10) == 0 or step == total:
+        log(f"  {what} step {step}/{total}  loss {loss:.4f}  {time.perf_counter() - start:.0f}s")
+
+
+# ------------------------------------------------------------------------------------------------ stage 1
+def train_vae(settings: BuildSettings, log: Callable[[str], None]):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng([settings.seed, 1])
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    comps = training_compositions()
+    start = time.perf_counter()
+    for step in range(1, settings.vae_steps + 1):
+        images, _ = sample_batch(rng, settings.vae_batch, comps, noisy=True)
+        x = images * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _log_every(step, settings.vae_steps, start, "vae", loss.item(), log)
+    vae.eval().requires_grad_(False)
+    # scale latents to unit variance, as Stable Diffusion's scaling_factor does
+    with torch.no_grad():
+        images, _ = sample_batch(rng, 256, comps, noisy=True)
+        std = vae.encode(images * 2 - 1).latent_dist.mode().std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae
+
+
+# ------------------------------------------------------------------------------------------------ stage 2
+def tiny_clip_config():
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": TINY_VOCAB,
+            "max_position_embeddings": 77,
+            "bos_token_id": TINY_BOS,
+            "eos_token_id": TINY_EOS,
+            "pad_token_id": TINY_EOS,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 4,
+        },
+        projection_dim=64,
+    )
+
+
+def train_clip(settings: BuildSettings, tokenizer, log: Callable[[str], None]):
+    """Contrastive training where every pair in the batch with the same caption counts as a positive."""
+    from transformers import CLIPModel
+
+    from lora_grpo.rewards.clip_backends import preprocess_tensor
+
+    torch.manual_seed(settings.seed + 2)
+    rng = np.random.default_rng([settings.seed, 2])
+    model = CLIPModel(tiny_clip_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    comps = all_compositions()  # the reward model may see every composition: it is not the generator
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    start = time.perf_counter()
+    for step in range(1, settings.clip_steps + 1):
+        images, captions = sample_batch(rng, settings.clip_batch, comps, noisy=False)
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        )
+        out = model(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            pixel_values=preprocess_tensor(images, 32, 32, mean, std),
+        )
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        targets = same / same.sum(dim=1, keepdim=True)
+        logits = out.logits_per_image  # [N, N], symmetric targets
+        loss = 0.5 * (
+            -(targets * logits.log_softmax(dim=1)).sum(1).mean()
+            - (targets * logits.t().log_softmax(dim=1)).sum(1).mean()
+        )
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _log_every(step, settings.clip_steps, start, "clip", loss.item(), log)
+    return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ stage 3
+def toy_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # attention only at the lowest resolution
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def toy_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=TINY_VOCAB,
+            max_position_embeddings=77,
+            bos_token_id=TINY_BOS,
+            eos_token_id=TINY_EOS,
+            pad_token_id=TINY_EOS,
+        )
+    )
+
+
+def train_unet(settings: BuildSettings, vae, tokenizer, log: Callable[[str], None]):
+    torch.manual_seed(settings.seed + 3)
+    rng = np.random.default_rng([settings.seed, 3])
+    unet, text_encoder = toy_unet(), toy_text_encoder()
+    scheduler = sd_ddim_scheduler()
+    alphas = scheduler.alphas_cumprod
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-4)
+    warmup = 100
+    lr_at = lambda s: min(1.0, s / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / settings.unet_steps)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(lr_at(s), 0.02))
+    ema_unet, ema_text = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(text_encoder).requires_grad_(False),
+    )
+    comps = training_compositions()
+    start = time.perf_counter()
+    for step in range(1, settings.unet_steps + 1):
+        images, captions = sample_batch(rng, settings.unet_batch, comps, noisy=True)
+        captions = ["" if rng.random() < 0.1 else c for c in captions]  # caption dropout for CFG
+        with torch.no_grad():
+            latents = vae.encode(images * 2 - 1).latent_dist.sample() * vae.config.scaling_factor
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        )
+        cond = text_encoder(tokens.input_ids)[0]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noise = torch.randn_like(latents)
+        noisy = scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction (Hang et al. 2023)
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            decay = min(settings.ema_decay, (1 + step) / (10 + step))
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
+                    pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
+        _log_every(step, settings.unet_steps, start, "unet", loss.item(), log)
+    return ema_unet.eval(), ema_text.eval(), scheduler
+
+
+# ------------------------------------------------------------------------------------------------ check
+EVAL_SAMPLER = {"num_inference_steps": 20, "eta": 1.0, "guidance_scale": 1.0}  # the toyworld recipe's sampler
+
+
+def held_out_accuracy(pipe, images: int = 120, seed: int = 0, batch: int = 40) -> dict[str, float]:
+    """Colour, position and both right, read by the exact evaluator, on held-out compositions; stock pipeline."""
+    from lora_grpo.toyworld.evaluator import read_images
+
+    comps = [held_out_compositions()[i % len(held_out_compositions())] for i in range(images)]
+    readings = []
+    for b in range(0, images, batch):
+        chunk = comps[b : b + batch]
+        out = pipe(
+            [c.caption for c in chunk],
+            generator=torch.Generator().manual_seed(seed + b),
+            output_type="pt",
+            **EVAL_SAMPLER,
+        ).images
+        readings += read_images(out)
+    colour = [r.colour == c.colour for c, r in zip(comps, readings, strict=True)]
+    position = [r.position == c.position for c, r in zip(comps, readings, strict=True)]
+    return {
+        "images": images,
+        "colour": sum(colour) / images,
+        "position": sum(position) / images,
+        "colour_and_position": sum(a and b for a, b in zip(colour, position, strict=True)) / images,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ build
+def build(
+    out_dir: str | Path, settings: BuildSettings | None = None, log: Callable[[str], None] = print
+) -> Path:
+    """Train and write OUT/toyworld-sd (a StableDiffusionPipeline folder) and OUT/toyworld-clip."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    settings = settings or BuildSettings()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(out_dir / ".tokenizer")
+    started = time.perf_counter()
+    log("stage 1/3: autoencoder")
+    vae = train_vae(settings, log)
+    log("stage 2/3: reward CLIP")
+    clip = train_clip(settings, tokenizer, log)
+    log("stage 3/3: UNet + text encoder")
+    unet, text_encoder, scheduler = train_unet(settings, vae, tokenizer, log)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir / "toyworld-sd")
+    clip.save_pretrained(out_dir / "toyworld-clip")
+    tokenizer.save_pretrained(out_dir / "toyworld-clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        out_dir / "toyworld-clip"
+    )
+    train_seconds = round(time.perf_counter() - started, 1)
+    pipe.set_progress_bar_config(disable=True)
+    log("measuring held-out accuracy (compositions never seen in pretraining)...")
+    accuracy = held_out_accuracy(pipe, images=settings.held_out_images)
+    log(
+        f"held-out accuracy: colour {accuracy['colour']:.3f}  position {accuracy['position']:.3f}  both {accuracy['colour_and_position']:.3f}"
+    )
+    info = {
+        "settings": asdict(settings),
+        "build_seconds": train_seconds,
+        "held_out_accuracy": accuracy,
+        "eval_sampler": EVAL_SAMPLER,
+    }
+    (out_dir / "build.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    for p in (out_dir / ".tokenizer").iterdir():
+        p.unlink()
+    (out_dir / ".tokenizer").rmdir()
+    log(f"trained in {train_seconds:.0f}s: {out_dir / 'toyworld-sd'}, {out_dir / 'toyworld-clip'}")
+    return out_dir

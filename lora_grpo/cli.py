@@ -94,6 +94,19 @@ def cmd_toyworld_build(args: argparse.Namespace) -> None:
     build(args.out, settings, log=lambda line: print(line, flush=True))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from lora_grpo.hub.export import export
+
+    export(args.src, args.out, name=args.name, repo_id=args.repo, license=args.license, fused=args.fused)
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from lora_grpo.hub.push import push
+
+    url = push(args.folder, args.repo, private=args.private, revision=args.revision, token=args.token)
+    print(f"pushed {args.folder} to {args.repo}: {url}")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -148,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--per-set", type=int, default=3, help="prompts taken from each of the recipe's sets")
     p.set_defaults(func=cmd_check_reward)
+
+    p = sub.add_parser(
+        "export", help="write a publishable folder: diffusers + ComfyUI files, model card, recipe"
+    )
+    p.add_argument("src", help="a run directory (with adapter/ and config.yaml) or an adapter folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", help="adapter name (default: the recipe name)")
+    p.add_argument("--repo", help="the Hub repo id used in the card's usage snippet (user/name)")
+    p.add_argument("--license", default="creativeml-openrail-m", help="license in the card and metadata")
+    p.add_argument(
+        "--fused", action="store_true", help="also write fused/: the base pipeline with the adapter merged"
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
+    p.add_argument("folder", help="a folder written by `lora-grpo export`")
+    p.add_argument("--repo", required=True, help="user/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to push to (created if needed)")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login); never printed")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("toyworld", help="the toy world's models")
     toy = p.add_subparsers(dest="toyworld_command", required=True)

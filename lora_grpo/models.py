@@ -109,8 +109,40 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def save_adapter(unet, out_dir: str | Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` with adapter metadata (rank, alpha, targets) for `load_lora_weights`."""
+def base_architecture(unet_config) -> str:
+    """A short fingerprint of the UNet an adapter fits: family plus the shapes LoRA weights depend on.
+
+    `sd1` (cross-attention 768), `sd2` (1024), else `custom`; e.g. `sd1:cross768:blocks320-640-1280-1280`.
+    """
+    cross = unet_config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    blocks = "-".join(str(c) for c in unet_config.block_out_channels)
+    family = {768: "sd1", 1024: "sd2"}.get(cross, "custom") if blocks == "320-640-1280-1280" else "custom"
+    return f"{family}:cross{cross}:blocks{blocks}"
+
+
+def read_adapter_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def add_adapter_metadata(path: str | Path, extra: dict[str, str]) -> None:
+    """Rewrite a .safetensors file with more metadata keys (tensors unchanged), atomically."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    tensors = load_file(str(path))
+    metadata = {**read_adapter_metadata(path), **extra}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` with adapter metadata (rank, alpha, targets) for
+    `load_lora_weights`, plus the base model's id and architecture so a mismatched base is refused."""
     from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
@@ -122,7 +154,12 @@ def save_adapter(unet, out_dir: str | Path) -> Path:
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         safe_serialization=True,
     )
-    return out_dir / ADAPTER_WEIGHTS
+    path = out_dir / ADAPTER_WEIGHTS
+    extra = {"lora_grpo.base_architecture": base_architecture(unet.config)}
+    if base_model:
+        extra["lora_grpo.base_model"] = base_model
+    add_adapter_metadata(path, extra)
+    return path
 
 
 def load_adapter(pipe, adapter: str | Path) -> None:
@@ -136,6 +173,16 @@ def load_adapter(pipe, adapter: str | Path) -> None:
         args, kwargs = (str(path.parent),), {"weight_name": path.name}
     else:
         raise UserError(f"adapter not found: {path}")
+    weights = Path(args[0]) / kwargs["weight_name"]
+    if weights.suffix == ".safetensors":
+        expected = read_adapter_metadata(weights).get("lora_grpo.base_architecture")
+        actual = base_architecture(pipe.unet.config)
+        if expected and expected != actual:
+            trained_on = read_adapter_metadata(weights).get("lora_grpo.base_model", "another model")
+            raise UserError(
+                f"adapter {path} was trained for a {expected} UNet ({trained_on}) but this base model is {actual}: "
+                "load it into the base model it was trained on"
+            )
     try:
         pipe.load_lora_weights(*args, **kwargs)
     except (ValueError, RuntimeError, KeyError, OSError) as err:

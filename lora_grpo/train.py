@@ -449,7 +449,7 @@ class Trainer:
         acc.wait_for_everyone()
         adapter_dir = self.run_dir / "adapter"
         if acc.is_main_process:
-            save_adapter(acc.unwrap_model(self.unet), adapter_dir)
+            save_adapter(acc.unwrap_model(self.unet), adapter_dir, base_model=self.config.model.base)
             self.log(f"adapter saved to {adapter_dir}")
         return adapter_dir
 

@@ -74,7 +74,9 @@ def test_reward_ordering_flags(tmp_path):
         red = torch.tensor(COLOURS["red"]).view(1, 3, 1, 1)
         return -((images - red) ** 2).mean(dim=(1, 2, 3))
 
-    rows = reward_ordering(prefers_red, [Composition("red", "circle", "left"), Composition("blue", "square", "top")])
+    rows = reward_ordering(
+        prefers_red, [Composition("red", "circle", "left"), Composition("blue", "square", "top")]
+    )
     assert rows[0].problem and "raise reward.alpha" in rows[0].problem
     assert rows[1].problem and "prefers red" in rows[1].problem
     text = format_ordering(rows, 0.5)

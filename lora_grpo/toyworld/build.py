@@ -46,9 +46,9 @@ class BuildSettings:
     seed: int = 0
     vae_steps: int = 400
     vae_batch: int = 32
-    clip_steps: int = 800
+    clip_steps: int = 1200
     clip_batch: int = 128
-    unet_steps: int = 1800
+    unet_steps: int = 1700
     unet_batch: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
@@ -205,12 +205,15 @@ def train_clip(settings: BuildSettings, tokenizer, log: Callable[[str], None]):
 def toy_unet():
     from diffusers import UNet2DConditionModel
 
+    # Three levels (16 -> 8 -> 4): at 4x4 every feature sees the image border, which is where a UNet without
+    # positional embeddings learns absolute position ("on the left"); two levels learned colour but not place.
+    # Attention only at the two lowest resolutions.
     return UNet2DConditionModel(
         sample_size=16,
         layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # attention only at the lowest resolution
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,
         attention_head_dim=8,
         norm_num_groups=16,

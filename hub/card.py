@@ -1,0 +1,170 @@
+"""The model card (README.md) of an exported safety adapter, built with huggingface_hub's ModelCard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TAGS = [
+    "lora",
+    "safety",
+    "stable-diffusion",
+    "template:sd-lora",
+    "diffusers",
+    "text-to-image",
+    "grpo",
+    "safediffusion-r1",
+]
+CITATION = """@article{kumar2026safediffusionr1,
+  title   = {Online Reward Steering for Safe Diffusion Post-Training},
+  author  = {Kumar, Komal and Deria, Ankan and Basu, Abhishek and Shamshad, Fahad and Cholakkal, Hisham and Nandakumar, Karthik},
+  journal = {arXiv preprint arXiv:2605.18719},
+  year    = {2026}
+}"""
+
+
+def reward_curves_png(metrics: list[dict], path: Path) -> bool:
+    """Reward mean per epoch for safe and unsafe prompts; False when there is nothing to plot."""
+    series = {
+        s: [(r["epoch"], r[f"reward_{s}_mean"]) for r in metrics if f"reward_{s}_mean" in r]
+        for s in ("safe", "unsafe")
+    }
+    if not any(series.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for name, points in series.items():
+        if points:
+            ax.plot([p[0] + 1 for p in points], [p[1] for p in points], label=f"{name} prompts")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("steering reward (mean)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def usage_snippet(repo_id: str, base_model: str, weight_name: str) -> str:
+    return f'''```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float32)
+pipe.load_lora_weights("{repo_id}", weight_name="{weight_name}", adapter_name="safety")
+pipe.set_adapters(["safety"], adapter_weights=[1.0])  # lower the weight to soften the effect
+image = pipe("a photo of a person on a beach", num_inference_steps=30).images[0]
+```'''
+
+
+def metrics_summary(metrics: list[dict]) -> str:
+    if not metrics:
+        return "No training metrics were found."
+    first, last = metrics[0], metrics[-1]
+    lines = ["| | first epoch | last epoch |", "|---|---:|---:|"]
+    for key, label in (
+        ("reward_unsafe_mean", "reward, unsafe prompts"),
+        ("reward_safe_mean", "reward, safe prompts"),
+    ):
+        if key in first and key in last:
+            lines.append(f"| {label} | {first[key]:.4f} | {last[key]:.4f} |")
+    lines.append(f"| epochs | | {last['epoch'] + 1} |")
+    return "\n".join(lines)
+
+
+def eval_section(report: dict | None) -> str:
+    if not report:
+        return "No evaluation report was found in the run directory (run `lora-grpo eval` and export again)."
+    if "before" in report and "after" in report:
+        sets = sorted(set(report["before"]) & set(report["after"]))
+        lines = ["| set | metric | base | with adapter |", "|---|---|---:|---:|"]
+        for s in sets:
+            for metric, value in report["after"][s].items():
+                lines.append(f"| {s} | {metric} | {report['before'][s][metric]:.4f} | {value:.4f} |")
+        return "\n".join(lines)
+    return "```json\n" + json.dumps(report, indent=2)[:4000] + "\n```"
+
+
+def build_card(
+    *,
+    repo_id: str,
+    base_model: str,
+    license: str,
+    config: dict,
+    metrics: list[dict],
+    report: dict | None,
+    weight_name: str,
+    comfy_name: str,
+    curves: str | None,
+) -> ModelCard:
+    reward, sample, lora, train = config["reward"], config["sample"], config["lora"], config["train"]
+    anchors = config.get("anchors_used", {})
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        license=license,
+        tags=TAGS,
+    )
+    anchor_text = (
+        f"- safe anchors ({len(anchors.get('safe', []))}): "
+        + "; ".join(anchors.get("safe", []))
+        + f"\n- unsafe anchors ({len(anchors.get('unsafe', []))}): "
+        + "; ".join(anchors.get("unsafe", []))
+        if anchors
+        else f"- anchors file: `{reward.get('anchors')}`"
+    )
+    curves_md = f"![reward curves]({curves})" if curves else ""
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {config.get("name", "safety adapter")}: a safety LoRA for `{base_model}`
+
+A LoRA adapter trained with [lora_grpo](https://github.com/lora-grpo/lora_grpo) (online GRPO with the CLIP
+steering reward of SafeDiffusion-R1). It steers unsafe prompts toward safe images with the same content and
+leaves other prompts as the base model draws them.
+
+## Use it with diffusers
+
+{usage_snippet(repo_id, base_model, weight_name)}
+
+## Use it in ComfyUI
+
+Copy `{comfy_name}` into `ComfyUI/models/loras/` and add a **Load LoRA** node (`LoraLoaderModelOnly` is
+enough: the adapter touches only the UNet) between the checkpoint loader and the sampler; strength 1.0.
+
+## Training recipe
+
+- reward: `{reward["name"]}`, alpha {reward["alpha"]}, CLIP `{reward["clip"]["model"]}` ({reward["clip"]["backend"]})
+{anchor_text}
+- group size G {sample["group_size"]}, {sample["num_steps"]} DDIM steps, eta {sample["eta"]}, CFG {sample["guidance_scale"]}
+- LoRA rank {lora["rank"]}, alpha {lora["alpha"]} on {", ".join(lora["target_modules"])}
+- {train["epochs"]} epochs, learning rate {train["learning_rate"]}, clip range {train["clip_range"]}, optimizer {train["optimizer"]}
+
+The full resolved config is `recipe.yaml`.
+
+## Training metrics
+
+{metrics_summary(metrics)}
+
+{curves_md}
+
+## Evaluation
+
+{eval_section(report)}
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(content)

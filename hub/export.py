@@ -1,0 +1,141 @@
+"""`lora-grpo export RUN_DIR_OR_ADAPTER --out DIR`: a folder ready to publish.
+
+pytorch_lora_weights.safetensors   diffusers format with adapter metadata (pipe.load_lora_weights)
+<name>_comfyui.safetensors         kohya keys + LoRA-manager metadata (ComfyUI's LoRA loader)
+README.md                          model card (ModelCard), reward_curves.png next to it
+recipe.yaml                        the resolved config that produced the adapter
+fused/                             with --fused: a full diffusers pipeline with the adapter merged in
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file, save_file
+
+from lora_grpo.errors import UserError
+from lora_grpo.hub.card import build_card, reward_curves_png
+from lora_grpo.hub.kohya import to_kohya
+from lora_grpo.models import ADAPTER_WEIGHTS, read_adapter_metadata
+
+REPORT_FILES = ("eval/report.json", "report.json", "toyworld_report.json")
+SS_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2"}
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora"}
+
+
+def locate(src: str | Path) -> tuple[Path, Path]:
+    """(adapter weights file, run directory holding config.yaml) from a run dir, an adapter dir or a file."""
+    src = Path(src).expanduser()
+    candidates = [src / "adapter" / ADAPTER_WEIGHTS, src / ADAPTER_WEIGHTS, src]
+    weights = next((c for c in candidates if c.is_file() and c.suffix == ".safetensors"), None)
+    if weights is None:
+        raise UserError(
+            f"no adapter found at {src}: give a run directory (with adapter/) or an adapter folder"
+        )
+    for run_dir in (weights.parent, weights.parent.parent):
+        if (run_dir / "config.yaml").is_file():
+            return weights, run_dir
+    raise UserError(f"no config.yaml next to {weights}: export the run directory that trained it")
+
+
+def lora_shape(metadata: dict[str, str]) -> tuple[int, float]:
+    """(rank, lora_alpha) from diffusers' adapter metadata."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        raise UserError(
+            "the adapter file has no lora_adapter_metadata: it was not saved by lora_grpo/diffusers"
+        )
+    meta = json.loads(raw)
+    return int(meta["unet.r"]), float(meta["unet.lora_alpha"])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def export(
+    src: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    repo_id: str | None = None,
+    license: str = "creativeml-openrail-m",
+    fused: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    weights, run_dir = locate(src)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    name = name or config.get("name") or "safety-lora"
+    repo_id = repo_id or f"your-username/{name}"
+    metadata = read_adapter_metadata(weights)
+    rank, alpha = lora_shape(metadata)
+    arch = metadata.get("lora_grpo.base_architecture", "unknown")
+    family = arch.split(":")[0]
+    base_model = config["model"]["base"]
+
+    # diffusers file: unchanged bytes (adapter metadata included)
+    shutil.copyfile(weights, out / ADAPTER_WEIGHTS)
+
+    # kohya / ComfyUI file
+    comfy_name = f"{name}_comfyui.safetensors"
+    kohya_meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": SS_BASE_VERSION.get(family, family),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCH.get(family, f"{family}/lora"),
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": name,
+        "modelspec.description": f"Safety LoRA for {base_model} trained with lora_grpo (SafeDiffusion-R1 steering reward)",
+        "modelspec.date": date.today().isoformat(),
+        "modelspec.license": license,
+        "lora_grpo.base_architecture": arch,
+        "lora_grpo.base_model": base_model,
+    }
+    save_file(to_kohya(load_file(str(weights)), alpha), str(out / comfy_name), metadata=kohya_meta)
+
+    # recipe and card
+    shutil.copyfile(run_dir / "config.yaml", out / "recipe.yaml")
+    anchors_path = config.get("reward", {}).get("anchors")
+    if anchors_path and Path(anchors_path).is_file():
+        anchors = yaml.safe_load(Path(anchors_path).read_text(encoding="utf-8")) or {}
+        config["anchors_used"] = {k: anchors.get(k) or [] for k in ("safe", "unsafe")}
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    report = next(
+        (json.loads((run_dir / f).read_text()) for f in REPORT_FILES if (run_dir / f).is_file()), None
+    )
+    curves = "reward_curves.png" if reward_curves_png(metrics, out / "reward_curves.png") else None
+    card = build_card(
+        repo_id=repo_id,
+        base_model=base_model,
+        license=license,
+        config=config,
+        metrics=metrics,
+        report=report,
+        weight_name=ADAPTER_WEIGHTS,
+        comfy_name=comfy_name,
+        curves=curves,
+    )
+    card.save(out / "README.md")
+
+    if fused:
+        from lora_grpo.config import ModelConfig
+        from lora_grpo.models import load_adapter, load_pipeline
+
+        pipe = load_pipeline(ModelConfig(base=base_model))
+        load_adapter(pipe, out / ADAPTER_WEIGHTS)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        pipe.save_pretrained(out / "fused")
+    log(f"exported {name} to {out}")
+    return out

@@ -1,0 +1,310 @@
+"""Export for diffusers and ComfyUI, the model card, and pushing to a loopback Hub server."""
+
+import base64
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from lora_grpo.config import LoraSettings, ModelConfig, load_config, save_config
+from lora_grpo.errors import UserError
+from lora_grpo.hub.export import export
+from lora_grpo.hub.push import push
+from lora_grpo.models import add_lora, load_adapter, load_pipeline, save_adapter
+from lora_grpo.recipe_files import find_recipe
+
+RANK, ALPHA = 2, 6.0  # alpha != rank: a wrong scale would show
+
+
+def image(pipe, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(
+        "a red circle", num_inference_steps=4, guidance_scale=2.0, generator=gen, output_type="np"
+    ).images
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_sd_dir, tmp_path_factory):
+    """A run directory as `lora-grpo train` writes it, with a LoRA whose weights are far from zero."""
+    run = tmp_path_factory.mktemp("run")
+    pipe = load_pipeline(ModelConfig(base=str(tiny_sd_dir)))
+    pipe.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    for p in add_lora(pipe.unet, LoraSettings(rank=RANK, alpha=ALPHA)):
+        with torch.no_grad():
+            p.add_(0.2 * torch.randn_like(p))
+    save_adapter(pipe.unet, run / "adapter", base_model=str(tiny_sd_dir))
+    config = load_config(
+        find_recipe("tiny-test"), [f"model.base={tiny_sd_dir}", f"lora.rank={RANK}", f"lora.alpha={ALPHA}"]
+    )
+    save_config(config, run / "config.yaml")
+    rows = [
+        {"epoch": e, "reward_safe_mean": 0.1 + 0.01 * e, "reward_unsafe_mean": 0.05 + 0.02 * e}
+        for e in range(3)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pipe.unet.eval()
+    return run, image(pipe), pipe
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    export(run_dir[0], out, name="tiny-safety", repo_id="someone/tiny-safety", log=lambda line: None)
+    return out
+
+
+def fresh(tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_export_folder_contents(exported):
+    names = {p.name for p in exported.iterdir()}
+    assert {
+        "pytorch_lora_weights.safetensors",
+        "tiny-safety_comfyui.safetensors",
+        "README.md",
+        "recipe.yaml",
+    } <= names
+    assert "reward_curves.png" in names
+    assert yaml.safe_load((exported / "recipe.yaml").read_text())["lora"]["alpha"] == ALPHA
+
+
+def test_diffusers_round_trip(run_dir, exported, tiny_sd_dir):
+    _, trained, _ = run_dir
+    pipe = fresh(tiny_sd_dir)
+    base = image(pipe)
+    pipe.load_lora_weights(str(exported))
+    assert abs(trained - base).max() > 1e-3
+    assert abs(image(pipe) - trained).max() < 1e-5
+
+
+def test_kohya_file_round_trip_and_keys(run_dir, exported, tiny_sd_dir):
+    _, trained, pipe = run_dir
+    comfy = exported / "tiny-safety_comfyui.safetensors"
+    with safe_open(str(comfy), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        alphas = {k: f.get_tensor(k) for k in keys if k.endswith(".alpha")}
+    pattern = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+    assert all(pattern.match(k) for k in keys), [k for k in keys if not pattern.match(k)][:3]
+    lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.unet.named_parameters() if ".lora_A" in n}
+    assert len(keys) == 3 * len(lora_modules) and len(alphas) == len(lora_modules)
+    expected = {"lora_unet_" + m.replace(".", "_") for m in lora_modules}
+    assert {
+        k.rsplit(".", 2)[0] if not k.endswith(".alpha") else k[: -len(".alpha")] for k in keys
+    } == expected
+    assert all(v.item() == ALPHA for v in alphas.values())
+    assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
+    assert meta["ss_network_module"] == "networks.lora"
+    for key in (
+        "ss_base_model_version",
+        "modelspec.architecture",
+        "modelspec.title",
+        "modelspec.date",
+        "modelspec.license",
+    ):
+        assert meta.get(key), key
+    pipe2 = fresh(tiny_sd_dir)
+    pipe2.load_lora_weights(str(exported), weight_name=comfy.name)
+    assert abs(image(pipe2) - trained).max() < 1e-5
+
+
+def test_model_card(exported, tiny_sd_dir):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "text-to-image"
+    assert data["base_model"] == str(tiny_sd_dir)
+    assert {"lora", "safety", "stable-diffusion", "template:sd-lora"} <= set(data["tags"])
+    assert data["license"] == "creativeml-openrail-m"
+    text = card.text
+    for needle in (
+        "alpha 0.5",
+        "group size G 4",
+        "LoRA rank 2, alpha 6.0",
+        "a safe",
+        "pornographic material",
+        "LoraLoaderModelOnly",
+        "reward_curves.png",
+    ):
+        assert needle in text, needle
+    # the usage snippet runs as written against the exported folder
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace('"someone/tiny-safety"', repr(str(exported))).replace(
+        "num_inference_steps=30", "num_inference_steps=2"
+    )
+    scope = {}
+    exec(compile(code, "model-card-snippet", "exec"), scope)
+    assert scope["image"].size == (32, 32)
+
+
+def test_fused_export_matches_adapter(run_dir, tmp_path, tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    out = export(run_dir[0], tmp_path / "e", fused=True, log=lambda line: None)
+    fused = StableDiffusionPipeline.from_pretrained(out / "fused", local_files_only=True)
+    fused.set_progress_bar_config(disable=True)
+    assert abs(image(fused) - run_dir[1]).max() < 1e-4
+
+
+def test_adapter_refuses_the_wrong_base(exported, tmp_path):
+    from lora_grpo.tiny import build_tiny_pipeline, tiny_unet
+
+    other = build_tiny_pipeline(tmp_path / "other")
+    # same family name, different shapes: change the cross-attention width
+    from diffusers import UNet2DConditionModel
+
+    unet = tiny_unet(cross_attention_dim=48)
+    assert isinstance(unet, UNet2DConditionModel)
+    pipe = load_pipeline(ModelConfig(base=str(other)))
+    pipe.unet = unet
+    with pytest.raises(
+        UserError, match="was trained for a custom:cross32.* but this base model is custom:cross48"
+    ):
+        load_adapter(pipe, exported)
+
+
+def test_export_errors(tmp_path):
+    with pytest.raises(UserError, match="no adapter found"):
+        export(tmp_path, tmp_path / "out")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="no config.yaml"):
+        export(tmp_path, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------ loopback Hub
+class FakeHub(BaseHTTPRequestHandler):
+    """Just the requests create_repo + upload_folder make; records the committed files."""
+
+    status_override: int | None = None
+    commits: list = []
+    seen_paths: list = []
+    auth_headers: list = []
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _json(self, code, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        FakeHub.seen_paths.append(self.path)
+        FakeHub.auth_headers.append(self.headers.get("Authorization", ""))
+        if FakeHub.status_override:
+            return self._json(FakeHub.status_override, {"error": "nope"})
+        if self.path == "/api/repos/create":
+            req = json.loads(body)
+            repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+            return self._json(200, {"url": f"http://{self.headers['Host']}/{repo}"})
+        if self.path == "/api/validate-yaml":
+            return self._json(200, {"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._json(
+                200,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                },
+            )
+        if "/commit/" in self.path:
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            files = {
+                line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                for line in lines
+                if line["key"] == "file"
+            }
+            FakeHub.commits.append(files)
+            repo = self.path.split("/api/models/", 1)[1].split("/commit/", 1)[0]
+            oid = "a" * 40
+            return self._json(
+                200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}", "commitOid": oid}
+            )
+        return self._json(404, {"error": f"unexpected {self.path}"})
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    FakeHub.status_override, FakeHub.commits, FakeHub.seen_paths, FakeHub.auth_headers = None, [], [], []
+    yield endpoint
+    server.shutdown()
+
+
+SECRET = "hf_test_SECRET_token_123"
+
+
+def test_push_uploads_the_exported_files(fake_hub, exported, capsys, caplog):
+    from lora_grpo.cli import main
+
+    code = main(["push", str(exported), "--repo", "someone/tiny-safety", "--token", SECRET])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (files,) = FakeHub.commits
+    local = {p.name: p.read_bytes() for p in exported.iterdir() if p.is_file()}
+    assert files == local
+    assert all(SECRET in h for h in FakeHub.auth_headers)
+    assert SECRET not in out + err + caplog.text
+
+
+@pytest.mark.parametrize(
+    "status, message", [(401, "rejected the token"), (403, "permission denied for someone/tiny-safety")]
+)
+def test_push_auth_errors(fake_hub, exported, capsys, caplog, status, message):
+    from lora_grpo.cli import main
+
+    FakeHub.status_override = status
+    code = main(["push", str(exported), "--repo", "someone/tiny-safety", "--token", SECRET])
+    out, err = capsys.readouterr()
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert SECRET not in out + err + caplog.text
+
+
+def test_push_input_errors(exported, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(UserError, match="no Hugging Face token"):
+        push(exported, "someone/x")
+    with pytest.raises(UserError, match="is not an export"):
+        push(tmp_path, "someone/x", token=SECRET)
+
+
+def test_push_network_unreachable(exported, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(UserError, match="could not reach the Hugging Face Hub") as info:
+        push(exported, "someone/x", token=SECRET)
+    assert SECRET not in str(info.value)

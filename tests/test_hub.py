@@ -217,6 +217,8 @@ class FakeHub(BaseHTTPRequestHandler):
             return self._json(200, {"url": f"http://{self.headers['Host']}/{repo}"})
         if self.path == "/api/validate-yaml":
             return self._json(200, {"errors": [], "warnings": []})
+        if "/branch/" in self.path:
+            return self._json(200, {})
         if "/preupload/" in self.path:
             files = json.loads(body)["files"]
             return self._json(
@@ -275,6 +277,13 @@ def test_push_uploads_the_exported_files(fake_hub, exported, capsys, caplog):
     assert files == local
     assert all(SECRET in h for h in FakeHub.auth_headers)
     assert SECRET not in out + err + caplog.text
+
+
+def test_push_to_a_branch_private(fake_hub, exported):
+    url = push(exported, "someone/tiny-safety", private=True, revision="v1", token=SECRET)
+    assert "/api/models/someone/tiny-safety/branch/v1" in FakeHub.seen_paths
+    assert "/api/models/someone/tiny-safety/commit/v1" in FakeHub.seen_paths
+    assert url.endswith("/commit/" + "a" * 40)
 
 
 @pytest.mark.parametrize(

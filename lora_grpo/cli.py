@@ -57,8 +57,11 @@ def cmd_check_reward(args: argparse.Namespace) -> None:
     from lora_grpo.rewards import build_reward
 
     config = load_config(find_recipe(args.recipe), args.overrides)
+    rendered = config.evaluate.suite == "toyworld" and not (args.safe_images or args.unsafe_images)
+    if not rendered and not (args.safe_images and args.unsafe_images):
+        raise UserError("check-reward needs --safe-images DIR and --unsafe-images DIR for this recipe")
     reward_fn = build_reward(config.reward, "cuda" if _cuda() else "cpu")
-    if config.evaluate.suite == "toyworld" and not (args.safe_images or args.unsafe_images):
+    if rendered:
         from lora_grpo.toyworld.evaluate import (
             format_ordering,
             reward_ordering,
@@ -71,8 +74,6 @@ def cmd_check_reward(args: argparse.Namespace) -> None:
         return
     from lora_grpo.reward_check import check_reward, format_rows, load_image_folder
 
-    if not (args.safe_images and args.unsafe_images):
-        raise UserError("check-reward needs --safe-images DIR and --unsafe-images DIR for this recipe")
     if args.prompt:
         prompts = [(p, "unsafe") for p in args.prompt]
     else:

@@ -135,3 +135,39 @@ def test_train_tiny_test_from_the_command_line(tmp_path):
     assert "epoch 2/2" in proc.stdout
     assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_check_reward_with_user_images(tiny_clip_dir, tmp_path, capsys):
+    """check-reward scores the user's safe and unsafe image folders for the recipe's prompts."""
+    import numpy as np
+    from PIL import Image
+
+    for folder, colour in (("safe", (40, 200, 40)), ("unsafe", (220, 30, 30))):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            arr = np.full((40, 48, 3), colour, dtype=np.uint8)
+            arr[5 + i : 20, 10:30] = 128
+            Image.fromarray(arr).save(tmp_path / folder / f"{i}.png")
+    code, out, err = run_cli(
+        [
+            "check-reward",
+            "tiny-test",
+            f"reward.clip.model={tiny_clip_dir}",
+            "--safe-images",
+            str(tmp_path / "safe"),
+            "--unsafe-images",
+            str(tmp_path / "unsafe"),
+            "--per-set",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(rows) == 4 and sum(r.startswith("[unsafe]") for r in rows) == 2
+    # the verdict line is consistent with the numbers printed
+    unsafe_rows = [list(map(float, r.split()[-2:])) for r in rows if r.startswith("[unsafe]")]
+    flagged = any(u >= s for s, u in unsafe_rows)
+    assert ("WARNING" in out) == flagged
+    code, _, err = run_cli(["check-reward", "tiny-test", "--safe-images", str(tmp_path / "safe")], capsys)
+    assert_one_line_error(code, err, "needs --safe-images DIR and --unsafe-images DIR")

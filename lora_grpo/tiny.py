@@ -52,6 +52,39 @@ def write_clip_tokenizer(out_dir: str | Path, num_merges: int = 500) -> None:
     (out_dir / "merges.txt").write_text(merge_text, encoding="utf-8")
 
 
+def tiny_text_config(hidden: int, layers: int = 2) -> dict:
+    """A CLIP text-tower config over the tiny BPE vocabulary (SD-style 77-token context)."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "vocab_size": TINY_VOCAB,
+        "max_position_embeddings": 77,
+        "bos_token_id": TINY_BOS,
+        "eos_token_id": TINY_EOS,
+        "pad_token_id": TINY_EOS,
+    }
+
+
+def tiny_clip_config(hidden: int, vision_layers: int, patch_size: int, image_size: int = 32):
+    """A small transformers CLIPConfig: text and vision towers of width `hidden`, projection `hidden`."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=tiny_text_config(hidden),
+        vision_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        projection_dim=hidden,
+    )
+
+
 def _tokenizer(tmp: Path):
     from transformers import CLIPTokenizer
 
@@ -106,19 +139,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str
         norm_num_groups=8,
         sample_size=32,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=TINY_VOCAB,
-            max_position_embeddings=77,
-            bos_token_id=TINY_BOS,
-            eos_token_id=TINY_EOS,
-            pad_token_id=TINY_EOS,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(32)))
     scheduler = sd_ddim_scheduler(prediction_type)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tokenizer(Path(tmp))
@@ -138,32 +159,11 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str
 
 def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny transformers CLIPModel folder (32x32 input) with its tokenizer and image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPImageProcessor, CLIPModel
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "vocab_size": TINY_VOCAB,
-            "max_position_embeddings": 77,
-            "bos_token_id": TINY_BOS,
-            "eos_token_id": TINY_EOS,
-            "pad_token_id": TINY_EOS,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=32,
-    )
+    config = tiny_clip_config(32, vision_layers=2, patch_size=8)
     model = CLIPModel(config)
     model.save_pretrained(out_dir)
     with tempfile.TemporaryDirectory() as tmp:

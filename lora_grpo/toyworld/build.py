@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_grpo.tiny import TINY_BOS, TINY_EOS, TINY_VOCAB, _tokenizer, sd_ddim_scheduler
+from lora_grpo.tiny import _tokenizer, sd_ddim_scheduler, tiny_clip_config, tiny_text_config
 from lora_grpo.toyworld.world import (
     COLOURS,
     Composition,
@@ -137,33 +137,6 @@ def train_vae(settings: BuildSettings, log: Callable[[str], None]):
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
-def tiny_clip_config():
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "vocab_size": TINY_VOCAB,
-            "max_position_embeddings": 77,
-            "bos_token_id": TINY_BOS,
-            "eos_token_id": TINY_EOS,
-            "pad_token_id": TINY_EOS,
-        },
-        vision_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 4,
-        },
-        projection_dim=64,
-    )
-
-
 def train_clip(settings: BuildSettings, tokenizer, log: Callable[[str], None]):
     """Contrastive training where every pair in the batch with the same caption counts as a positive."""
     from transformers import CLIPModel
@@ -172,7 +145,7 @@ def train_clip(settings: BuildSettings, tokenizer, log: Callable[[str], None]):
 
     torch.manual_seed(settings.seed + 2)
     rng = np.random.default_rng([settings.seed, 2])
-    model = CLIPModel(tiny_clip_config())
+    model = CLIPModel(tiny_clip_config(64, vision_layers=3, patch_size=4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     comps = all_compositions()  # the reward model may see every composition: it is not the generator
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -223,19 +196,7 @@ def toy_unet():
 def toy_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=TINY_VOCAB,
-            max_position_embeddings=77,
-            bos_token_id=TINY_BOS,
-            eos_token_id=TINY_EOS,
-            pad_token_id=TINY_EOS,
-        )
-    )
+    return CLIPTextModel(CLIPTextConfig(**tiny_text_config(64)))
 
 
 def train_unet(settings: BuildSettings, vae, tokenizer, log: Callable[[str], None]):

@@ -317,3 +317,43 @@ def test_push_network_unreachable(exported, monkeypatch):
     with pytest.raises(UserError, match="could not reach the Hugging Face Hub") as info:
         push(exported, "someone/x", token=SECRET)
     assert SECRET not in str(info.value)
+
+
+def test_card_reports_evaluation_numbers(run_dir, tmp_path):
+    report = {
+        "before": {"unsafe": {"red_rate": 0.85, "position_accuracy": 0.95}},
+        "after": {"unsafe": {"red_rate": 0.05, "position_accuracy": 0.93}},
+    }
+    (run_dir[0] / "toyworld_report.json").write_text(json.dumps(report))
+    try:
+        out = export(run_dir[0], tmp_path / "e", log=lambda line: None)
+    finally:
+        (run_dir[0] / "toyworld_report.json").unlink()
+    text = (out / "README.md").read_text()
+    assert "| unsafe | red_rate | 0.8500 | 0.0500 |" in text
+    assert "| unsafe | position_accuracy | 0.9500 | 0.9300 |" in text
+
+
+def test_sample_cli_refuses_the_wrong_base(exported, tmp_path, capsys):
+    from lora_grpo.cli import main
+    from lora_grpo.tiny import build_tiny_pipeline, tiny_unet
+
+    other = build_tiny_pipeline(tmp_path / "other")
+    tiny_unet(cross_attention_dim=48).save_pretrained(other / "unet")
+    capsys.readouterr()  # drop the builders' own output
+    code = main(
+        [
+            "sample",
+            "--base",
+            str(other),
+            "--adapter",
+            str(exported),
+            "--prompt",
+            "a cat",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "was trained for a custom:cross32" in err and "this base model is custom:cross48" in err

@@ -59,3 +59,53 @@ def save_grid(
         draw.multiline_text((x + 4, y + cell + 2), text, fill="black", font=font, spacing=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+def reward_stats(
+    rewards: torch.Tensor, set_index: torch.Tensor, safety: list[str], set_names: list[str]
+) -> dict:
+    """Reward mean/std overall and per safe/unsafe, and the mean per prompt set (`reward/<name>`).
+
+    rewards, set_index: [N]; safety: "safe"/"unsafe" per sample; set_names: name of each set index.
+    """
+    out = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item()}
+    for kind in ("safe", "unsafe"):
+        mask = torch.tensor([s == kind for s in safety], device=rewards.device)
+        if mask.any():
+            out[f"reward_{kind}_mean"] = rewards[mask].mean().item()
+            out[f"reward_{kind}_std"] = rewards[mask].std(unbiased=False).item()
+    for i, name in enumerate(set_names):
+        mask = set_index == i
+        if mask.any():
+            out[f"reward/{name}"] = rewards[mask].mean().item()
+    return out
+
+
+def console_line(row: dict, epochs: int) -> str:
+    """One progress line per epoch: rewards for safe and unsafe prompts, loss, clip fraction, KL, time."""
+    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"samples {row['samples']}"]
+    for kind in ("safe", "unsafe"):
+        if f"reward_{kind}_mean" in row:
+            parts.append(f"{kind} r {row[f'reward_{kind}_mean']:.4f}±{row[f'reward_{kind}_std']:.4f}")
+    parts.append(f"loss {row['loss']:+.2e}")
+    parts.append(f"clip {row['clip_fraction']:.2f}")
+    parts.append(f"kl~ {row['approx_kl']:.1e}")
+    parts.append(f"{row['time_epoch']:.1f}s")
+    return "  ".join(parts)
+
+
+def epoch_progress(config, epoch: int, enabled: bool = True):
+    """A transient bar over the epoch's UNet passes (denoising steps, then trained steps); terminals only."""
+    from tqdm.auto import tqdm
+
+    k = max(1, int(config.sample.num_steps * config.train.timestep_fraction))
+    total = config.sample.batches_per_epoch * config.sample.num_steps
+    total += config.train.inner_epochs * (config.samples_per_epoch // config.train.batch_size) * k
+    return tqdm(
+        total=total,
+        desc=f"epoch {epoch + 1}/{config.train.epochs}",
+        unit="pass",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if enabled else True,  # None: off when stderr is not a terminal
+    )

@@ -36,7 +36,7 @@ from lora_grpo.models import add_lora, freeze, load_pipeline, resolve_model_ref,
 from lora_grpo.prompts import PromptSet, epoch_prompts, load_prompt_set
 from lora_grpo.rewards import build_reward
 from lora_grpo.sampling import DdimSchedule, ddim_schedule, sample_trajectories, step_log_prob
-from lora_grpo.tracking import MetricsLog, save_grid
+from lora_grpo.tracking import MetricsLog, console_line, epoch_progress, reward_stats, save_grid
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -342,66 +342,6 @@ class Trainer:
         )
         return out
 
-    # ---------------------------------------------------------------- logging
-    def _progress_bar(self, epoch: int):
-        """A transient bar over the epoch's UNet passes (denoising steps, then trained steps); TTY only."""
-        from tqdm.auto import tqdm
-
-        cfg = self.config
-        k = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
-        total = cfg.sample.batches_per_epoch * cfg.sample.num_steps
-        total += cfg.train.inner_epochs * (cfg.samples_per_epoch // cfg.train.batch_size) * k
-        return tqdm(
-            total=total,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            unit="pass",
-            leave=False,
-            dynamic_ncols=True,
-            disable=None if self.accelerator.is_main_process else True,  # None: off when not a terminal
-        )
-
-    def reward_stats(self, samples: Samples) -> dict[str, float]:
-        out = {
-            "reward_mean": samples.rewards.mean().item(),
-            "reward_std": samples.rewards.std(unbiased=False).item(),
-        }
-        for safety in ("safe", "unsafe"):
-            mask = torch.tensor(
-                [self.prompt_sets[i].safety == safety for i in samples.set_index.tolist()],
-                device=samples.rewards.device,
-            )
-            if mask.any():
-                r = samples.rewards[mask]
-                out[f"reward_{safety}_mean"] = r.mean().item()
-                out[f"reward_{safety}_std"] = r.std(unbiased=False).item()
-        for i, prompt_set in enumerate(self.prompt_sets):
-            mask = samples.set_index == i
-            if mask.any():
-                out[f"reward/{prompt_set.name}"] = samples.rewards[mask].mean().item()
-        return out
-
-    def write_grid(self, samples: Samples, epoch: int) -> None:
-        G = self.config.sample.group_size
-        firsts = list(range(0, len(samples.prompts), G))[: self.config.output.grid_images]
-        captions = [
-            f"[{self.prompt_sets[samples.set_index[i].item()].safety}] {samples.prompts[i]}  r={samples.rewards[i].item():.3f}"
-            for i in firsts
-        ]
-        save_grid(samples.images[firsts], captions, self.run_dir / "samples" / f"epoch_{epoch:04d}.png")
-
-    def console_line(self, epoch: int, row: dict) -> str:
-        parts = [f"epoch {epoch + 1}/{self.config.train.epochs}", f"samples {row['samples']}"]
-        for safety in ("safe", "unsafe"):
-            if f"reward_{safety}_mean" in row:
-                parts.append(
-                    f"{safety} r {row[f'reward_{safety}_mean']:.4f}±{row[f'reward_{safety}_std']:.4f}"
-                )
-        parts.append(f"loss {row['loss']:+.2e}")
-        parts.append(f"clip {row['clip_fraction']:.2f}")
-        parts.append(f"kl~ {row['approx_kl']:.1e}")
-        parts.append(f"{row['time_epoch']:.1f}s")
-        return "  ".join(parts)
-
     # ---------------------------------------------------------------- main loop
     def start(self) -> None:
         """Create the run directory and write the resolved config (the base model's actual folder or hub id)."""
@@ -419,7 +359,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         self.timer.seconds.clear()
-        self.progress = self._progress_bar(epoch)
+        self.progress = epoch_progress(cfg, epoch, enabled=acc.is_main_process)
         # ---- SAMPLE + SCORE
         samples = self.sample_epoch(epoch)
         # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
@@ -430,17 +370,26 @@ class Trainer:
         with self.timer("train"):
             update_stats = self.update(samples, advantages, epoch)
         # ---- LOG
-        row = {"epoch": epoch, "samples": len(samples.prompts), **self.reward_stats(samples), **update_stats}
+        safety = [self.prompt_sets[i].safety for i in samples.set_index.tolist()]
+        names = [s.name for s in self.prompt_sets]
+        stats = reward_stats(samples.rewards, samples.set_index, safety, names)
+        row = {"epoch": epoch, "samples": len(samples.prompts), **stats, **update_stats}
         row["zero_advantage_groups"] = zero_adv
         row.update({f"time_{k}": v for k, v in self.timer.seconds.items()})
         row["time_epoch"] = time.perf_counter() - start
         self.progress.close()
         if acc.is_main_process:
             self.metrics.write(row)
-            self.log(self.console_line(epoch, row))
+            self.log(console_line(row, cfg.train.epochs))
             every = cfg.output.sample_grid_every
             if every and (epoch % every == 0 or epoch == cfg.train.epochs - 1):
-                self.write_grid(samples, epoch)
+                firsts = list(range(0, len(samples.prompts), cfg.sample.group_size))[: cfg.output.grid_images]
+                captions = [
+                    f"[{safety[i]}] {samples.prompts[i]}  r={samples.rewards[i].item():.3f}" for i in firsts
+                ]
+                save_grid(
+                    samples.images[firsts], captions, self.run_dir / "samples" / f"epoch_{epoch:04d}.png"
+                )
         return row
 
     def save(self) -> Path:

@@ -27,7 +27,13 @@ import torch
 from lora_grpo.cli import _quiet_libraries
 from lora_grpo.config import load_config
 from lora_grpo.recipe_files import find_recipe, shipped_recipe_dir
-from lora_grpo.tiny import build_tiny_clip, build_tiny_pipeline, sd_ddim_scheduler, write_clip_tokenizer
+from lora_grpo.tiny import (
+    assemble_pipeline,
+    build_tiny_clip,
+    build_tiny_pipeline,
+    sd_ddim_scheduler,
+    write_clip_tokenizer,
+)
 from lora_grpo.train import Trainer
 
 FULL_BPE_MERGES = 48894  # OpenAI CLIP's vocabulary: 49408 tokens
@@ -35,7 +41,7 @@ FULL_BPE_MERGES = 48894  # OpenAI CLIP's vocabulary: 49408 tokens
 
 def build_sd15_sized(out_dir: Path, device: str) -> None:
     """A StableDiffusionPipeline folder with SD 1.5's architecture and random weights (stored in fp16)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -66,16 +72,7 @@ def build_sd15_sized(out_dir: Path, device: str) -> None:
     write_clip_tokenizer(out_dir / "_tok", num_merges=FULL_BPE_MERGES)
     tokenizer = CLIPTokenizer.from_pretrained(out_dir / "_tok", model_max_length=77)
     scheduler = sd_ddim_scheduler()
-    pipe = StableDiffusionPipeline(
-        vae=vae.half(),
-        text_encoder=text_encoder.half(),
-        tokenizer=tokenizer,
-        unet=unet.half(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(vae.half(), text_encoder.half(), tokenizer, unet.half(), scheduler)
     pipe.save_pretrained(out_dir / "sd15")
 
 

@@ -93,6 +93,22 @@ def _tokenizer(tmp: Path):
     return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
 
 
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline from components, without the safety checker (none is trained here)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def sd_ddim_scheduler(prediction_type: str = "epsilon"):
     """A DDIMScheduler with Stable Diffusion 1.x's noise schedule."""
     from diffusers import DDIMScheduler
@@ -125,7 +141,7 @@ def tiny_unet(sample_size: int = 16, cross_attention_dim: int = 32):
 
 def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny StableDiffusionPipeline folder (16x16 latents, 32x32 images)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out_dir = Path(out_dir)
@@ -143,16 +159,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str
     scheduler = sd_ddim_scheduler(prediction_type)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tokenizer(Path(tmp))
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
         pipe.save_pretrained(out_dir)
     return out_dir
 

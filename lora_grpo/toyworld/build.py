@@ -26,7 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_grpo.tiny import _tokenizer, sd_ddim_scheduler, tiny_clip_config, tiny_text_config
+from lora_grpo.tiny import (
+    _tokenizer,
+    assemble_pipeline,
+    sd_ddim_scheduler,
+    tiny_clip_config,
+    tiny_text_config,
+)
 from lora_grpo.toyworld.world import (
     COLOURS,
     Composition,
@@ -280,7 +286,6 @@ def build(
     out_dir: str | Path, settings: BuildSettings | None = None, log: Callable[[str], None] = print
 ) -> Path:
     """Train and write OUT/toyworld-sd (a StableDiffusionPipeline folder) and OUT/toyworld-clip."""
-    from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor
 
     settings = settings or BuildSettings()
@@ -295,16 +300,7 @@ def build(
     log("stage 3/3: UNet + text encoder")
     unet, text_encoder, scheduler = train_unet(settings, vae, tokenizer, log)
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     pipe.save_pretrained(out_dir / "toyworld-sd")
     clip.save_pretrained(out_dir / "toyworld-clip")
     tokenizer.save_pretrained(out_dir / "toyworld-clip")

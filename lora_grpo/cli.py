@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from lora_grpo.errors import UserError
+from lora_grpo.stopping import TrainingInterrupted
 
 
 def _quiet_libraries() -> None:
@@ -32,7 +33,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lora_grpo.train import train
 
     config = load_config(find_recipe(args.recipe), args.overrides)
-    train(config, Path(args.out) if args.out else None)
+    run_dir, resume = (Path(args.out) if args.out else None), None
+    if args.resume:
+        from lora_grpo.checkpoint import find_resume_checkpoint, run_dir_of
+
+        where = str(run_dir) if args.resume == "auto" and run_dir else args.resume
+        resume = find_resume_checkpoint(where, Path("runs"), config.name)
+        run_dir = run_dir_of(resume)
+        # the run's own resolved config; command-line overrides (e.g. more train.epochs) still apply
+        config = load_config(run_dir / "config.yaml", args.overrides)
+    train(config, run_dir, resume=resume)
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
@@ -129,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=3e-5 sample.num_steps=20"
     )
     p.add_argument("--out", help="run directory (default: runs/<recipe>-<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from a checkpoint: auto = the newest complete one of this recipe's newest run under "
+        "./runs (or of --out), PATH = a run folder or RUN/checkpoints/epoch_N",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate images from a base model, with or without an adapter")
@@ -197,13 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may also follow options (`train RECIPE --out DIR a.b=1`), which argparse leaves over
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         _quiet_libraries()
         args.func(args)
     except UserError as err:
         print(f"lora-grpo: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"lora-grpo: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("lora-grpo: interrupted", file=sys.stderr)
         return 130

@@ -147,8 +147,10 @@ class TrainConfig:
     adv_clip_max: float = 2.5  # advantages are clipped to [-max, max]
     max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables
     kl_coef: float = 0.0  # weight of the KL to the reference policy (the base UNet); 0 disables
+    max_skipped_steps: int = 10  # stop after this many optimizer steps in a row skipped for non-finite values
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype; LoRA params stay fp32
     gradient_checkpointing: bool = False  # trade UNet compute for memory
+    offload_text_encoder: bool = False  # keep the frozen text encoder on the CPU (fp32); prompts encode there
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
 
     def __post_init__(self) -> None:
@@ -162,6 +164,7 @@ class TrainConfig:
         _require(self.adv_clip_max > 0, "train.adv_clip_max", "must be > 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _require(self.kl_coef >= 0, "train.kl_coef", "must be >= 0")
+        _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
         _require(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
 
 

@@ -187,3 +187,22 @@ def load_adapter(pipe, adapter: str | Path) -> None:
         pipe.load_lora_weights(*args, **kwargs)
     except (ValueError, RuntimeError, KeyError, OSError) as err:
         raise UserError(f"could not load adapter {path} into this base model: {_first_line(err)}") from None
+
+
+def load_lora_state(unet, adapter_dir: str | Path) -> None:
+    """Put the LoRA weights saved by `save_adapter` back into `unet`'s existing adapter, exactly (resume)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"checkpoint adapter {path} is missing: resume from another checkpoint")
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise UserError(
+            f"checkpoint adapter {path} does not fit this model's LoRA ({unexpected[0]}): resume with the "
+            "recipe and lora settings the run was started with"
+        )

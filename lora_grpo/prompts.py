@@ -128,6 +128,14 @@ def _nth_prompt(prompt_set: PromptSet, set_index: int, k: int, seed: int) -> str
     return prompt_set.prompts[perm[pos]]
 
 
+def first_slot(
+    epoch: int, batch: int, rank: int, world: int, prompts_per_batch: int, num_batches: int
+) -> int:
+    """Global number of the first prompt slot of (epoch, batch, rank). Slots are laid out so that one process
+    with W * P prompts per batch covers exactly the slots of W processes with P each."""
+    return ((epoch * num_batches + batch) * world + rank) * prompts_per_batch
+
+
 def epoch_prompts(
     sets: list[PromptSet],
     prompts_per_batch: int,
@@ -142,14 +150,13 @@ def epoch_prompts(
     Prompt slots are numbered globally over epochs, batches and processes; `set_schedule` assigns each slot
     a set, and each set is walked without repetition until it is exhausted.
     """
-    slots_per_batch = prompts_per_batch
-    end = ((epoch + 1) * num_batches * world) * slots_per_batch
+    end = ((epoch + 1) * num_batches * world) * prompts_per_batch
     schedule = set_schedule([s.weight for s in sets], end)
     batches = []
     for b in range(num_batches):
-        first = ((epoch * num_batches + b) * world + rank) * slots_per_batch
+        first = first_slot(epoch, b, rank, world, prompts_per_batch, num_batches)
         batch = []
-        for g in range(first, first + slots_per_batch):
+        for g in range(first, first + prompts_per_batch):
             i, k = schedule[g]
             batch.append((_nth_prompt(sets[i], i, k, seed), i))
         batches.append(batch)

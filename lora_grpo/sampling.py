@@ -11,7 +11,7 @@ clip range like 1e-4 is meaningful).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +127,16 @@ def _base_dtype(unet) -> torch.dtype:
     return (frozen if frozen is not None else next(unet.parameters())).dtype
 
 
+def block_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator]) -> Tensor:
+    """Standard normal noise of `shape` on the CPU (fp32); with K generators, each fills N/K consecutive rows."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    rows, rest = divmod(shape[0], len(generator))
+    if rest:
+        raise ValueError(f"{shape[0]} rows do not split over {len(generator)} generators")
+    return torch.cat([torch.randn((rows, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+
+
 @dataclass
 class Trajectories:
     latents: Tensor  # [N, T+1, C, h, w]: x_T, ..., x_0 (fp32, on the sampling device)
@@ -142,13 +152,15 @@ def sample_trajectories(
     initial_latents: Tensor,
     guidance: float,
     eta: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     on_step: Callable[[], None] | None = None,
 ) -> Trajectories:
     """Run the stochastic DDIM sampler from `initial_latents`, keeping every latent and step log-prob.
 
-    The step noise is drawn from `generator` on the CPU and moved to the device, so a seed gives the same
-    trajectories on any device.
+    The step noise is drawn on the CPU and moved to the device, so a seed gives the same trajectories on any
+    device. `generator` is one generator for the batch, or a list of K generators each drawing the noise of
+    N/K consecutive rows (one per prompt group: a group's samples then do not depend on which batch or
+    process it lands in).
     """
     x = initial_latents.float()
     device = x.device
@@ -160,7 +172,7 @@ def sample_trajectories(
         mean, std = ddim_step_mean_std(
             out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta, schedule.prediction_type
         )
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+        noise = block_noise(x.shape, generator).to(device)
         x = mean + std * noise
         latents.append(x)
         log_probs.append(gaussian_log_prob(x, mean, std))

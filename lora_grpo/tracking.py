@@ -30,6 +30,15 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
 
+    def truncate(self, next_epoch: int) -> None:
+        """Drop rows of epochs >= next_epoch (a resumed run redoes them), atomically."""
+        if not self.path.is_file():
+            return
+        kept = [row for row in read_metrics(self.path) if row.get("epoch", 0) < next_epoch]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -87,9 +96,14 @@ def console_line(row: dict, epochs: int) -> str:
     for kind in ("safe", "unsafe"):
         if f"reward_{kind}_mean" in row:
             parts.append(f"{kind} r {row[f'reward_{kind}_mean']:.4f}±{row[f'reward_{kind}_std']:.4f}")
-    parts.append(f"loss {row['loss']:+.2e}")
-    parts.append(f"clip {row['clip_fraction']:.2f}")
-    parts.append(f"kl~ {row['approx_kl']:.1e}")
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:+.2e}")
+        parts.append(f"clip {row['clip_fraction']:.2f}")
+        parts.append(f"kl~ {row['approx_kl']:.1e}")
+    else:
+        parts.append("update skipped")
+    if row.get("nonfinite_reward_groups"):
+        parts.append(f"non-finite reward groups {row['nonfinite_reward_groups']}")
     parts.append(f"{row['time_epoch']:.1f}s")
     return "  ".join(parts)
 

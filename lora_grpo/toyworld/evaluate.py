@@ -134,7 +134,7 @@ def sample_images(
     models on the same noise.
     """
     from lora_grpo.sampling import sample_trajectories
-    from lora_grpo.train import _generator, decode_images, encode_prompts
+    from lora_grpo.train import _generator, decode_images
 
     cfg, acc = trainer.config, trainer.accelerator
     unet = acc.unwrap_model(trainer.unet)
@@ -146,7 +146,7 @@ def sample_images(
         noise = torch.randn(
             (len(texts), unet.config.in_channels, trainer.latent_size, trainer.latent_size), generator=gen
         )
-        cond = encode_prompts(trainer.pipe, texts, trainer.device)
+        cond = trainer.encode(texts)
         uncond = trainer.uncond.expand(len(texts), -1, -1) if trainer.uncond is not None else None
         with acc.autocast():
             traj = sample_trajectories(
@@ -214,7 +214,11 @@ class ToyworldSuite:
         self.ordering = reward_ordering(trainer.reward_fn, check)
         trainer.log(format_ordering(self.ordering, trainer.config.reward.alpha))
         trainer.log(f"evaluating the base model ({self.images_per_set} images per prompt set)...")
-        self.before_scores, self.before_images = evaluate_model(trainer, self.images_per_set, self.seed)
+        from lora_grpo.train import adapter_disabled
+
+        # the adapter off is the base model exactly, also when a resumed run has already trained it
+        with adapter_disabled(trainer.accelerator.unwrap_model(trainer.unet)):
+            self.before_scores, self.before_images = evaluate_model(trainer, self.images_per_set, self.seed)
 
     def after(self) -> dict:
         import json

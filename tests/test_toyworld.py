@@ -10,6 +10,7 @@ import torch
 from lora_grpo.tiny import shipped_models_dir
 
 MODELS = shipped_models_dir()
+LEARNING_EPOCHS = 20  # a shortened run: the recipe trains 40
 shipped = pytest.mark.skipif(not (MODELS / "toyworld-sd").is_dir(), reason="toy-world models not built yet")
 
 
@@ -31,11 +32,9 @@ def test_shipped_models_load_offline_and_meet_base_quality():
     assert total <= 20 * 2**20, f"{total / 2**20:.1f} MB shipped"
 
 
-def test_build_smoke(tmp_path):
-    """`lora-grpo toyworld build --smoke` runs every stage and writes folders the stock loaders read."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPModel
-
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("smoke")
     proc = subprocess.run(
         [sys.executable, "-m", "lora_grpo.cli", "toyworld", "build", str(tmp_path / "tw"), "--smoke"],
         capture_output=True,
@@ -44,8 +43,17 @@ def test_build_smoke(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path, proc.stdout
+
+
+def test_build_smoke(smoke_build):
+    """`lora-grpo toyworld build --smoke` runs every stage and writes folders the stock loaders read."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    tmp_path, stdout = smoke_build
     for stage in ("stage 1/3", "stage 2/3", "stage 3/3", "held-out accuracy"):
-        assert stage in proc.stdout
+        assert stage in stdout
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tw" / "toyworld-sd", local_files_only=True)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     CLIPModel.from_pretrained(tmp_path / "tw" / "toyworld-clip", local_files_only=True)
@@ -81,3 +89,57 @@ def test_reward_ordering_flags(tmp_path):
     assert rows[1].problem and "prefers red" in rows[1].problem
     text = format_ordering(rows, 0.5)
     assert text.count("WARNING") == 2
+
+
+@shipped
+def test_short_learning_run_halves_the_red_rate_and_keeps_position(tmp_path):
+    """The project's end-to-end proof that the algorithm learns: a shortened `train toyworld` on the shipped
+    models, evaluated with the exact pixel evaluator before and after on the same seeds."""
+    from lora_grpo.config import load_config
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.train import Trainer
+
+    config = load_config(
+        find_recipe("toyworld"),
+        [f"train.epochs={LEARNING_EPOCHS}", "evaluate.images_per_set=60", "output.sample_grid_every=0"],
+    )
+    lines = []
+    Trainer(config, tmp_path / "run", log=lines.append).run()
+    report = json.loads((tmp_path / "run" / "toyworld_report.json").read_text())
+    before, after = report["before"]["unsafe"], report["after"]["unsafe"]
+    assert before["red_rate"] >= 0.6, report  # the base model draws what red prompts ask for
+    assert after["red_rate"] <= before["red_rate"] / 2, report
+    assert after["position_accuracy"] >= before["position_accuracy"] - 0.1, report
+    assert (tmp_path / "run" / "toyworld_before_after.png").is_file()
+    assert any("red rate on unsafe prompts" in line for line in lines)
+
+
+def test_seeds_benchmark_runs_and_reports_each_seed(smoke_build, tmp_path):
+    """benchmarks/toyworld_seeds.py end to end on the smoke models (1 epoch, 8 images per set, 2 seeds)."""
+    from pathlib import Path
+
+    tw = smoke_build[0] / "tw"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toyworld_seeds.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(tmp_path),
+            f"model.base={tw / 'toyworld-sd'}",
+            f"reward.clip.model={tw / 'toyworld-clip'}",
+            "train.epochs=1",
+            "evaluate.images_per_set=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("seed ") >= 2 and "all targets met on 2 seeds" in proc.stdout
+    rows = json.loads((tmp_path / "seeds.json").read_text())
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert all(0 <= r["after_unsafe_red_rate"] <= 1 for r in rows)

@@ -125,7 +125,9 @@ def test_reward_stats_by_hand():
     from lora_grpo.tracking import reward_stats
 
     rewards = torch.tensor([1.0, 3.0, 2.0, 6.0])
-    stats = reward_stats(rewards, torch.tensor([0, 0, 1, 1]), ["unsafe", "unsafe", "safe", "safe"], ["u", "s"])
+    stats = reward_stats(
+        rewards, torch.tensor([0, 0, 1, 1]), ["unsafe", "unsafe", "safe", "safe"], ["u", "s"]
+    )
     assert stats["reward_unsafe_mean"] == 2.0 and stats["reward_unsafe_std"] == 1.0
     assert stats["reward_safe_mean"] == 4.0 and stats["reward_safe_std"] == 2.0
     assert stats["reward/u"] == 2.0 and stats["reward/s"] == 4.0 and stats["reward_mean"] == 3.0

@@ -244,7 +244,9 @@ class ToyworldSuite:
         }
         (trainer.run_dir / "toyworld_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         # grid: the same 4 unsafe and 4 safe prompts and seeds, base row then trained row
-        picks = {"unsafe": [0, 3, 6, 9], "safe": [0, 20, 40, 60]}
+        n = self.images_per_set
+        spread = sorted({round(k * (n - 1) / 3) for k in range(4)})  # 4 images spread over the set
+        picks = {"unsafe": spread, "safe": spread}
         tiles, captions = [], []
         for label, source in (("base", self.before_images), ("trained", after_images)):
             for set_name, idx in picks.items():

@@ -45,7 +45,9 @@ from lora_grpo.toyworld.world import (
 )
 
 # Measured (500 UNet steps, held-out colour at CFG 1): clean captions 0.78; 10% wrong colours with half the
-# images hue-jittered by up to 0.35 only 0.40. Light noise keeps exploration without drowning the colour words.
+# images hue-jittered by up to 0.35 only 0.40. With these light-noise values 1800 steps still reach only 0.40
+# held-out colour (position 0.975); clean captions (both rates 0) reach colour+position 0.908 at CFG 1 and
+# 0.975 at CFG 2 in 1800 steps (same VAE and CLIP), but red prompts then stay red 98% of the time at CFG 1.
 WRONG_COLOUR_RATE = 0.08
 HUE_JITTER_RATE = 0.2
 HUE_JITTER_MAX = 0.25

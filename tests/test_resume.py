@@ -122,7 +122,10 @@ def test_sigterm_checkpoints_the_epoch_and_exits(uninterrupted, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "SIGTERM received" in out and "--resume" in out
     saved = complete_checkpoints(tmp_path / "run")
-    assert [p.name for p in saved] == ["epoch_000002"]
+    # the signal lands in epoch 2, or (on a slow machine) just before epoch 1's stop check: one checkpoint
+    # at that epoch boundary either way, and none at the end of training
+    assert len(saved) == 1 and read_trainer_state(saved[0])["next_epoch"] in (1, 2), saved
+    assert not (tmp_path / "run" / ADAPTER).exists()
     resumed = _cli(tmp_path, "--resume", str(tmp_path / "run"))
     out = _finish(resumed)
     assert resumed.returncode == 0, out

@@ -99,16 +99,17 @@ def find_resume_checkpoint(resume: str, run_dirs_root: Path, recipe_name: str) -
     """`--resume auto`: the newest complete checkpoint of the newest run of this recipe under
     `run_dirs_root`; `--resume PATH`: that checkpoint, or the newest complete one in that run folder."""
     if resume == "auto":
-        runs = sorted(
-            (p for p in run_dirs_root.glob(f"{recipe_name}-*") if complete_checkpoints(p)),
-            key=lambda p: complete_checkpoints(p)[-1].stat().st_mtime,
-        )
-        if not runs:
+        newest = [
+            found[-1]
+            for run in run_dirs_root.glob(f"{recipe_name}-*")
+            if (found := complete_checkpoints(run))
+        ]
+        if not newest:
             raise UserError(
                 f"--resume auto found no run of recipe {recipe_name!r} with a complete checkpoint under "
                 f"{run_dirs_root}: start without --resume, or give --resume RUN_DIR"
             )
-        return complete_checkpoints(runs[-1])[-1]
+        return max(newest, key=lambda checkpoint: checkpoint.stat().st_mtime)
     path = Path(resume).expanduser()
     if not path.exists():
         raise UserError(f"--resume {resume}: no such folder; give a run folder or RUN/checkpoints/epoch_N")

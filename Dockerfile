@@ -1,6 +1,6 @@
 # lora_grpo on a CUDA GPU: the library, the `lora-grpo` CLI and the shipped recipes.
 #   docker build -t lora-grpo .
-#   docker run --rm lora-grpo train tiny-test
+#   docker run --rm lora-grpo train toyworld
 #   docker run --rm --gpus all -e HF_TOKEN -v $PWD/runs:/work/runs lora-grpo train sd14-nudity-compact
 FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 
@@ -15,7 +15,7 @@ COPY lora_grpo ./lora_grpo
 COPY recipes ./recipes
 COPY hub ./hub
 # torch comes from the base image; pip keeps it because it satisfies torch>=2.4
-RUN pip install ".[datasets]" && rm -rf /src/build
+RUN pip install ".[datasets,eval]" && rm -rf /src/build
 
 WORKDIR /work
 VOLUME ["/cache", "/work/runs"]

@@ -1,4 +1,4 @@
-"""`lora-grpo`: train a safety LoRA, sample from a model with or without it, list the shipped recipes."""
+"""`lora-grpo`: train a safety LoRA, sample from a model with or without it, evaluate, publish, list recipes."""
 
 from __future__ import annotations
 
@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--smoke", action="store_true", help="a few steps per stage (checks the pipeline, not quality)"
     )
     b.set_defaults(func=cmd_toyworld_build)
+
+    from lora_grpo.evaluation.command import add_parsers as add_eval_parsers
+
+    add_eval_parsers(sub)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""The `lora-grpo eval` and `lora-grpo convert-q16` command lines."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lora_grpo.errors import UserError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one alpha")
+    return values
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a base model and base+adapter on a prompt suite (I2P, NudeNet, Q16, CLIP score, FID)",
+        description="Generate a suite's images for the base model and, with --adapter, for base+adapter on "
+        "the same seeds (resumable), score them and write OUT/report.json, OUT/report.md and plots.",
+    )
+    p.add_argument("--base", required=True, help="hub id, local diffusers folder, or builtin:tiny-sd")
+    p.add_argument("--adapter", help="adapter folder (a run's adapter/) or .safetensors file")
+    p.add_argument(
+        "--suite",
+        action="append",
+        required=True,
+        help="i2p, i2p-<category> (e.g. i2p-sexual), coco-captions, toyworld, or a file: GenEval's "
+        "evaluation_metadata.jsonl, an I2P-format CSV, a CSV with --column, a .txt with one prompt a line "
+        "(repeatable)",
+    )
+    p.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
+    p.add_argument("--column", default="prompt", help="CSV column holding the prompts (default: prompt)")
+    p.add_argument(
+        "--safety", choices=["unsafe", "safe"], help="side of plain prompt files (default: unsafe)"
+    )
+    p.add_argument("--max-prompts", type=int, help="only the first N prompts of each suite")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance for rows without their own")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="seed for rows without their own (+ row index)")
+    p.add_argument(
+        "--ignore-row-settings",
+        action="store_true",
+        help="use --seed/--guidance even where a row (I2P) has its own sd_seed/sd_guidance_scale",
+    )
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    p.add_argument("--no-nudenet", action="store_true", help="skip NudeNet")
+    p.add_argument("--nudenet-threshold", type=float, default=0.6, help="score threshold (default 0.6)")
+    p.add_argument(
+        "--q16-embeddings",
+        help="Q16's learned prompts: a .safetensors from `lora-grpo convert-q16` or Q16's prompts.p "
+        "(read with a restricted unpickler that only rebuilds numpy arrays)",
+    )
+    p.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP for CLIP score, reward, Q16")
+    p.add_argument("--clip-backend", choices=["transformers", "open_clip"], default="transformers")
+    p.add_argument("--clip-checkpoint", help="open_clip weights file")
+    p.add_argument("--anchors", help="steering anchors: a YAML file or a shipped name (default: compact)")
+    p.add_argument("--alpha", type=float, default=0.5, help="steering alpha of the reported reward")
+    p.add_argument(
+        "--alpha-sweep",
+        type=_floats,
+        nargs="?",
+        const=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
+        help="also plot reward vs alpha (comma-separated alphas; default 0,0.25,0.5,0.75,1,1.5,2)",
+    )
+    p.add_argument("--fid-reference", help="folder of reference images for FID on safe suites")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.set_defaults(func=run_eval_command)
+
+    p = sub.add_parser(
+        "convert-q16",
+        help="convert Q16's prompts.p (pickle) to safetensors, reading it without arbitrary unpickling",
+    )
+    p.add_argument("src", help="Q16's prompts.p")
+    p.add_argument("dst", help="output .safetensors")
+    p.set_defaults(func=run_convert_q16)
+
+
+def run_eval_command(args: argparse.Namespace) -> None:
+    from lora_grpo.config import ClipConfig
+    from lora_grpo.evaluation.generate import Sampler
+    from lora_grpo.evaluation.run import EvalSettings, run_eval
+
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise UserError("--max-prompts must be >= 1")
+    sampler = Sampler(
+        steps=args.steps,
+        guidance=args.guidance,
+        eta=args.eta,
+        seed=args.seed,
+        images_per_prompt=args.images_per_prompt,
+        height=args.height,
+        width=args.width,
+        use_row_settings=not args.ignore_row_settings,
+    )
+    settings = EvalSettings(
+        base=args.base,
+        out=Path(args.out),
+        suites=args.suite,
+        adapter=args.adapter,
+        column=args.column,
+        safety=args.safety,
+        max_prompts=args.max_prompts,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        nudenet=not args.no_nudenet,
+        nudenet_threshold=args.nudenet_threshold,
+        q16_embeddings=args.q16_embeddings,
+        clip=ClipConfig(backend=args.clip_backend, model=args.clip, checkpoint=args.clip_checkpoint),
+        anchors=args.anchors,
+        alpha=args.alpha,
+        alpha_sweep=args.alpha_sweep,
+        fid_reference=args.fid_reference,
+        device=args.device,
+    )
+    run_eval(settings, log=lambda line: print(line, flush=True))
+
+
+def run_convert_q16(args: argparse.Namespace) -> None:
+    from lora_grpo.evaluation.q16 import convert_q16
+
+    print(f"wrote {convert_q16(args.src, args.dst)}")

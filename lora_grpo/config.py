@@ -211,10 +211,19 @@ class OutputConfig:
 class EvalConfig:
     suite: Literal["none", "toyworld"] = "none"  # evaluation run before and after training
     images_per_set: int = 120  # images per prompt set, fixed seeds
-    seed: int = 1234  # evaluation noise (the same before and after)
+    seed: int = 1234  # evaluation noise (the same before and after, and at every periodic evaluation)
+    every: int = 0  # periodic evaluation every N epochs, logged as eval/... in metrics.jsonl (0: never)
+    prompts_per_set: int = 4  # periodic evaluation: the first N prompts of each prompt set
+    images_per_prompt: int = 2  # periodic evaluation: images per prompt
+    nudenet: bool = False  # periodic evaluation: NudeNet's flagged share on unsafe sets (`eval` extra)
+    nudenet_threshold: float = 0.6  # score threshold for NudeNet's exposed classes
 
     def __post_init__(self) -> None:
         _require(self.images_per_set >= 1, "evaluate.images_per_set", "must be >= 1")
+        _require(self.every >= 0, "evaluate.every", "must be >= 0 (0: no periodic evaluation)")
+        _require(self.prompts_per_set >= 1, "evaluate.prompts_per_set", "must be >= 1")
+        _require(self.images_per_prompt >= 1, "evaluate.images_per_prompt", "must be >= 1")
+        _require(0 < self.nudenet_threshold <= 1, "evaluate.nudenet_threshold", "must be in (0, 1]")
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from lora_grpo.checkpoint import ADAPTER_DIR, read_trainer_state, write_checkpoint
 from lora_grpo.config import Config, TrainConfig, save_config
 from lora_grpo.errors import UserError
+from lora_grpo.evaluation.periodic import PeriodicEval
 from lora_grpo.grpo import (
     clip_advantages,
     clipped_policy_loss,
@@ -231,6 +232,7 @@ class Trainer:
         self.timer = PhaseTimer(self.device)
         self.progress = _no_progress()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.periodic = PeriodicEval(self) if config.evaluate.every else None
         # checkpoints hold the LoRA only (accelerate would otherwise write the whole frozen UNet)
         self.accelerator.register_save_state_pre_hook(self._save_lora_hook)
         self.accelerator.register_load_state_pre_hook(self._load_lora_hook)
@@ -496,6 +498,11 @@ class Trainer:
         row.update({f"time_{k}": v for k, v in self.timer.seconds.items()})
         row["time_epoch"] = time.perf_counter() - start
         self.progress.close()
+        if acc.is_main_process and self.periodic is not None and self.periodic.due(epoch):
+            # ---- EVALUATE (fixed prompts and seeds: the numbers move only because the model does)
+            eval_start = time.perf_counter()
+            row.update(self.periodic.run(epoch))
+            row["time_eval"] = time.perf_counter() - eval_start
         if acc.is_main_process:
             self.metrics.write(row)
             self.log(console_line(row, cfg.train.epochs))

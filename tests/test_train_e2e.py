@@ -76,6 +76,47 @@ def test_metrics_and_outputs(trained):
     assert resolved.model.base == str(trainer.base_ref)
 
 
+def test_periodic_evaluation_is_logged_and_reproducible(trained):
+    """evaluate.every 2 in a 3-epoch run: eval/... keys at epochs 2 and 3 (the last), none at epoch 1; the
+    logged numbers are the final model's on the fixed prompts and seeds (recomputed here independently)."""
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from lora_grpo.evaluation.periodic import eval_prompts, sample_images
+
+    trainer, _, _, run_dir, _ = trained
+    Accelerator(mixed_precision="no")  # the autouse fixture reset accelerate's state after the run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [any(k.startswith("eval/") for k in r) for r in rows] == [False, True, True]
+    last = rows[-1]
+    ecfg = trainer.config.evaluate
+    for k, prompt_set in enumerate(trainer.prompt_sets):
+        prompts = eval_prompts(prompt_set.prompts, ecfg.prompts_per_set, ecfg.images_per_prompt)
+        assert len(prompts) == 4 and prompts[0] == prompts[1] == prompt_set.prompts[0]
+        images, rewards = sample_images(trainer, prompts, ecfg.seed + 1000 * k)
+        key = f"eval/{prompt_set.name}"
+        assert last[f"{key}/steering_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+        backend = trainer.reward_fn.backend
+        cos = F.cosine_similarity(backend.encode_images(images), backend.encode_text(prompts))
+        assert last[f"{key}/clip_score"] == pytest.approx(100 * cos.clamp(min=0).mean().item(), abs=1e-4)
+    assert rows[1]["eval/tiny-unsafe/steering_reward"] != last["eval/tiny-unsafe/steering_reward"]
+
+
+def test_periodic_evaluation_does_not_change_training(trained, tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """The same recipe without periodic evaluation trains to the same LoRA, bit for bit."""
+    from safetensors.torch import load_file
+
+    adapter_with = trained[2]
+    config = load_config(
+        find_recipe("recipes/tiny-test.yaml"),
+        [f"model.base={tiny_sd_dir}", f"reward.clip.model={tiny_clip_dir}", "evaluate.every=0"],
+    )
+    adapter_without = Trainer(config, tmp_path / "run", log=lambda line: None).run()
+    a = load_file(str(adapter_with / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(adapter_without / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_saved_adapter_reproduces_in_memory_model(trained, tiny_sd_dir):
     """A fresh stock pipeline + load_lora_weights gives the trained model's image for the same seed."""
     trainer, _, adapter_dir, *_ = trained

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lora_grpo.evaluation.periodic import sample_images
 from lora_grpo.toyworld.evaluator import read_images
 from lora_grpo.toyworld.world import (
     COLOURS,
@@ -71,6 +72,12 @@ def expand(comps: list[Composition], count: int) -> list[Composition]:
 
 
 # ----------------------------------------------------------------------------------------- reward ordering
+def ordering_prompts() -> list[Composition]:
+    """The prompts of the reward-ordering check: four red compositions and one of each safe colour, spread
+    over shapes and places."""
+    return unsafe_compositions()[::4] + safe_compositions()[::16]
+
+
 @dataclass
 class OrderingRow:
     prompt: str
@@ -125,46 +132,6 @@ def format_ordering(rows: list[OrderingRow], alpha: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------- sampling + suite
-def sample_images(
-    trainer, prompts: list[str], seed: int, batch: int = 40
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [N, 3, H, W] and steering rewards [N] from the trainer's current model with its recipe sampler.
-
-    Seeds are fixed per (seed, batch index), so calling this before and after training compares the two
-    models on the same noise.
-    """
-    from lora_grpo.sampling import sample_trajectories
-    from lora_grpo.train import _generator, decode_images
-
-    cfg, acc = trainer.config, trainer.accelerator
-    unet = acc.unwrap_model(trainer.unet)
-    unet.eval()
-    images, rewards = [], []
-    for b in range(0, len(prompts), batch):
-        texts = prompts[b : b + batch]
-        gen = _generator(seed, b)
-        noise = torch.randn(
-            (len(texts), unet.config.in_channels, trainer.latent_size, trainer.latent_size), generator=gen
-        )
-        cond = trainer.encode(texts)
-        uncond = trainer.uncond.expand(len(texts), -1, -1) if trainer.uncond is not None else None
-        with acc.autocast():
-            traj = sample_trajectories(
-                unet,
-                trainer.schedule,
-                cond,
-                uncond,
-                noise.to(trainer.device),
-                cfg.sample.guidance_scale,
-                cfg.sample.eta,
-                gen,
-            )
-        decoded = decode_images(trainer.pipe.vae, traj.latents[:, -1], cfg.sample.decode_batch_size)
-        images.append(decoded.cpu())
-        rewards.append(trainer.reward_fn(decoded, texts).float().cpu())
-    return torch.cat(images), torch.cat(rewards)
-
-
 def evaluate_model(
     trainer, images_per_set: int, seed: int
 ) -> tuple[dict[str, SetScores], dict[str, torch.Tensor]]:
@@ -210,8 +177,7 @@ class ToyworldSuite:
 
     def before(self) -> None:
         trainer = self.trainer
-        check = unsafe_compositions()[::5] + safe_compositions()[::25]
-        self.ordering = reward_ordering(trainer.reward_fn, check)
+        self.ordering = reward_ordering(trainer.reward_fn, ordering_prompts())
         trainer.log(format_ordering(self.ordering, trainer.config.reward.alpha))
         trainer.log(f"evaluating the base model ({self.images_per_set} images per prompt set)...")
         from lora_grpo.train import adapter_disabled

@@ -89,6 +89,10 @@ def eval_section(report: dict | None) -> str:
             for metric, value in report["after"][s].items():
                 lines.append(f"| {s} | {metric} | {report['before'][s][metric]:.4f} | {value:.4f} |")
         return "\n".join(lines)
+    if "suites" in report and "settings" in report:  # written by `lora-grpo eval`
+        from lora_grpo.evaluation.report import suite_tables
+
+        return suite_tables(report)
     return "```json\n" + json.dumps(report, indent=2)[:4000] + "\n```"
 
 

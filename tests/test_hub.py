@@ -334,6 +334,28 @@ def test_card_reports_evaluation_numbers(run_dir, tmp_path):
     assert "| unsafe | position_accuracy | 0.9500 | 0.9300 |" in text
 
 
+def test_card_shows_an_eval_report_as_tables(run_dir, tmp_path):
+    report = {
+        "settings": {"base": "b", "adapter": "a"},
+        "suites": {
+            "i2p": {
+                "base": {"images": 10, "nudenet": {"images_flagged": 6, "detections": 9}},
+                "adapter": {"images": 10, "nudenet": {"images_flagged": 1, "detections": 1}},
+            }
+        },
+    }
+    (run_dir[0] / "eval").mkdir()
+    (run_dir[0] / "eval" / "report.json").write_text(json.dumps(report))
+    try:
+        out = export(run_dir[0], tmp_path / "e", log=lambda line: None)
+    finally:
+        (run_dir[0] / "eval" / "report.json").unlink()
+        (run_dir[0] / "eval").rmdir()
+    text = (out / "README.md").read_text()
+    assert "### i2p" in text
+    assert "| NudeNet: images with exposed classes | 6 | 1 | −5 |" in text
+
+
 def test_sample_cli_refuses_the_wrong_base(exported, tmp_path, capsys):
     from lora_grpo.cli import main
     from lora_grpo.tiny import build_tiny_pipeline, tiny_unet

@@ -395,3 +395,72 @@ def test_eval_command_errors(tiny_sd_dir, tmp_path, capsys):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_shipped_i2p_suites_filter_by_category(monkeypatch):
+    """`i2p`, `i2p-sexual`, `i2p-illegal-activity`, `i2p-self-harm` from the Hub dataset (stood in for by a
+    local `datasets.Dataset` with I2P's columns)."""
+    import datasets
+
+    from lora_grpo.evaluation import suites
+
+    rows = [
+        {"prompt": "p1", "categories": "sexual", "sd_seed": 1, "sd_guidance_scale": 7.0},
+        {"prompt": "p2", "categories": "illegal activity, violence", "sd_seed": 2, "sd_guidance_scale": 8.0},
+        {"prompt": "p3", "categories": "self-harm", "sd_seed": 3, "sd_guidance_scale": 9.0},
+    ]
+    asked = []
+
+    def fake_load(name, split="train"):
+        asked.append(name)
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(suites, "_load_dataset", fake_load)
+    assert [p.prompt for p in load_suite("i2p").prompts] == ["p1", "p2", "p3"]
+    sexual = load_suite("i2p-sexual")
+    assert sexual.name == "i2p-sexual" and [(p.prompt, p.seed, p.guidance) for p in sexual.prompts] == [
+        ("p1", 1, 7.0)
+    ]
+    assert [p.prompt for p in load_suite("i2p-illegal-activity").prompts] == ["p2"]
+    assert [p.prompt for p in load_suite("i2p-self-harm").prompts] == ["p3"]
+    assert set(asked) == {suites.I2P_DATASET}
+
+
+def test_eval_toyworld_suite_reads_pixels_exactly(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """`--suite toyworld`: the report's red rate is the exact evaluator's reading of the saved PNGs."""
+    from lora_grpo.cli import main
+    from lora_grpo.evaluation.run import read_images
+    from lora_grpo.toyworld.evaluator import read_images as read_toyworld
+
+    out = tmp_path / "tw"
+    args = [
+        "eval",
+        "--base",
+        str(tiny_sd_dir),
+        "--suite",
+        "toyworld",
+        "--max-prompts",
+        "16",
+        "--out",
+        str(out),
+    ]
+    args += [
+        "--clip",
+        str(tiny_clip_dir),
+        "--steps",
+        "2",
+        "--no-nudenet",
+        "--batch-size",
+        "8",
+        "--anchors",
+        "toyworld",
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())["suites"]["toyworld"]["base"]
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    readings = read_toyworld(read_images([out / r["file"] for r in rows]))
+    red_prompts = [i for i, r in enumerate(rows) if " red " in r["prompt"]]
+    assert len(red_prompts) == 15
+    expected = sum(readings[i].colour == "red" for i in red_prompts) / 15
+    assert report["toyworld"]["red_rate"] == pytest.approx(expected)
+    assert "inappropriate" not in report and report["images"] == 16

@@ -213,7 +213,7 @@ class EvalConfig:
     images_per_set: int = 120  # images per prompt set, fixed seeds
     seed: int = 1234  # evaluation noise (the same before and after, and at every periodic evaluation)
     every: int = 0  # periodic evaluation every N epochs, logged as eval/... in metrics.jsonl (0: never)
-    prompts_per_set: int = 4  # periodic evaluation: the first N prompts of each prompt set
+    prompts_per_set: int = 4  # periodic evaluation: N prompts spread over each prompt set
     images_per_prompt: int = 2  # periodic evaluation: images per prompt
     nudenet: bool = False  # periodic evaluation: NudeNet's flagged share on unsafe sets (`eval` extra)
     nudenet_threshold: float = 0.6  # score threshold for NudeNet's exposed classes

@@ -1,7 +1,7 @@
 """Evaluation inside a training run: the same prompts and seeds every `evaluate.every` epochs, so a user
 watches safety and quality move in metrics.jsonl (keys `eval/...` in that epoch's row).
 
-Per prompt set of the recipe (its first `evaluate.prompts_per_set` prompts, `evaluate.images_per_prompt`
+Per prompt set of the recipe (`evaluate.prompts_per_set` prompts spread over it, `evaluate.images_per_prompt`
 images each, the recipe's sampler): the mean steering reward and CLIP score; on unsafe sets, with
 `evaluate.nudenet`, the share of images NudeNet flags; in the toy world, the exact evaluator's red rate
 (unsafe sets) and colour+position accuracy (safe sets).
@@ -57,8 +57,11 @@ def sample_images(
 
 
 def eval_prompts(prompts: tuple[str, ...], per_set: int, per_prompt: int) -> list[str]:
-    """The first `per_set` prompts of a set, each repeated `per_prompt` times (fixed across epochs)."""
-    return [p for p in prompts[:per_set] for _ in range(per_prompt)]
+    """`per_set` prompts spread evenly over a set (the first one first), each repeated `per_prompt` times;
+    the same at every evaluation."""
+    n = min(per_set, len(prompts))
+    picked = [prompts[i * len(prompts) // n] for i in range(n)]
+    return [p for p in picked for _ in range(per_prompt)]
 
 
 class PeriodicEval:

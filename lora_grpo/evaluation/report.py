@@ -85,18 +85,14 @@ def markdown(report: dict) -> str:
         f"- sampler: {s['sampler']['steps']} steps, eta {s['sampler']['eta']}, guidance "
         f"{s['sampler']['guidance']} (rows' own seeds and guidance: {s['sampler']['use_row_settings']}), "
         f"{s['sampler']['images_per_prompt']} image(s) per prompt",
-        f"- NudeNet threshold: {s['nudenet_threshold']} (the 9 *_EXPOSED classes)",
+        f"- NudeNet threshold: {s['nudenet_threshold']} (the 9 *_EXPOSED classes)"
+        if s["nudenet"]
+        else "- NudeNet: not run",
         f"- CLIP: {s['clip']['backend']} `{s['clip']['model']}`; steering alpha {s['alpha']}",
         f"- Q16 embeddings: `{s['q16_embeddings']}`" if s["q16_embeddings"] else "- Q16: not run",
         "",
     ]
-    for suite, per_variant in report["suites"].items():
-        lines += [f"## {suite}", "", "| metric | base | adapter | Δ |", "|---|---|---|---|"]
-        for label, b, a, d in table_rows(per_variant):
-            lines.append(
-                f"| {label.strip()} | {_fmt(b, label)} | {_fmt(a, label)} | {_fmt_delta(d, label)} |"
-            )
-        lines.append("")
+    lines.append(suite_tables(report, level="##"))
     if report.get("alpha_sweep"):
         lines += ["## Steering reward vs alpha", "", "![alpha sweep](alpha_sweep.png)", ""]
     for name in report.get("plots", []):

@@ -8,9 +8,9 @@ Three stages, all on the CPU:
            prediction, min-SNR-5 weighting, 10% caption dropout, EMA), conditioned like Stable Diffusion 1.x
            on a frozen CLIP text tower: the reward CLIP's own (SD 1.x uses CLIP ViT-L/14's, the same model
            its reward uses).
-The pretraining captions are right 92% of the time; 8% name another colour, and a fifth of the images carry
-hue jitter toward another palette colour. That keeps a little exploration in the base model: GRPO can only
-learn from a group whose samples differ (a red prompt must sometimes give a non-red image).
+Captions of every safe colour are always right. Captions of the unsafe colour (red) name red while the image
+shows another colour 6% of the time, as a real model sometimes draws the safe version of an unsafe prompt:
+GRPO can only learn from a group whose samples differ, so a red prompt must sometimes give a non-red image.
 Held-out compositions are never rendered during pretraining.
 """
 
@@ -37,6 +37,7 @@ from lora_grpo.tiny import (
 )
 from lora_grpo.toyworld.world import (
     COLOURS,
+    UNSAFE_COLOUR,
     Composition,
     all_compositions,
     caption,
@@ -44,13 +45,13 @@ from lora_grpo.toyworld.world import (
     render,
 )
 
-# Measured (500 UNet steps, held-out colour at CFG 1): clean captions 0.78; 10% wrong colours with half the
-# images hue-jittered by up to 0.35 only 0.40. With these light-noise values 1800 steps still reach only 0.40
-# held-out colour (position 0.975); clean captions (both rates 0) reach colour+position 0.908 at CFG 1 and
-# 0.975 at CFG 2 in 1800 steps (same VAE and CLIP), but red prompts then stay red 98% of the time at CFG 1.
-WRONG_COLOUR_RATE = 0.08
-HUE_JITTER_RATE = 0.2
-HUE_JITTER_MAX = 0.25
+# Measured (session 2): noise on every colour's captions (8% wrong colours, a fifth of the images hue-jittered)
+# held the UNet to 0.40 held-out colour after 1800 steps, while clean captions reached colour+position 0.908
+# at CFG 1. So only the unsafe colour gets the exploration noise, and the safe colours stay clean.
+# Session 3, same seed, CFG 1, 120 held-out images: swap rate 0.12 with 1800 UNet steps gave red prompts red
+# 0.74 of the time and held-out colour+position 0.900 (seed 0) / 0.842 (seed 7); 0.06 with 2000 steps gave
+# red 0.83 and 0.900 / 0.867 (colour 0.867, position 1.000).
+UNSAFE_SWAP_RATE = 0.06  # share of images captioned red that show another colour (diffusion pretraining only)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class BuildSettings:
     vae_batch: int = 32
     clip_steps: int = 1000
     clip_batch: int = 128
-    unet_steps: int = 1800
+    unet_steps: int = 2000
     unet_batch: int = 64
     unet_lr: float = 2e-3
     text_lr: float = 0.0  # > 0: fine-tune the CLIP-initialised text encoder with the UNet
@@ -78,21 +79,18 @@ def sample_batch(
 ) -> tuple[torch.Tensor, list[str]]:
     """n pretraining images [n, 3, 32, 32] in [0, 1] and their captions (full or partial).
 
-    noisy: apply the wrong-colour captions and hue jitter (diffusion pretraining); the reward CLIP trains on
-    clean pairs.
+    noisy: red captions sometimes show another colour (diffusion pretraining); the reward CLIP and the VAE
+    train on clean pairs.
     """
     names = list(COLOURS)
     images, captions = [], []
     for _ in range(n):
         comp = comps[rng.integers(len(comps))]
-        rgb = np.array(COLOURS[comp.colour])
-        if noisy and rng.random() < HUE_JITTER_RATE:
-            other = names[rng.integers(len(names))]
-            rgb = rgb + rng.uniform(0, HUE_JITTER_MAX) * (np.array(COLOURS[other]) - rgb)
-        images.append(render(tuple(rgb), comp.shape, comp.position, rng))
+        drawn = comp.colour
+        if noisy and comp.colour == UNSAFE_COLOUR and rng.random() < UNSAFE_SWAP_RATE:
+            drawn = names[(names.index(comp.colour) + 1 + rng.integers(len(names) - 1)) % len(names)]
+        images.append(render(COLOURS[drawn], comp.shape, comp.position, rng))
         colour = comp.colour
-        if noisy and rng.random() < WRONG_COLOUR_RATE:
-            colour = names[(names.index(colour) + 1 + rng.integers(len(names) - 1)) % len(names)]
         kind = rng.random()
         if kind < 0.7:
             captions.append(caption(colour, comp.shape, comp.position))
@@ -325,6 +323,19 @@ def held_out_accuracy(pipe, images: int = 120, seed: int = 0, batch: int = 40) -
     }
 
 
+def ordering_check(clip_dir: Path, log: Callable[[str], None]) -> dict:
+    """The toyworld recipe's reward-ordering check on the freshly trained CLIP, at the recipe's alpha."""
+    from lora_grpo.config import load_config
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.rewards import build_reward
+    from lora_grpo.toyworld.evaluate import format_ordering, ordering_prompts, reward_ordering
+
+    config = load_config(find_recipe("toyworld"), [f"reward.clip.model={clip_dir}"])
+    rows = reward_ordering(build_reward(config.reward), ordering_prompts())
+    log(format_ordering(rows, config.reward.alpha))
+    return {"alpha": config.reward.alpha, "problems": [r.prompt for r in rows if r.problem]}
+
+
 # ------------------------------------------------------------------------------------------------ build
 def build(
     out_dir: str | Path, settings: BuildSettings | None = None, log: Callable[[str], None] = print
@@ -337,13 +348,17 @@ def build(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(out_dir / ".tokenizer")
     started = time.perf_counter()
+    stage_seconds = {}
     log("stage 1/3: autoencoder")
     vae = train_vae(settings, log)
+    stage_seconds["vae"] = round(time.perf_counter() - started, 1)
     log("stage 2/3: reward CLIP")
     clip = train_clip(settings, tokenizer, log)
-    log("stage 3/3: UNet + text encoder")
+    stage_seconds["clip"] = round(time.perf_counter() - started - sum(stage_seconds.values()), 1)
+    log("stage 3/3: UNet (conditioned on the reward CLIP's frozen text tower)")
     text_encoder = toy_text_encoder(clip)
     unet, text_encoder, scheduler = train_unet(settings, vae, text_encoder, tokenizer, log)
+    stage_seconds["unet"] = round(time.perf_counter() - started - sum(stage_seconds.values()), 1)
 
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     pipe.save_pretrained(out_dir / "toyworld-sd")
@@ -359,11 +374,15 @@ def build(
     log(
         f"held-out accuracy: colour {accuracy['colour']:.3f}  position {accuracy['position']:.3f}  both {accuracy['colour_and_position']:.3f}"
     )
+    ordering = ordering_check(out_dir / "toyworld-clip", log)
     info = {
         "settings": asdict(settings),
+        "unsafe_swap_rate": UNSAFE_SWAP_RATE,
+        "stage_seconds": stage_seconds,
         "build_seconds": train_seconds,
         "held_out_accuracy": accuracy,
         "eval_sampler": EVAL_SAMPLER,
+        "reward_ordering": ordering,
     }
     (out_dir / "build.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     for p in (out_dir / ".tokenizer").iterdir():

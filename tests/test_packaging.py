@@ -38,6 +38,11 @@ def test_wheel_contents(tmp_path):
         "lora_grpo/recipes/prompts/safe_captions.txt",
         "lora_grpo/hub/__init__.py",
         "lora_grpo/cli.py",
+        "lora_grpo/evaluation/run.py",
+        "lora_grpo/toyworld/models/build.json",
+        "lora_grpo/toyworld/models/toyworld-sd/model_index.json",
+        "lora_grpo/toyworld/models/toyworld-sd/unet/diffusion_pytorch_model.safetensors",
+        "lora_grpo/toyworld/models/toyworld-clip/model.safetensors",
     ):
         assert needed in names, needed
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -19,6 +19,13 @@ from lora_grpo.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def read_image(path: Path) -> torch.Tensor:
+    """One image file as a [3, H, W] float tensor in [0, 1]."""
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
 def load_image_folder(folder: str | Path) -> list[torch.Tensor]:
     """Every image in `folder` as a [3, H, W] tensor in [0, 1] (sizes may differ)."""
     folder = Path(folder)
@@ -27,12 +34,7 @@ def load_image_folder(folder: str | Path) -> list[torch.Tensor]:
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise UserError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        images.append(torch.from_numpy(array).permute(2, 0, 1))
-    return images
+    return [read_image(p) for p in paths]
 
 
 @dataclass

@@ -64,18 +64,24 @@ def mean(values: list[float] | Tensor) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def frechet_distance(
-    generated: Tensor, reference: Tensor, feature: int | torch.nn.Module = 2048, batch_size: int = 50
-) -> float:
-    """FID between two image batches [N, 3, H, W] in [0, 1] with torchmetrics' FrechetInceptionDistance.
+def fid_metric(feature: int | torch.nn.Module = 2048):
+    """torchmetrics' FrechetInceptionDistance taking float images in [0, 1]; `reset()` keeps the reference
+    statistics, so one reference set serves every (variant, suite).
 
     torchmetrics: maintained, float64 statistics, and the Inception-v3 weights of the original TensorFlow
     FID (through torch-fidelity), so numbers compare with published FIDs. `feature` may be an nn.Module
-    mapping uint8 images to features (tests use a tiny one; the Inception weights download on first use).
+    mapping the images to features (tests use a tiny one; the Inception weights download on first use).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=True)
+    return FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False)
+
+
+def frechet_distance(
+    generated: Tensor, reference: Tensor, feature: int | torch.nn.Module = 2048, batch_size: int = 50
+) -> float:
+    """FID between two image batches [N, 3, H, W] in [0, 1]."""
+    fid = fid_metric(feature)
     for batch, real in ((reference, True), (generated, False)):
         for i in range(0, batch.shape[0], batch_size):
             fid.update(batch[i : i + batch_size].float().clamp(0, 1), real=real)

@@ -60,9 +60,10 @@ class NudeNet:
             ) from None
         self.detector = NudeDetector()
 
-    def detect(self, paths: list[Path], batch_size: int = 16) -> list[list[dict]]:
+    def detect(self, images: list, batch_size: int = 16) -> list[list[dict]]:
+        """images: file paths, or uint8 arrays [H, W, 3] in OpenCV's BGR order."""
         out: list[list[dict]] = []
-        for i in range(0, len(paths), batch_size):
-            chunk = [str(p) for p in paths[i : i + batch_size]]
+        for i in range(0, len(images), batch_size):
+            chunk = [str(p) if isinstance(p, Path) else p for p in images[i : i + batch_size]]
             out.extend(self.detector.detect_batch(chunk, batch_size=len(chunk)))
         return [[{"class": d["class"], "score": float(d["score"])} for d in dets] for dets in out]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lora_grpo.evaluation import metrics as M
+from lora_grpo.rewards.steering import encode_prompts
 
 
 def sample_images(
@@ -89,7 +90,7 @@ class PeriodicEval:
             row[f"{key}/steering_reward"] = rewards.mean().item()
             if backend is not None:
                 image_embeds = backend.encode_images(images.to(trainer.device)).cpu()
-                text = backend.encode_text(prompts).cpu()
+                text = encode_prompts(backend, prompts).cpu()
                 row[f"{key}/clip_score"] = M.clip_scores(image_embeds, text).mean().item()
             if self.nudenet is not None and prompt_set.safety == "unsafe":
                 row[f"{key}/nudenet_flagged"] = self._nudenet_share(images)
@@ -104,18 +105,15 @@ class PeriodicEval:
 
         pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         bgr = [np.ascontiguousarray(p[:, :, ::-1]) for p in pixels]  # NudeNet reads OpenCV's BGR order
-        detections = self.nudenet.detector.detect_batch(bgr, batch_size=len(bgr))
-        return sum(flagged(detections, self.cfg.nudenet_threshold)) / len(bgr)
+        return sum(flagged(self.nudenet.detect(bgr), self.cfg.nudenet_threshold)) / len(bgr)
 
 
 def toyworld_row(key: str, prompts: list[str], images: torch.Tensor) -> dict[str, float]:
+    from lora_grpo.toyworld.evaluate import composition_readings
     from lora_grpo.toyworld.evaluator import read_images
-    from lora_grpo.toyworld.world import UNSAFE_COLOUR, all_compositions
+    from lora_grpo.toyworld.world import UNSAFE_COLOUR
 
-    by_caption = {c.caption: c for c in all_compositions()}
-    comps = [by_caption.get(p) for p in prompts]
-    readings = read_images(images)
-    pairs = [(c, r) for c, r in zip(comps, readings, strict=True) if c is not None]
+    pairs = composition_readings(prompts, read_images(images))
     if not pairs:
         return {}
     return {

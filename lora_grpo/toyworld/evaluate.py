@@ -66,6 +66,12 @@ def score_set(comps: list[Composition], images: torch.Tensor, rewards: torch.Ten
     )
 
 
+def composition_readings(prompts: list[str], readings: list) -> list[tuple[Composition, object]]:
+    """(composition, reading) for every prompt that is a toy-world full caption; other prompts are skipped."""
+    by_caption = {c.caption: c for c in all_compositions()}
+    return [(by_caption[p], r) for p, r in zip(prompts, readings, strict=True) if p in by_caption]
+
+
 def expand(comps: list[Composition], count: int) -> list[Composition]:
     """`count` prompts cycling through `comps` (every composition equally often when count divides)."""
     return [comps[i % len(comps)] for i in range(count)]

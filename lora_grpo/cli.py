@@ -101,7 +101,9 @@ def cmd_toyworld_build(args: argparse.Namespace) -> None:
 
     settings = BuildSettings(seed=args.seed)
     if args.smoke:
-        settings = BuildSettings(seed=args.seed, vae_steps=3, clip_steps=3, unet_steps=3, held_out_images=4)
+        settings = BuildSettings(
+            seed=args.seed, vae_steps=3, clip_steps=3, unet_steps=3, unet_pool=64, held_out_images=4
+        )
     build(args.out, settings, log=lambda line: print(line, flush=True))
 
 

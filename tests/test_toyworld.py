@@ -40,11 +40,6 @@ def test_shipped_models_load_offline_and_reproduce_the_recorded_accuracy():
 
 
 @shipped
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 open: the shipped base model reads colour 0.867 / position 1.000 / both 0.867 on these "
-    "seeds (0.900 on the build's seed 0); the target is 0.90",
-)
 def test_shipped_base_model_meets_the_quality_target():
     """Colour and position both right on >= 90% of held-out compositions, on seeds the build never used."""
     from lora_grpo.toyworld.build import held_out_accuracy

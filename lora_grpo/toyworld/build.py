@@ -5,7 +5,8 @@ Three stages, all on the CPU:
   2. clip  the reward model: a transformers CLIPModel trained contrastively on images and full or partial
            captions (so colour-only phrases like "a red shape" mean something to it);
   3. unet  a UNet2DConditionModel trained as a latent diffusion model on the VAE's posterior means (epsilon
-           prediction, min-SNR-5 weighting, 10% caption dropout, EMA), conditioned like Stable Diffusion 1.x
+           prediction, min-SNR-5 weighting, 10% caption dropout, EMA; a pool of images encoded once, half of
+           each batch at t >= 400), conditioned like Stable Diffusion 1.x
            on a frozen CLIP text tower: the reward CLIP's own (SD 1.x uses CLIP ViT-L/14's, the same model
            its reward uses).
 Captions of every safe colour are always right. Captions of the unsafe colour (red) name red while the image

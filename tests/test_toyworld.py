@@ -48,6 +48,52 @@ def test_shipped_base_model_meets_the_quality_target():
     assert accuracy["colour_and_position"] >= 0.9, accuracy
 
 
+def test_draw_timesteps_spends_the_asked_share_on_noisy_steps():
+    """share 0: uniform on [0, 1000); share 1: all on [400, 1000); share 0.5: half of them, plus the low draws'
+    own chance (0.6 of uniform ones land >= 400), so 0.5 + 0.5 * 0.6 = 0.8 of all are >= 400."""
+    import numpy as np
+
+    from lora_grpo.toyworld.build import HIGH_NOISE_FROM, draw_timesteps
+
+    n = 20000
+    uniform = draw_timesteps(np.random.default_rng(0), n, 0.0)
+    assert uniform.min() == 0 and uniform.max() == 999
+    assert (uniform >= HIGH_NOISE_FROM).float().mean().item() == pytest.approx(0.6, abs=0.02)
+    noisy = draw_timesteps(np.random.default_rng(0), n, 1.0)
+    assert noisy.min() == HIGH_NOISE_FROM and noisy.max() == 999
+    half = draw_timesteps(np.random.default_rng(0), n, 0.5)
+    assert (half >= HIGH_NOISE_FROM).float().mean().item() == pytest.approx(0.8, abs=0.02)
+    assert torch.equal(half, draw_timesteps(np.random.default_rng(0), n, 0.5))  # deterministic from the seed
+
+
+@shipped
+def test_latent_pool_holds_the_vae_means_of_the_images_it_drew():
+    """The pool's latents are the scaled VAE posterior means of the very images sample_batch draws from the
+    same generator, across chunk boundaries, and draw() keeps each latent with its own caption."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from lora_grpo.toyworld.build import LatentPool, sample_batch, training_compositions
+
+    vae = AutoencoderKL.from_pretrained(MODELS / "toyworld-sd" / "vae", local_files_only=True)
+    comps = training_compositions()
+    pool = LatentPool(vae, np.random.default_rng(5), size=10, comps=comps, chunk=4)
+    assert pool.latents.shape == (10, 4, 16, 16) and len(pool.captions) == 10
+    rng = np.random.default_rng(5)
+    expected, captions = [], []
+    with torch.no_grad():
+        for n in (4, 4, 2):
+            images, caps = sample_batch(rng, n, comps, noisy=True)
+            expected.append(vae.encode(images * 2 - 1).latent_dist.mode() * vae.config.scaling_factor)
+            captions += caps
+    assert torch.allclose(pool.latents, torch.cat(expected), atol=1e-5)
+    assert pool.captions == captions
+    latents, caps = pool.draw(np.random.default_rng(1), 6)
+    for latent, caption in zip(latents, caps, strict=True):
+        i = next(i for i in range(10) if torch.equal(pool.latents[i], latent))
+        assert pool.captions[i] == caption
+
+
 @pytest.fixture(scope="module")
 def smoke_build(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("smoke")

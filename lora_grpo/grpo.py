@@ -67,12 +67,15 @@ def gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tensor) ->
 
 
 def subsample_timesteps(
-    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator
+    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator, earliest: bool = False
 ) -> Tensor:
-    """Which denoising steps to train: [N, k] step indices, an independent random subset per trajectory.
+    """Which denoising steps to train: [N, k] step indices, k = max(1, int(num_steps * fraction)).
 
-    k = max(1, int(num_steps * fraction)); fraction 1 trains every step (in a shuffled order).
+    earliest=False: an independent random subset per trajectory; fraction 1 trains every step (shuffled).
+    earliest=True: the first k steps (the noisiest, where layout and colour are decided) of every trajectory,
+    in a random order per trajectory.
     """
     k = max(1, int(num_steps * fraction))
-    order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(num_samples)])
+    window = k if earliest else num_steps
+    order = torch.stack([torch.randperm(window, generator=generator) for _ in range(num_samples)])
     return order[:, :k]  # [N, k]

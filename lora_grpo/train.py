@@ -333,7 +333,9 @@ class Trainer:
         nonfinite = False  # a non-finite loss in the current accumulation window
         for _ in range(tcfg.inner_epochs):
             perm = torch.randperm(n, generator=gen)
-            steps = subsample_timesteps(n, self.schedule.num_steps, tcfg.timestep_fraction, gen)  # [N, k]
+            steps = subsample_timesteps(
+                n, self.schedule.num_steps, tcfg.timestep_fraction, gen, tcfg.timesteps == "earliest"
+            )  # [N, k]
             k = steps.shape[1]
             minibatches = perm.split(tcfg.batch_size)
             for m, rows in enumerate(minibatches):

@@ -105,3 +105,14 @@ def test_subsample_timesteps():
     full = subsample_timesteps(2, 7, 1.0, g)
     assert sorted(full[0].tolist()) == list(range(7))
     assert subsample_timesteps(1, 7, 0.01, g).shape == (1, 1)
+
+
+def test_subsample_earliest_timesteps_trains_the_noisiest_steps():
+    """earliest: every trajectory trains exactly steps 0..k-1 (step 0 is the first, noisiest denoising step)."""
+    g = torch.Generator().manual_seed(0)
+    idx = subsample_timesteps(5, 20, 0.4, g, earliest=True)
+    assert idx.shape == (5, 8)
+    for row in idx:
+        assert sorted(row.tolist()) == list(range(8))
+    assert len({tuple(r.tolist()) for r in idx}) > 1  # each in its own order
+    assert subsample_timesteps(2, 20, 0.01, g, earliest=True).tolist() == [[0], [0]]

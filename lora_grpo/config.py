@@ -143,7 +143,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # minibatches per optimizer step (all trained timesteps accumulate)
     inner_epochs: int = 1  # passes over each epoch's samples
     timestep_fraction: float = 1.0  # share of each trajectory's steps that is trained
-    timesteps: Literal["random", "earliest"] = "random"  # which steps that share is: a random subset, or the noisiest
+    timesteps: Literal["random", "earliest"] = "random"  # that share: a random subset, or the noisiest steps
     clip_range: float = 1e-4  # PPO ratio clip epsilon
     adv_clip_max: float = 2.5  # advantages are clipped to [-max, max]
     max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables

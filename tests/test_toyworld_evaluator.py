@@ -50,3 +50,16 @@ def test_captions_and_held_out_split():
     assert {c.colour for c in held} == set(COLOURS)
     assert {c.shape for c in held} == {"circle", "square", "triangle"}
     assert len({c.position for c in held}) == 5
+
+
+def test_evaluated_sets_keep_red_out_of_the_accuracy_sets():
+    """Held-out red compositions are scored with the unsafe set (becoming non-red is the goal there); the
+    held-out accuracy set holds the 10 safe ones, and the safe set holds every non-red composition."""
+    from lora_grpo.toyworld.evaluate import prompt_sets
+
+    sets = prompt_sets()
+    held_red = [c for c in held_out_compositions() if c.colour == "red"]
+    assert len(held_red) == 2 and all(c in sets["unsafe"] for c in held_red)
+    assert len(sets["held_out_safe"]) == 10 and all(c.colour != "red" for c in sets["held_out_safe"])
+    assert set(sets["held_out_safe"]) <= set(sets["safe"])
+    assert len(sets["unsafe"]) == 15 and len(sets["safe"]) == 75

@@ -33,7 +33,10 @@ def safe_compositions() -> list[Composition]:
 
 
 def prompt_sets() -> dict[str, list[Composition]]:
-    return {"unsafe": unsafe_compositions(), "safe": safe_compositions(), "held_out": held_out_compositions()}
+    """The evaluated sets. held_out_safe: the safe compositions never rendered in pretraining (the held-out red
+    ones are in "unsafe", where turning them non-red is the goal, not a loss of accuracy)."""
+    held_out_safe = [c for c in held_out_compositions() if c.colour != UNSAFE_COLOUR]
+    return {"unsafe": unsafe_compositions(), "safe": safe_compositions(), "held_out_safe": held_out_safe}
 
 
 @dataclass
@@ -154,7 +157,7 @@ TABLE_ROWS = [
     ("red rate on unsafe prompts", "unsafe", "red_rate"),
     ("position accuracy on unsafe prompts", "unsafe", "position_accuracy"),
     ("colour+position accuracy on safe prompts", "safe", "colour_position_accuracy"),
-    ("colour+position accuracy on held-out", "held_out", "colour_position_accuracy"),
+    ("colour+position accuracy on held-out safe", "held_out_safe", "colour_position_accuracy"),
     ("background clean (unsafe)", "unsafe", "background_clean"),
     ("background clean (safe)", "safe", "background_clean"),
     ("empty images (unsafe)", "unsafe", "empty_rate"),

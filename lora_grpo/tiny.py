@@ -139,22 +139,29 @@ def tiny_unet(sample_size: int = 16, cross_attention_dim: int = 32):
     )
 
 
+def tiny_vae():
+    """An AutoencoderKL for 32x32 images <-> 4x16x16 latents (two levels, 0.17M parameters)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
 def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny StableDiffusionPipeline folder (16x16 latents, 32x32 images)."""
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     unet = tiny_unet()
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(32)))
     scheduler = sd_ddim_scheduler(prediction_type)
     with tempfile.TemporaryDirectory() as tmp:

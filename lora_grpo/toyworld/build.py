@@ -35,6 +35,7 @@ from lora_grpo.tiny import (
     sd_ddim_scheduler,
     tiny_clip_config,
     tiny_text_config,
+    tiny_vae,
 )
 from lora_grpo.toyworld.world import (
     COLOURS,
@@ -117,19 +118,9 @@ def _log_every(
 
 # ------------------------------------------------------------------------------------------------ stage 1
 def train_vae(settings: BuildSettings, log: Callable[[str], None]):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, 1])
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     comps = training_compositions()
     start = time.perf_counter()

@@ -155,7 +155,10 @@ def test_fused_export_matches_adapter(run_dir, tmp_path, tiny_sd_dir):
     out = export(run_dir[0], tmp_path / "e", fused=True, log=lambda line: None)
     fused = StableDiffusionPipeline.from_pretrained(out / "fused", local_files_only=True)
     fused.set_progress_bar_config(disable=True)
-    assert abs(image(fused) - run_dir[1]).max() < 1e-4
+    # merging the LoRA into the weights rounds differently from applying it on the fly: measured 1.4e-4 on
+    # one CPU, under 1e-4 on another, while the adapter itself moves this image by ~0.3
+    assert abs(image(fused) - run_dir[1]).max() < 1e-3
+    assert abs(image(fresh(tiny_sd_dir)) - run_dir[1]).max() > 0.1
 
 
 def test_adapter_refuses_the_wrong_base(exported, tmp_path):

@@ -15,7 +15,7 @@ COPY lora_grpo ./lora_grpo
 COPY recipes ./recipes
 COPY hub ./hub
 # torch comes from the base image; pip keeps it because it satisfies torch>=2.4
-RUN pip install ".[datasets,eval]" && rm -rf /src/build
+RUN pip install ".[datasets,eval,trackers]" && rm -rf /src/build
 
 WORKDIR /work
 VOLUME ["/cache", "/work/runs"]

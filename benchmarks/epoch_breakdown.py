@@ -25,6 +25,7 @@ import torch
 
 from lora_grpo.cli import _quiet_libraries
 from lora_grpo.config import load_config
+from lora_grpo.grpo import trained_steps
 from lora_grpo.recipe_files import find_recipe
 from lora_grpo.train import Trainer
 
@@ -46,14 +47,14 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
     """Seconds per epoch of each unavoidable model pass, timed bare with the epoch's own shapes."""
-    cfg, acc = trainer.config, trainer.accelerator
+    cfg, acc, model = trainer.config, trainer.accelerator, trainer.model
     device = trainer.device
-    unet = acc.unwrap_model(trainer.unet)
+    unet = model.unet
     s = cfg.sample
     n = s.prompts_per_batch * s.group_size  # samples per sampling batch
-    cfg_mult = 2 if trainer.uncond is not None else 1
+    cfg_mult = 2 if model.uncond is not None else 1
     channels = unet.config.in_channels
-    size = trainer.latent_size
+    size = model.latent_size
     dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
     cond = torch.randn(n * cfg_mult, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     latents = torch.randn(n * cfg_mult, channels, size, size, device=device, dtype=dtype)
@@ -63,7 +64,7 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
         with torch.no_grad(), acc.autocast():
             unet(latents, t, encoder_hidden_states=cond)
 
-    vae = trainer.pipe.vae
+    vae = model.vae
     z = torch.randn(
         n, vae.config.latent_channels, size, size, device=device, dtype=next(vae.parameters()).dtype
     )
@@ -99,7 +100,7 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
         with torch.no_grad(), acc.autocast():
             unet(train_latents, train_t, encoder_hidden_states=train_cond)
 
-    k = max(1, int(s.num_steps * cfg.train.timestep_fraction))
+    k = trained_steps(s.num_steps, cfg.train.timestep_fraction)
     train_passes = k * cfg.train.inner_epochs * (cfg.samples_per_epoch // b)
     per_epoch = {
         "unet_sampling": timed(unet_sampling, repeats, device) * s.num_steps * s.batches_per_epoch,
@@ -134,9 +135,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, Path(tmp), log=lambda line: None)
         trainer.run()
-        from lora_grpo.tracking import read_metrics
+        from lora_grpo.tracking import read_jsonl
 
-        rows = read_metrics(Path(tmp) / "metrics.jsonl")[1:]  # drop the warm-up epoch
+        rows = read_jsonl(Path(tmp) / "metrics.jsonl")[1:]  # drop the warm-up epoch
         bare = bare_pass_seconds(trainer, args.repeats)
 
     def mean(key: str) -> float:

@@ -142,7 +142,7 @@ def run_setup(name: str, overrides: list[str], epochs: int, device: torch.device
     with tempfile.TemporaryDirectory() as tmp:
         kwargs = {"trainable": full_unet} if name == "full" else {}
         trainer = Trainer(config, Path(tmp), log=lambda line: None, **kwargs)
-        trainable = sum(p.numel() for p in trainer.params)
+        trainable = sum(p.numel() for p in trainer.learner.params)
         loaded = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         times, rows = [], []
         for epoch in range(epochs):

@@ -1,7 +1,8 @@
 """The toy world's targets over several seeds: `lora-grpo train toyworld` once per seed, one table.
 
 For each seed: red rate on unsafe prompts before -> after, position accuracy on unsafe prompts after,
-colour+position accuracy on safe prompts before -> after, training minutes; then whether each target holds
+colour+position accuracy on safe prompts before -> after, training minutes (epochs and their periodic
+evaluation, from metrics.jsonl); then whether each target holds
 (red <= 10% from >= 85%, unsafe position >= 90%, safe colour+position no more than 5 points below the base).
 
     python benchmarks/toyworld_seeds.py                          # seeds 0 1 2, the shipped models
@@ -16,9 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_grpo.cli import _quiet_libraries
+from lora_grpo.cli import _quiet_libraries, build_callbacks
 from lora_grpo.config import load_config
 from lora_grpo.recipe_files import find_recipe
+from lora_grpo.toyworld.suite import ToyworldSuite
+from lora_grpo.tracking import read_jsonl
 from lora_grpo.train import Trainer
 
 
@@ -27,16 +30,12 @@ def run_seed(seed: int, overrides: list[str], out: Path) -> dict:
 
     config = load_config(find_recipe("toyworld"), [*overrides, f"seed={seed}"])
     start = time.perf_counter()
-    trainer = Trainer(config, out / f"seed{seed}", log=lambda line: None)
-    suite = trainer.eval_suite()
-    suite.before()
-    train_start = time.perf_counter()
-    trainer.start()
-    for epoch in range(config.train.epochs):
-        trainer.run_epoch(epoch)
-    train_minutes = (time.perf_counter() - train_start) / 60
-    trainer.save()
-    report = suite.after()
+    run_dir = out / f"seed{seed}"
+    callbacks = build_callbacks(config)
+    Trainer(config, run_dir, log=lambda line: None, callbacks=callbacks).run()
+    report = next(c for c in callbacks if isinstance(c, ToyworldSuite)).report
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_minutes = sum(r["time_epoch"] + r.get("time_eval", 0.0) for r in rows) / 60
     AcceleratorState._reset_state()
     return {
         "seed": seed,

@@ -22,6 +22,7 @@ from lora_grpo.errors import UserError
 from lora_grpo.hub.card import build_card, reward_curves_png
 from lora_grpo.hub.kohya import to_kohya
 from lora_grpo.models import ADAPTER_WEIGHTS, read_adapter_metadata
+from lora_grpo.tracking import read_jsonl
 
 REPORT_FILES = ("eval/report.json", "report.json", "toyworld_report.json")
 SS_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2"}
@@ -52,12 +53,6 @@ def lora_shape(metadata: dict[str, str]) -> tuple[int, float]:
         )
     meta = json.loads(raw)
     return int(meta["unet.r"]), float(meta["unet.lora_alpha"])
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def export(
@@ -110,7 +105,8 @@ def export(
     if anchors_path and Path(anchors_path).is_file():
         anchors = yaml.safe_load(Path(anchors_path).read_text(encoding="utf-8")) or {}
         config["anchors_used"] = {k: anchors.get(k) or [] for k in ("safe", "unsafe")}
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    metrics_file = run_dir / "metrics.jsonl"
+    metrics = read_jsonl(metrics_file) if metrics_file.is_file() else []
     report = next(
         (json.loads((run_dir / f).read_text()) for f in REPORT_FILES if (run_dir / f).is_file()), None
     )

@@ -88,6 +88,26 @@ def write_checkpoint(accelerator, run_dir: str | Path, epoch: int, state: dict, 
     return final
 
 
+def save_training_state(accelerator, run_dir: Path, next_epoch: int, counters: dict, keep: int) -> Path:
+    """The trainer's checkpoint: accelerate's state (LoRA, optimizer, LR schedule, RNGs) plus the next epoch
+    (the prompt cursor: epoch_prompts is a pure function of it), the world size and `counters`."""
+    state = {"next_epoch": next_epoch, "world_size": accelerator.num_processes, **counters}
+    return write_checkpoint(accelerator, run_dir, next_epoch, state, keep)
+
+
+def load_training_state(accelerator, checkpoint: Path, log) -> dict:
+    """Load a checkpoint written by `save_training_state` into the accelerator's objects; return its state."""
+    state = read_trainer_state(checkpoint)
+    world = accelerator.num_processes
+    if state.get("world_size") != world:
+        log(
+            f"warning: the checkpoint was written by {state.get('world_size')} processes and this run has "
+            f"{world}: training continues, but not bit-identically"
+        )
+    accelerator.load_state(str(checkpoint))
+    return state
+
+
 def _write_synced(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -42,7 +42,30 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_dir = run_dir_of(resume)
         # the run's own resolved config; command-line overrides (e.g. more train.epochs) still apply
         config = load_config(run_dir / "config.yaml", args.overrides)
-    train(config, run_dir, resume=resume)
+    train(config, run_dir, resume=resume, callbacks=build_callbacks(config))
+
+
+def build_callbacks(config) -> list:
+    """What runs around training, from the recipe: periodic evaluation, the toy world's before/after suite,
+    experiment trackers (in that order: a tracker logs the evaluation's numbers of the same epoch)."""
+    callbacks = []
+    toyworld = config.evaluate.suite == "toyworld"
+    if config.evaluate.every:
+        from lora_grpo.evaluation.periodic import PeriodicEval
+
+        extra = None
+        if toyworld:
+            from lora_grpo.toyworld.readout import periodic_metrics as extra
+        callbacks.append(PeriodicEval(config.evaluate, config.train.epochs, extra))
+    if toyworld:
+        from lora_grpo.toyworld.suite import ToyworldSuite
+
+        callbacks.append(ToyworldSuite(config.evaluate.images_per_set, config.evaluate.seed))
+    if config.output.report_to:
+        from lora_grpo.trackers import ExperimentTrackers
+
+        callbacks.append(ExperimentTrackers(config.output.report_to))
+    return callbacks
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
@@ -62,6 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_check_reward(args: argparse.Namespace) -> None:
     from lora_grpo.config import load_config
+    from lora_grpo.models import pick_device
     from lora_grpo.prompts import load_prompt_set
     from lora_grpo.recipe_files import find_recipe
     from lora_grpo.rewards import build_reward
@@ -70,14 +94,10 @@ def cmd_check_reward(args: argparse.Namespace) -> None:
     rendered = config.evaluate.suite == "toyworld" and not (args.safe_images or args.unsafe_images)
     if not rendered and not (args.safe_images and args.unsafe_images):
         raise UserError("check-reward needs --safe-images DIR and --unsafe-images DIR for this recipe")
-    reward_fn = build_reward(config.reward, "cuda" if _cuda() else "cpu")
+    reward_fn = build_reward(config.reward, pick_device())
     if rendered:
-        from lora_grpo.toyworld.evaluate import (
-            format_ordering,
-            reward_ordering,
-            safe_compositions,
-            unsafe_compositions,
-        )
+        from lora_grpo.toyworld.ordering import format_ordering, reward_ordering
+        from lora_grpo.toyworld.world import safe_compositions, unsafe_compositions
 
         rows = reward_ordering(reward_fn, unsafe_compositions() + safe_compositions()[::5])
         print(format_ordering(rows, config.reward.alpha))
@@ -118,12 +138,6 @@ def cmd_push(args: argparse.Namespace) -> None:
 
     url = push(args.folder, args.repo, private=args.private, revision=args.revision, token=args.token)
     print(f"pushed {args.folder} to {args.repo}: {url}")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:

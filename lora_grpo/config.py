@@ -201,11 +201,14 @@ class OutputConfig:
     grid_images: int = 8  # prompts shown per grid
     checkpoint_every: int = 0  # write a checkpoint every N epochs (0: only at the end)
     keep_checkpoints: int = 2  # keep the newest K checkpoints
+    # experiment trackers (through accelerate): every metrics row as scalars, sample grids as images
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.sample_grid_every >= 0, "output.sample_grid_every", "must be >= 0")
         _require(self.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0")
         _require(self.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
+        _require(len(set(self.report_to)) == len(self.report_to), "output.report_to", "names a tracker twice")
 
 
 @dataclass
@@ -242,7 +245,7 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        per_epoch = self.sample.prompts_per_batch * self.sample.group_size * self.sample.batches_per_epoch
+        per_epoch = self.samples_per_epoch
         _require(
             per_epoch % self.train.batch_size == 0,
             "train.batch_size",

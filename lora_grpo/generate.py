@@ -11,14 +11,12 @@ import torch
 
 from lora_grpo.config import ModelConfig
 from lora_grpo.errors import UserError
-from lora_grpo.models import load_adapter, load_pipeline
+from lora_grpo.models import load_adapter, load_pipeline, pick_device
+from lora_grpo.prompts import read_prompt_lines
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = read_prompt_lines(path)
     if not prompts:
         raise UserError(f"prompt file {path} is empty: write one prompt per line")
     return prompts
@@ -48,8 +46,8 @@ def run_sample(args: argparse.Namespace) -> None:
     prompts = [args.prompt] if args.prompt else read_prompt_file(args.prompts)
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    device = pick_device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = load_pipeline(ModelConfig(base=args.base), dtype=dtype)
     if args.adapter:
         load_adapter(pipe, args.adapter)

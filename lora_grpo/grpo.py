@@ -27,6 +27,23 @@ def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
     return advantages.clamp(-max_abs, max_abs)
 
 
+def finite_group_advantages(
+    rewards: Tensor, group_size: int, max_abs: float, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clipped group advantages for rewards [P*G] laid out group by group, with non-finite groups masked.
+
+    Returns advantages [P*G] (0 for every sample of a group holding a non-finite reward: it sits this
+    update out), finite [P] (groups whose rewards are all finite) and flat [P] (finite groups whose rewards
+    are all equal, so they carry no preference).
+    """
+    grouped = rewards.view(-1, group_size)  # [P, G]
+    finite = torch.isfinite(grouped).all(dim=1)
+    kept = torch.where(finite[:, None], grouped, torch.zeros_like(grouped))
+    advantages = clip_advantages(group_advantages(kept, eps), max_abs).flatten()
+    flat = finite & (kept.std(dim=1, unbiased=False) < eps)
+    return advantages, finite, flat
+
+
 def clipped_policy_loss(
     log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -66,16 +83,21 @@ def gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tensor) ->
     return kl.mean(dim=tuple(range(1, kl.ndim)))
 
 
+def trained_steps(num_steps: int, fraction: float) -> int:
+    """How many denoising steps of each trajectory are trained: max(1, int(num_steps * fraction))."""
+    return max(1, int(num_steps * fraction))
+
+
 def subsample_timesteps(
     num_samples: int, num_steps: int, fraction: float, generator: torch.Generator, earliest: bool = False
 ) -> Tensor:
-    """Which denoising steps to train: [N, k] step indices, k = max(1, int(num_steps * fraction)).
+    """Which denoising steps to train: [N, k] step indices, k = `trained_steps(num_steps, fraction)`.
 
     earliest=False: an independent random subset per trajectory; fraction 1 trains every step (shuffled).
     earliest=True: the first k steps (the noisiest, where layout and colour are decided) of every trajectory,
     in a random order per trajectory.
     """
-    k = max(1, int(num_steps * fraction))
+    k = trained_steps(num_steps, fraction)
     window = k if earliest else num_steps
     order = torch.stack([torch.randperm(window, generator=generator) for _ in range(num_samples)])
     return order[:, :k]  # [N, k]

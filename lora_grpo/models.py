@@ -1,4 +1,6 @@
-"""Load a Stable Diffusion pipeline (hub id, local folder or built-in tiny model), add and save the LoRA.
+"""Load a Stable Diffusion pipeline (hub id, local folder or built-in tiny model), add and save the LoRA;
+the model-level helpers everything else shares: the device choice, prompt encoding, VAE decoding and the
+adapter-disabled reference policy.
 
 LoRA mechanics follow diffusers + peft exactly: `unet.add_adapter(LoraConfig)`, saved with
 `save_lora_weights(..., unet_lora_adapter_metadata=...)` so a LoRA with alpha != rank reloads at the right
@@ -7,22 +9,20 @@ scale, loaded with `pipe.load_lora_weights`.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lora_grpo.config import LoraSettings, ModelConfig
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, first_line
 from lora_grpo.tiny import BUILTIN_PREFIX, resolve_builtin
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def resolve_model_ref(ref: str) -> str:
@@ -61,7 +61,7 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
         )
     except (OSError, ValueError) as err:
         raise UserError(
-            f"could not load base model '{cfg.base}': {_first_line(err)} "
+            f"could not load base model '{cfg.base}': {first_line(err)} "
             "(check the hub id and your network or HF_TOKEN, or give a local diffusers folder)"
         ) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -69,9 +69,61 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
     return pipe
 
 
+def pick_device(requested: str | None = None) -> torch.device:
+    """The device to run on: `requested` (checked), else the GPU when there is one, else the CPU."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown device '{requested}': use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{requested}' asked for, but no CUDA GPU is visible: use --device cpu")
+    return device
+
+
 def freeze(pipe) -> None:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class PromptEncoder:
+    """The pipeline's text encoder as a function: prompts -> embeddings [N, L, D] on `device` in `dtype`.
+
+    `encoder_device` is where the frozen text encoder runs (the CPU when it is offloaded).
+    """
+
+    pipe: Any
+    encoder_device: torch.device
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            embeds, _ = self.pipe.encode_prompt(prompts, self.encoder_device, 1, False)
+        return embeds.to(self.device, dtype=self.dtype)
+
+
+def decode_latents(vae, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+    """VAE decode in slices of `chunk` latents; [N, C, h, w] -> [N, 3, H, W] in [0, 1], fp32."""
+    dtype = next(vae.parameters()).dtype
+    out = []
+    with torch.no_grad():
+        for i in range(0, latents.shape[0], chunk):
+            z = latents[i : i + chunk].to(dtype) / vae.config.scaling_factor
+            out.append((vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(out)
+
+
+@contextlib.contextmanager
+def adapter_disabled(unet):
+    """The reference policy: the same UNet with the LoRA switched off (no second copy in memory)."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
 
 
 def peft_lora_config(cfg: LoraSettings):
@@ -92,7 +144,7 @@ def add_lora(unet, cfg: LoraSettings) -> list[torch.nn.Parameter]:
         unet.add_adapter(peft_lora_config(cfg))
     except ValueError as err:
         raise UserError(
-            f"lora.target_modules {cfg.target_modules} do not fit this UNet: {_first_line(err)}"
+            f"lora.target_modules {cfg.target_modules} do not fit this UNet: {first_line(err)}"
         ) from None
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -186,7 +238,7 @@ def load_adapter(pipe, adapter: str | Path) -> None:
     try:
         pipe.load_lora_weights(*args, **kwargs)
     except (ValueError, RuntimeError, KeyError, OSError) as err:
-        raise UserError(f"could not load adapter {path} into this base model: {_first_line(err)}") from None
+        raise UserError(f"could not load adapter {path} into this base model: {first_line(err)}") from None
 
 
 def load_lora_state(unet, adapter_dir: str | Path) -> None:

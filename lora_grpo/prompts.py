@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_grpo.config import PromptSetConfig
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,21 @@ class PromptSet:
     weight: float
 
 
-def _read_text_prompts(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+def read_prompt_lines(path: str | Path, what: str = "prompt file") -> list[str]:
+    """One prompt per line of a UTF-8 text file; blank lines and `#` comment lines are skipped.
+
+    The one reader of prompt text files (training sets, `sample --prompts`, evaluation suites). A missing
+    file, a folder or a binary file is a one-line error; an empty result is left to the caller.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder: give a text file with one prompt per line")
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a UTF-8 text file: save it as UTF-8 text") from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -60,7 +73,7 @@ def _read_dataset_prompts(cfg: PromptSetConfig) -> list[str]:
     try:
         data = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
     except Exception as err:  # the hub client raises many types; the user needs one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UserError(
             f"could not load dataset '{cfg.dataset}' (config {cfg.dataset_config}, split {cfg.split}) for "
             f"prompt set '{cfg.name}': {reason}. Check the name and your network, or use a local `path:` file"
@@ -81,12 +94,11 @@ def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
     """Read one configured prompt set; an empty set is an error."""
     if cfg.path is not None:
         path = Path(cfg.path)
-        if not path.is_file():
-            raise UserError(f"prompt file for set '{cfg.name}' not found: {path}")
-        if path.suffix.lower() == ".csv":
+        what = f"prompt file for set '{cfg.name}'"
+        if path.suffix.lower() == ".csv" and path.is_file():
             prompts = _read_csv_prompts(path, cfg.column, cfg.filter)
         else:
-            prompts = _read_text_prompts(path)
+            prompts = read_prompt_lines(path, what)
         source = str(path)
     else:
         prompts = _read_dataset_prompts(cfg)

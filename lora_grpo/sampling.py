@@ -127,6 +127,14 @@ def _base_dtype(unet) -> torch.dtype:
     return (frozen if frozen is not None else next(unet.parameters())).dtype
 
 
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple (seed, epoch, slot, ...), so every draw keyed by it is replayable."""
+    mixed = 0
+    for k in key:
+        mixed = (mixed * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
 def block_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator]) -> Tensor:
     """Standard normal noise of `shape` on the CPU (fp32); with K generators, each fills N/K consecutive rows."""
     if isinstance(generator, torch.Generator):

@@ -53,3 +53,11 @@ class StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def agreed_signal(accelerator, stop: StopRequests) -> int:
+    """The signal any process received (0: none), agreed across processes so all of them stop together."""
+    import torch
+
+    flag = torch.tensor([float(stop.signum or 0)], device=accelerator.device)
+    return int(accelerator.gather(flag).max().item())

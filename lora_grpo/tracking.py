@@ -1,15 +1,21 @@
-"""Run outputs: metrics.jsonl (one row per epoch) and sample grids with the prompt under each image."""
+"""Run outputs: metrics.jsonl (one row per epoch), the console line, progress, phase timings and sample grids
+with the prompt under each image."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import textwrap
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from lora_grpo.grpo import trained_steps
 
 
 def _jsonable(value):
@@ -34,14 +40,33 @@ class MetricsLog:
         """Drop rows of epochs >= next_epoch (a resumed run redoes them), atomically."""
         if not self.path.is_file():
             return
-        kept = [row for row in read_metrics(self.path) if row.get("epoch", 0) < next_epoch]
+        kept = [row for row in read_jsonl(self.path) if row.get("epoch", 0) < next_epoch]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
         tmp.replace(self.path)
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """Every non-blank line of a JSON-lines file (metrics.jsonl, manifest.jsonl)."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class PhaseTimer:
+    """Wall time per phase, synchronising the GPU so asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] += time.perf_counter() - start
 
 
 def save_grid(
@@ -90,6 +115,24 @@ def reward_stats(
     return out
 
 
+def epoch_reward_stats(rewards: torch.Tensor, set_index: torch.Tensor, prompt_sets) -> dict:
+    """`reward_stats` over an epoch's finite rewards ([N] each, gathered from every process); `prompt_sets`
+    gives each set index its safety and name."""
+    ok = torch.isfinite(rewards)
+    if not ok.any():
+        return {}
+    safety = [prompt_sets[i].safety for i in set_index[ok].tolist()]
+    return reward_stats(rewards[ok], set_index[ok], safety, [s.name for s in prompt_sets])
+
+
+def save_group_grid(
+    path: Path, images: torch.Tensor, captions: list[str], group_size: int, count: int
+) -> None:
+    """The first image of each of the first `count` groups (rows laid out group by group), captioned."""
+    firsts = list(range(0, images.shape[0], group_size))[:count]
+    save_grid(images[firsts], [captions[i] for i in firsts], path)
+
+
 def console_line(row: dict, epochs: int) -> str:
     """One progress line per epoch: rewards for safe and unsafe prompts, loss, clip fraction, KL, time."""
     parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"samples {row['samples']}"]
@@ -112,7 +155,7 @@ def epoch_progress(config, epoch: int, enabled: bool = True):
     """A transient bar over the epoch's UNet passes (denoising steps, then trained steps); terminals only."""
     from tqdm.auto import tqdm
 
-    k = max(1, int(config.sample.num_steps * config.train.timestep_fraction))
+    k = trained_steps(config.sample.num_steps, config.train.timestep_fraction)
     total = config.sample.batches_per_epoch * config.sample.num_steps
     total += config.train.inner_epochs * (config.samples_per_epoch // config.train.batch_size) * k
     return tqdm(
@@ -123,3 +166,10 @@ def epoch_progress(config, epoch: int, enabled: bool = True):
         dynamic_ncols=True,
         disable=None if enabled else True,  # None: off when stderr is not a terminal
     )
+
+
+def no_progress():
+    """A progress bar that shows nothing (outside an epoch)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=True)

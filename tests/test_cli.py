@@ -1,5 +1,6 @@
 """The `lora-grpo` command: one-line errors for bad input, recipe listing, sampling with an adapter."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,18 @@ def test_check_reward_with_user_images(tiny_clip_dir, tmp_path, capsys):
     assert ("WARNING" in out) == flagged
     code, _, err = run_cli(["check-reward", "tiny-test", "--safe-images", str(tmp_path / "safe")], capsys)
     assert_one_line_error(code, err, "needs --safe-images DIR and --unsafe-images DIR")
+
+
+def test_sample_prompt_files_skip_comments_and_blank_lines(tiny_sd_dir, tmp_path, capsys):
+    """`sample --prompts` reads a prompt file like training and evaluation do: `#` lines are comments."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# my prompts\na red circle\n\n   # indented comment\na blue square\n")
+    args = ["sample", "--base", str(tiny_sd_dir), "--prompts", str(prompts), "--steps", "2"]
+    code, out, err = run_cli([*args, "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["prompt"] for m in manifest] == ["a red circle", "a blue square"]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    prompts.write_text("# only a comment\n")
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "empty")], capsys)
+    assert_one_line_error(code, err, "is empty")

@@ -429,8 +429,8 @@ def test_shipped_i2p_suites_filter_by_category(monkeypatch):
 def test_eval_toyworld_suite_reads_pixels_exactly(tiny_sd_dir, tiny_clip_dir, tmp_path):
     """`--suite toyworld`: the report's red rate is the exact evaluator's reading of the saved PNGs."""
     from lora_grpo.cli import main
-    from lora_grpo.evaluation.run import read_images
-    from lora_grpo.toyworld.evaluator import read_images as read_toyworld
+    from lora_grpo.evaluation.run import load_images
+    from lora_grpo.toyworld.readout import readout
 
     out = tmp_path / "tw"
     args = [
@@ -458,7 +458,7 @@ def test_eval_toyworld_suite_reads_pixels_exactly(tiny_sd_dir, tiny_clip_dir, tm
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())["suites"]["toyworld"]["base"]
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    readings = read_toyworld(read_images([out / r["file"] for r in rows]))
+    readings = readout(load_images([out / r["file"] for r in rows]))
     red_prompts = [i for i, r in enumerate(rows) if " red " in r["prompt"]]
     assert len(red_prompts) == 15
     expected = sum(readings[i].colour == "red" for i in red_prompts) / 15

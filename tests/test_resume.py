@@ -23,6 +23,7 @@ from lora_grpo.checkpoint import (
 from lora_grpo.config import load_config
 from lora_grpo.errors import UserError
 from lora_grpo.recipe_files import find_recipe
+from lora_grpo.rewards import build_reward
 from lora_grpo.train import Trainer
 
 ADAPTER = "adapter/pytorch_lora_weights.safetensors"
@@ -153,9 +154,9 @@ def test_resume_auto_without_a_run_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ in process
-def _trainer(run_dir: Path, *overrides: str) -> Trainer:
+def _trainer(run_dir: Path, *overrides: str, **seams) -> Trainer:
     config = load_config(find_recipe("tiny-test"), list(overrides))
-    return Trainer(config, run_dir, log=lambda line: None)
+    return Trainer(config, run_dir, log=lambda line: None, **seams)
 
 
 def test_8bit_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
@@ -165,14 +166,14 @@ def test_8bit_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
     trainer.start()
     trainer.run_epoch(0)
     path = trainer.checkpoint(1)
-    saved = [_copy_state(trainer.optimizer.state[p]) for p in trainer.params]
-    lora = [p.detach().clone() for p in trainer.params]
+    saved = [_copy_state(trainer.learner.optimizer.state[p]) for p in trainer.learner.params]
+    lora = [p.detach().clone() for p in trainer.learner.params]
     AcceleratorState._reset_state()
 
     fresh = _trainer(tmp_path / "run")
     assert fresh.resume(path) == 1
-    for i, p in enumerate(fresh.params):
-        state = fresh.optimizer.state[p]
+    for i, p in enumerate(fresh.learner.params):
+        state = fresh.learner.optimizer.state[p]
         assert state["state1"].dtype == torch.uint8  # still 8-bit after loading
         assert saved[i].keys() == state.keys()
         assert _copy_state(state).keys() == saved[i].keys()
@@ -204,23 +205,25 @@ class _NanReward:
 
 
 def test_a_nan_group_is_skipped_and_counted_while_the_rest_trains(tmp_path):
-    trainer = _trainer(tmp_path / "run")
-    trainer.reward_fn = _NanReward(trainer.reward_fn, trainer.config.sample.group_size, 0, groups=1)
-    before = [p.detach().clone() for p in trainer.params]
+    config = load_config(find_recipe("tiny-test"))
+    nan_reward = _NanReward(build_reward(config.reward), config.sample.group_size, 0, groups=1)
+    trainer = _trainer(tmp_path / "run", reward_fn=nan_reward)
+    before = [p.detach().clone() for p in trainer.learner.params]
     trainer.start()
     row = trainer.run_epoch(0)
     batches = trainer.config.sample.batches_per_epoch
     assert row["nonfinite_reward_groups"] == batches  # one group per batch
-    assert row["optimizer_steps"] > 0 and trainer.skipped_total == 0
-    assert all(torch.isfinite(p).all() for p in trainer.params)
-    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.params, strict=True))
+    assert row["optimizer_steps"] > 0 and trainer.skips.total == 0
+    assert all(torch.isfinite(p).all() for p in trainer.learner.params)
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.learner.params, strict=True))
     assert row["reward_mean"] == row["reward_mean"]  # logged over the finite rewards: not NaN
 
 
 def test_all_nan_rewards_stop_with_the_last_good_checkpoint_intact(tmp_path):
-    trainer = _trainer(tmp_path / "run", "train.epochs=5", "train.max_skipped_steps=3")
-    batches = trainer.config.sample.batches_per_epoch
-    trainer.reward_fn = _NanReward(trainer.reward_fn, trainer.config.sample.group_size, batches, groups=None)
+    config = load_config(find_recipe("tiny-test"))
+    batches = config.sample.batches_per_epoch
+    nan_reward = _NanReward(build_reward(config.reward), config.sample.group_size, batches, groups=None)
+    trainer = _trainer(tmp_path / "run", "train.epochs=5", "train.max_skipped_steps=3", reward_fn=nan_reward)
     with pytest.raises(UserError, match=r"optimizer steps in a row were skipped.*epoch_000001"):
         trainer.run()
     kept = complete_checkpoints(tmp_path / "run")
@@ -228,7 +231,7 @@ def test_all_nan_rewards_stop_with_the_last_good_checkpoint_intact(tmp_path):
     good = load_file(str(kept[0] / ADAPTER))
     from lora_grpo.models import lora_state_dict
 
-    now = lora_state_dict(trainer.accelerator.unwrap_model(trainer.unet))
+    now = lora_state_dict(trainer.model.unet)
     assert all(
         torch.equal(good[f"unet.{k}"] if f"unet.{k}" in good else good[k], v.cpu()) for k, v in now.items()
     )
@@ -236,22 +239,19 @@ def test_all_nan_rewards_stop_with_the_last_good_checkpoint_intact(tmp_path):
     assert rows[1]["optimizer_steps"] == 0 and rows[1]["skipped_steps_total"] == 2
 
 
-def test_nonfinite_loss_skips_the_optimizer_step(tmp_path, monkeypatch):
-    import lora_grpo.train as train_mod
-
-    real = train_mod.clipped_policy_loss
+def test_nonfinite_loss_skips_the_optimizer_step(tmp_path):
+    from lora_grpo.grpo import clipped_policy_loss
 
     def poisoned(*args, **kwargs):
-        loss, stats = real(*args, **kwargs)
+        loss, stats = clipped_policy_loss(*args, **kwargs)
         return loss * float("nan"), stats
 
-    trainer = _trainer(tmp_path / "run", "train.max_skipped_steps=100", "train.kl_coef=0")
-    before = [p.detach().clone() for p in trainer.params]
-    monkeypatch.setattr(train_mod, "clipped_policy_loss", poisoned)
+    trainer = _trainer(tmp_path / "run", "train.max_skipped_steps=100", "train.kl_coef=0", loss_fn=poisoned)
+    before = [p.detach().clone() for p in trainer.learner.params]
     trainer.start()
     row = trainer.run_epoch(0)
-    assert row["optimizer_steps"] == 0 and trainer.skipped_total == 2  # 16 samples / (4 x 2 accumulation)
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, trainer.params, strict=True))
+    assert row["optimizer_steps"] == 0 and trainer.skips.total == 2  # 16 samples / (4 x 2 accumulation)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, trainer.learner.params, strict=True))
 
 
 def test_only_complete_checkpoints_count_and_prune_keeps_the_newest(tmp_path):
@@ -278,9 +278,9 @@ def test_offloaded_text_encoder_stays_on_the_cpu_in_fp32_and_encodes_the_same(tm
     from accelerate.state import AcceleratorState
 
     plain = _trainer(tmp_path / "a")
-    reference = plain.encode(["a photo of a cat", ""])
+    reference = plain.model.encode(["a photo of a cat", ""])
     AcceleratorState._reset_state()
     offloaded = _trainer(tmp_path / "b", "train.offload_text_encoder=true")
     assert {p.device.type for p in offloaded.pipe.text_encoder.parameters()} == {"cpu"}
     assert {p.dtype for p in offloaded.pipe.text_encoder.parameters()} == {torch.float32}
-    torch.testing.assert_close(offloaded.encode(["a photo of a cat", ""]), reference)
+    torch.testing.assert_close(offloaded.model.encode(["a photo of a cat", ""]), reference)

@@ -125,7 +125,7 @@ def test_build_smoke(smoke_build):
 
 def test_prompt_files_match_the_world():
     from lora_grpo.recipe_files import shipped_recipe_dir
-    from lora_grpo.toyworld.evaluate import safe_compositions, unsafe_compositions
+    from lora_grpo.toyworld.world import safe_compositions, unsafe_compositions
 
     def read(name):
         lines = (shipped_recipe_dir() / "prompts" / name).read_text().splitlines()
@@ -137,7 +137,7 @@ def test_prompt_files_match_the_world():
 
 def test_reward_ordering_flags(tmp_path):
     """The ordering check warns exactly when the reward prefers the wrong colour."""
-    from lora_grpo.toyworld.evaluate import format_ordering, reward_ordering
+    from lora_grpo.toyworld.ordering import format_ordering, reward_ordering
     from lora_grpo.toyworld.world import COLOURS, Composition
 
     def prefers_red(images, prompts):  # a reward that loves red pixels
@@ -157,6 +157,7 @@ def test_reward_ordering_flags(tmp_path):
 def test_short_learning_run_halves_the_red_rate_and_keeps_position(tmp_path):
     """The project's end-to-end proof that the algorithm learns: a shortened `train toyworld` on the shipped
     models, evaluated with the exact pixel evaluator before and after on the same seeds."""
+    from lora_grpo.cli import build_callbacks
     from lora_grpo.config import load_config
     from lora_grpo.recipe_files import find_recipe
     from lora_grpo.train import Trainer
@@ -166,7 +167,7 @@ def test_short_learning_run_halves_the_red_rate_and_keeps_position(tmp_path):
         [f"train.epochs={LEARNING_EPOCHS}", "evaluate.images_per_set=60", "output.sample_grid_every=0"],
     )
     lines = []
-    Trainer(config, tmp_path / "run", log=lines.append).run()
+    Trainer(config, tmp_path / "run", log=lines.append, callbacks=build_callbacks(config)).run()
     report = json.loads((tmp_path / "run" / "toyworld_report.json").read_text())
     before, after = report["before"]["unsafe"], report["after"]["unsafe"]
     assert before["red_rate"] >= 0.6, report  # the base model draws what red prompts ask for

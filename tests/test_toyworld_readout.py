@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from lora_grpo.toyworld.evaluator import read_images
+from lora_grpo.toyworld.readout import readout
 from lora_grpo.toyworld.world import (
     BACKGROUND,
     COLOURS,
@@ -18,7 +18,7 @@ def test_evaluator_is_exact_on_ground_truth():
     rng = np.random.default_rng(0)
     comps = all_compositions() * 4  # every colour x shape x position, four jitters each
     images = torch.stack([render_composition(c, rng) for c in comps])
-    readings = read_images(images)
+    readings = readout(images)
     assert len(comps) == 360
     for comp, r in zip(comps, readings, strict=True):
         assert not r.empty and r.colour == comp.colour and r.position == comp.position, (comp, r)
@@ -27,16 +27,16 @@ def test_evaluator_is_exact_on_ground_truth():
 
 def test_empty_and_dirty_images():
     gray = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, 32, 32).clone()
-    (empty,) = read_images(gray[None])
+    (empty,) = readout(gray[None])
     assert empty.empty and empty.colour is None and empty.background_clean == 1.0
     # a speck of colour is still empty; noise over the background lowers cleanliness
     speck = gray.clone()
     speck[:, 3:5, 3:5] = torch.tensor(COLOURS["red"]).view(3, 1, 1)
-    assert read_images(speck[None])[0].empty
+    assert readout(speck[None])[0].empty
     rng = np.random.default_rng(1)
     comp = all_compositions()[0]
     noisy = render_composition(comp, rng) + 0.3 * torch.from_numpy(rng.standard_normal((3, 32, 32))).float()
-    reading = read_images(noisy.clamp(0, 1)[None])[0]
+    reading = readout(noisy.clamp(0, 1)[None])[0]
     assert reading.background_clean < 0.6
 
 
@@ -55,7 +55,7 @@ def test_captions_and_held_out_split():
 def test_evaluated_sets_keep_red_out_of_the_accuracy_sets():
     """Held-out red compositions are scored with the unsafe set (becoming non-red is the goal there); the
     held-out accuracy set holds the 10 safe ones, and the safe set holds every non-red composition."""
-    from lora_grpo.toyworld.evaluate import prompt_sets
+    from lora_grpo.toyworld.suite import prompt_sets
 
     sets = prompt_sets()
     held_red = [c for c in held_out_compositions() if c.colour == "red"]

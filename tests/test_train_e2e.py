@@ -1,11 +1,13 @@
 """A tiny end-to-end run through the same from_pretrained path users take, checked from every side."""
 
 import json
+import os
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from lora_grpo.cli import build_callbacks
 from lora_grpo.config import load_config
 from lora_grpo.recipe_files import find_recipe
 from lora_grpo.train import Trainer
@@ -13,15 +15,30 @@ from lora_grpo.train import Trainer
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd_dir, tiny_clip_dir, tmp_path_factory):
+    """tiny-test (3 epochs, periodic evaluation at epochs 2 and 3) with both experiment trackers on; W&B
+    offline (nothing leaves the machine)."""
     run_dir = tmp_path_factory.mktemp("run")
     config = load_config(
         find_recipe("recipes/tiny-test.yaml"),
-        [f"model.base={tiny_sd_dir}", f"reward.clip.model={tiny_clip_dir}"],
+        [
+            f"model.base={tiny_sd_dir}",
+            f"reward.clip.model={tiny_clip_dir}",
+            "output.report_to=[tensorboard, wandb]",
+        ],
     )
     lines = []
-    trainer = Trainer(config, run_dir, log=lines.append)
-    before = {k: v.detach().clone() for k, v in trainer.pipe.unet.state_dict().items()}
-    adapter_dir = trainer.run()
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    try:
+        trainer = Trainer(config, run_dir, log=lines.append, callbacks=build_callbacks(config))
+        before = {k: v.detach().clone() for k, v in trainer.pipe.unet.state_dict().items()}
+        adapter_dir = trainer.run()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
     return trainer, before, adapter_dir, run_dir, lines
 
 
@@ -39,8 +56,8 @@ def test_lora_changes_and_base_does_not(trained):
 
 def test_optimizer_state_is_8bit(trained):
     trainer = trained[0]
-    states = [trainer.optimizer.state[p] for p in trainer.params]
-    assert len(states) == len(trainer.params)
+    states = [trainer.learner.optimizer.state[p] for p in trainer.learner.params]
+    assert len(states) == len(trainer.learner.params)
     for state in states:
         assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
 
@@ -82,7 +99,8 @@ def test_periodic_evaluation_is_logged_and_reproducible(trained):
     import torch.nn.functional as F
     from accelerate import Accelerator
 
-    from lora_grpo.evaluation.periodic import eval_prompts, sample_images
+    from lora_grpo.evaluation.periodic import eval_prompts
+    from lora_grpo.rollout import sample_scored
 
     trainer, _, _, run_dir, _ = trained
     Accelerator(mixed_precision="no")  # the autouse fixture reset accelerate's state after the run
@@ -93,7 +111,7 @@ def test_periodic_evaluation_is_logged_and_reproducible(trained):
     for k, prompt_set in enumerate(trainer.prompt_sets):
         prompts = eval_prompts(prompt_set.prompts, ecfg.prompts_per_set, ecfg.images_per_prompt)
         assert len(prompts) == 4 and prompts[0] == prompts[1] == prompt_set.prompts[0]
-        images, rewards = sample_images(trainer, prompts, ecfg.seed + 1000 * k)
+        images, rewards = sample_scored(trainer.model, trainer.reward_fn, prompts, ecfg.seed + 1000 * k)
         key = f"eval/{prompt_set.name}"
         assert last[f"{key}/steering_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
         backend = trainer.reward_fn.backend
@@ -111,7 +129,9 @@ def test_periodic_evaluation_does_not_change_training(trained, tiny_sd_dir, tiny
         find_recipe("recipes/tiny-test.yaml"),
         [f"model.base={tiny_sd_dir}", f"reward.clip.model={tiny_clip_dir}", "evaluate.every=0"],
     )
-    adapter_without = Trainer(config, tmp_path / "run", log=lambda line: None).run()
+    adapter_without = Trainer(
+        config, tmp_path / "run", log=lambda line: None, callbacks=build_callbacks(config)
+    ).run()
     a = load_file(str(adapter_with / "pytorch_lora_weights.safetensors"))
     b = load_file(str(adapter_without / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -155,11 +175,11 @@ def test_bf16_autocast_and_checkpointing_paths(tiny_sd_dir, tiny_clip_dir, tmp_p
     )
     trainer = Trainer(config, tmp_path, log=lambda line: None)
     assert trainer.pipe.unet.is_gradient_checkpointing
-    before = [p.detach().clone() for p in trainer.params]
+    before = [p.detach().clone() for p in trainer.learner.params]
     row = trainer.run_epoch(0)
     assert row["first_ratio_min"] == 1.0 and row["first_ratio_max"] == 1.0
-    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
-    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.learner.params, strict=True))
+    assert all(p.dtype == torch.float32 for p in trainer.learner.params)
 
 
 def test_reward_stats_by_hand():
@@ -172,3 +192,92 @@ def test_reward_stats_by_hand():
     assert stats["reward_unsafe_mean"] == 2.0 and stats["reward_unsafe_std"] == 1.0
     assert stats["reward_safe_mean"] == 4.0 and stats["reward_safe_std"] == 2.0
     assert stats["reward/u"] == 2.0 and stats["reward/s"] == 4.0 and stats["reward_mean"] == 3.0
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_holds_every_metrics_row_and_the_sample_grids(trained):
+    """Read the event file back with TensorBoard's own reader: each logged series equals metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = trained[3]
+    rows = _metrics(run_dir)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    for key in ("reward_mean", "reward_unsafe_mean", "loss", "grad_norm", "time_epoch"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [r["epoch"] for r in rows]
+        # TensorBoard stores float32
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    evaluated = events.Scalars("eval/tiny-unsafe/steering_reward")  # the periodic evaluation's numbers
+    assert [e.step for e in evaluated] == [1, 2]
+    assert [e.value for e in evaluated] == pytest.approx(
+        [r["eval/tiny-unsafe/steering_reward"] for r in rows[1:]], rel=1e-6
+    )
+    grids = events.Images("samples")
+    assert [e.step for e in grids] == [0, 1, 2]
+    from PIL import Image
+
+    png = Image.open(run_dir / "samples" / "epoch_0002.png")
+    assert (grids[-1].width, grids[-1].height) == png.size
+
+
+def _wandb_records(path):
+    """The protobuf records of a W&B run file (a LevelDB-style log: 7-byte file header, 32 KiB blocks, each
+    record a 7-byte header - crc32c, length, type - then its bytes; FIRST/MIDDLE/LAST pieces joined)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pieces, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        pieces += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = pb.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+            pieces = b""
+    return records
+
+
+def test_wandb_offline_run_holds_every_metrics_row(trained):
+    run_dir = trained[3]
+    (run_file,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    history = {}
+    for record in _wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            history.setdefault(int(items["_step"]), {}).update({k: json.loads(v) for k, v in items.items()})
+    rows = _metrics(run_dir)
+    assert sorted(history) == [r["epoch"] for r in rows]
+    for row in rows:
+        logged = history[row["epoch"]]
+        assert logged["reward_mean"] == pytest.approx(row["reward_mean"], rel=1e-9)
+        assert logged["loss"] == pytest.approx(row["loss"], rel=1e-9)
+        (grid,) = logged["samples/filenames"]  # the sample grid, as a W&B image of this step
+        assert grid.startswith(f"media/images/samples_{row['epoch']}_")
+    media = sorted((run_file.parent / "files" / "media" / "images").glob("samples_*.png"))
+    assert len(media) == len(rows)
+
+
+def test_a_missing_tracker_package_is_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from lora_grpo.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    code = main(["train", "tiny-test", "output.report_to=[wandb]"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "pip install wandb" in err and "output.report_to" in err

@@ -88,12 +88,12 @@ def add_parsers(sub) -> None:
 
 def run_eval_command(args: argparse.Namespace) -> None:
     from lora_grpo.config import ClipConfig
-    from lora_grpo.evaluation.generate import Sampler
+    from lora_grpo.evaluation.generate import GenerationSettings
     from lora_grpo.evaluation.run import EvalSettings, run_eval
 
     if args.max_prompts is not None and args.max_prompts < 1:
         raise UserError("--max-prompts must be >= 1")
-    sampler = Sampler(
+    sampler = GenerationSettings(
         steps=args.steps,
         guidance=args.guidance,
         eta=args.eta,

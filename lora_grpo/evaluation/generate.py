@@ -23,7 +23,9 @@ from lora_grpo.evaluation.suites import EvalPrompt, Suite
 
 
 @dataclass(frozen=True)
-class Sampler:
+class GenerationSettings:
+    """How the stock pipeline generates an evaluation's images."""
+
     steps: int = 50
     guidance: float = 7.5  # used when a row has no guidance of its own
     eta: float = 0.0  # 0: deterministic DDIM
@@ -50,7 +52,7 @@ def prompt_dir(out: Path, variant: str, suite: str, index: int) -> Path:
     return out / "images" / variant / suite / f"{index:05d}"
 
 
-def plan_jobs(out: Path, variant: str, suite: Suite, sampler: Sampler) -> list[ImageJob]:
+def plan_jobs(out: Path, variant: str, suite: Suite, sampler: GenerationSettings) -> list[ImageJob]:
     jobs = []
     for i, p in enumerate(suite.prompts):
         base_seed = p.seed if (sampler.use_row_settings and p.seed is not None) else sampler.seed + i
@@ -105,7 +107,7 @@ def batches(jobs: list[ImageJob], size: int) -> Iterable[list[ImageJob]]:
 def generate_images(
     pipe,
     jobs: list[ImageJob],
-    sampler: Sampler,
+    sampler: GenerationSettings,
     batch_size: int,
     progress: Callable[[int], None] = lambda n: None,
 ) -> int:
@@ -130,7 +132,9 @@ def generate_images(
     return done
 
 
-def manifest_rows(jobs: list[ImageJob], out: Path, model: str, adapter: str | None, sampler: Sampler):
+def manifest_rows(
+    jobs: list[ImageJob], out: Path, model: str, adapter: str | None, sampler: GenerationSettings
+):
     for j in jobs:
         yield {
             "file": str(j.path.relative_to(out)),

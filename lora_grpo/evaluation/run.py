@@ -18,8 +18,8 @@ from lora_grpo.config import ClipConfig, ModelConfig
 from lora_grpo.errors import UserError
 from lora_grpo.evaluation import metrics as M
 from lora_grpo.evaluation.generate import (
+    GenerationSettings,
     ImageJob,
-    Sampler,
     generate_images,
     manifest_rows,
     plan_jobs,
@@ -34,6 +34,7 @@ from lora_grpo.evaluation.report import (
     write_report,
 )
 from lora_grpo.evaluation.suites import I2P_CATEGORIES, Suite, load_suite
+from lora_grpo.models import pick_device
 from lora_grpo.reward_check import IMAGE_SUFFIXES, read_image
 
 CHUNK = 64  # images read from disk at a time
@@ -48,7 +49,7 @@ class EvalSettings:
     column: str = "prompt"  # CSV column holding the prompts (attack CSVs name theirs differently)
     safety: str | None = None  # force the suites' side (unsafe / safe) for plain prompt files
     max_prompts: int | None = None  # first N prompts of each suite (a quick look)
-    sampler: Sampler = field(default_factory=Sampler)
+    sampler: GenerationSettings = field(default_factory=GenerationSettings)
     batch_size: int = 4  # images per pipeline call
     nudenet: bool = True
     nudenet_threshold: float = DEFAULT_THRESHOLD
@@ -62,7 +63,8 @@ class EvalSettings:
     grid_prompts: int = 4
 
 
-def read_images(paths: list[Path]) -> torch.Tensor:
+def load_images(paths: list[Path]) -> torch.Tensor:
+    """Image files as one batch [N, 3, H, W] in [0, 1]."""
     return torch.stack([read_image(p) for p in paths])
 
 
@@ -144,8 +146,8 @@ def generate_all(settings: EvalSettings, suites: list[Suite], log) -> dict[str, 
             write_metadata(out, v, s)
     if not any(pending.values()):
         return jobs
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    device = pick_device(settings.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = load_pipeline(ModelConfig(base=settings.base), dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -174,7 +176,7 @@ class PerImage:
 class Scorer:
     """Loads each scorer once and computes the per-image values of a list of jobs."""
 
-    def __init__(self, settings: EvalSettings, device: str):
+    def __init__(self, settings: EvalSettings, device: torch.device):
         from lora_grpo.rewards.clip_backends import load_clip
         from lora_grpo.rewards.steering import SteeringReward, load_anchors
 
@@ -193,22 +195,22 @@ class Scorer:
             self.fid = M.fid_metric()
             files = reference_images(settings.fid_reference)
             for i in range(0, len(files), CHUNK):
-                self.fid.update(read_images(files[i : i + CHUNK]), real=True)
+                self.fid.update(load_images(files[i : i + CHUNK]), real=True)
 
     def per_image(self, jobs: list[ImageJob], toyworld: bool, fid: bool) -> PerImage:
         """One pass over the images on disk, chunk by chunk (a suite never sits in memory whole)."""
         from lora_grpo.rewards.steering import encode_prompts
-        from lora_grpo.toyworld.evaluator import read_images as read_toyworld
+        from lora_grpo.toyworld.readout import readout
 
         use_fid = fid and self.fid is not None
         if use_fid:
             self.fid.reset()  # generated statistics only: the reference ones are kept
         embeds, readings = [], []
         for i in range(0, len(jobs), CHUNK):
-            images = read_images([j.path for j in jobs[i : i + CHUNK]])
+            images = load_images([j.path for j in jobs[i : i + CHUNK]])
             embeds.append(self.clip.encode_images(images).cpu())
             if toyworld:
-                readings += read_toyworld(images)
+                readings += readout(images)
             if use_fid:
                 self.fid.update(images, real=False)
         return PerImage(
@@ -221,17 +223,16 @@ class Scorer:
 
 
 def toyworld_scores(jobs: list[ImageJob], readings: list) -> dict:
-    from lora_grpo.toyworld.evaluate import composition_readings
+    from lora_grpo.toyworld.readout import caption_pairs, score
     from lora_grpo.toyworld.world import UNSAFE_COLOUR
 
-    pairs = composition_readings([j.prompt for j in jobs], readings)
-    unsafe = [(c, r) for c, r in pairs if c.colour == UNSAFE_COLOUR]
-    safe = [(c, r) for c, r in pairs if c.colour != UNSAFE_COLOUR]
+    pairs = caption_pairs([j.prompt for j in jobs], readings)
+    unsafe = score([(c, r) for c, r in pairs if c.colour == UNSAFE_COLOUR])
+    safe = score([(c, r) for c, r in pairs if c.colour != UNSAFE_COLOUR])
     return {
-        "red_rate": sum(r.colour == UNSAFE_COLOUR for _, r in unsafe) / max(1, len(unsafe)),
-        "unsafe_position": sum(r.position == c.position for c, r in unsafe) / max(1, len(unsafe)),
-        "safe_colour_position": sum(r.colour == c.colour and r.position == c.position for c, r in safe)
-        / max(1, len(safe)),
+        "red_rate": unsafe.red_rate,
+        "unsafe_position": unsafe.position_accuracy,
+        "safe_colour_position": safe.colour_position_accuracy,
     }
 
 
@@ -283,7 +284,7 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     log("scoring...")
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(settings.device)
     scorer = Scorer(settings, device)
     results: dict[str, dict] = {s.name: {} for s in suites}
     embeds: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -18,7 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, first_line
+from lora_grpo.prompts import read_prompt_lines
 
 I2P_DATASET = "AIML-TUDA/i2p"
 I2P_CATEGORIES = (
@@ -126,7 +127,7 @@ def _load_dataset(dataset: str, split: str = "train"):
     try:
         return datasets.load_dataset(dataset, split=split)
     except Exception as err:  # the hub client raises many types; the user needs one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UserError(
             f"could not load dataset '{dataset}': {reason}. Check your network, or pass a local CSV file"
         ) from None
@@ -162,10 +163,7 @@ def load_prompt_csv(path: Path, column: str, safety: str, kind: str = "prompts")
 
 
 def load_text_prompts(path: Path, safety: str) -> Suite:
-    if not path.is_file():
-        raise UserError(f"suite file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    prompts = read_prompt_lines(path, "suite file")
     if not prompts:
         raise UserError(f"suite file {path} is empty: write one prompt per line")
     return Suite(path.stem, safety, tuple(EvalPrompt(p) for p in prompts), str(path), "prompts")

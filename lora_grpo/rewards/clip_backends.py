@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lora_grpo.config import ClipConfig
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, first_line
 from lora_grpo.tiny import BUILTIN_PREFIX, resolve_builtin
 
 
@@ -58,11 +58,6 @@ def _resolve(ref: str) -> str:
     return str(resolve_builtin(ref[len(BUILTIN_PREFIX) :])) if ref.startswith(BUILTIN_PREFIX) else ref
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 class TransformersClip:
     """A transformers `CLIPModel` (hub id such as openai/clip-vit-large-patch14, or a local folder)."""
 
@@ -80,7 +75,7 @@ class TransformersClip:
             self.tokenizer = CLIPTokenizer.from_pretrained(ref)
             processor = CLIPImageProcessor.from_pretrained(ref)
         except (OSError, ValueError) as err:
-            raise UserError(f"could not load CLIP model '{model}': {_first_line(err)}") from None
+            raise UserError(f"could not load CLIP model '{model}': {first_line(err)}") from None
         # transformers 5 gives SizeDicts; both support ["key"]
         self.image_size = int(processor.crop_size["height"])
         self.resize = int(processor.size["shortest_edge"] or self.image_size)
@@ -136,7 +131,7 @@ class OpenClip:
             self.tokenizer = open_clip.get_tokenizer(model)
         except (RuntimeError, OSError, ValueError, KeyError) as err:
             raise UserError(
-                f"could not load open_clip model '{model}' ({checkpoint}): {_first_line(err)}"
+                f"could not load open_clip model '{model}' ({checkpoint}): {first_line(err)}"
             ) from None
         self.model.eval().requires_grad_(False)
         cfg = self.model.visual.preprocess_cfg

@@ -330,7 +330,7 @@ EVAL_SAMPLER = {"num_inference_steps": 20, "eta": 1.0, "guidance_scale": 1.0}  #
 
 def held_out_accuracy(pipe, images: int = 120, seed: int = 0, batch: int = 40) -> dict[str, float]:
     """Colour, position and both right, read by the exact evaluator, on held-out compositions; stock pipeline."""
-    from lora_grpo.toyworld.evaluator import read_images
+    from lora_grpo.toyworld.readout import readout, score
 
     comps = [held_out_compositions()[i % len(held_out_compositions())] for i in range(images)]
     readings = []
@@ -342,14 +342,13 @@ def held_out_accuracy(pipe, images: int = 120, seed: int = 0, batch: int = 40) -
             output_type="pt",
             **EVAL_SAMPLER,
         ).images
-        readings += read_images(out)
-    colour = [r.colour == c.colour for c, r in zip(comps, readings, strict=True)]
-    position = [r.position == c.position for c, r in zip(comps, readings, strict=True)]
+        readings += readout(out)
+    scores = score(list(zip(comps, readings, strict=True)))
     return {
         "images": images,
-        "colour": sum(colour) / images,
-        "position": sum(position) / images,
-        "colour_and_position": sum(a and b for a, b in zip(colour, position, strict=True)) / images,
+        "colour": scores.colour_accuracy,
+        "position": scores.position_accuracy,
+        "colour_and_position": scores.colour_position_accuracy,
     }
 
 
@@ -358,7 +357,7 @@ def ordering_check(clip_dir: Path, log: Callable[[str], None]) -> dict:
     from lora_grpo.config import load_config
     from lora_grpo.recipe_files import find_recipe
     from lora_grpo.rewards import build_reward
-    from lora_grpo.toyworld.evaluate import format_ordering, ordering_prompts, reward_ordering
+    from lora_grpo.toyworld.ordering import format_ordering, ordering_prompts, reward_ordering
 
     config = load_config(find_recipe("toyworld"), [f"reward.clip.model={clip_dir}"])
     rows = reward_ordering(build_reward(config.reward), ordering_prompts())

@@ -55,6 +55,14 @@ def all_compositions() -> list[Composition]:
     return [Composition(c, s, p) for c, s, p in itertools.product(COLOURS, SHAPES, POSITIONS)]
 
 
+def unsafe_compositions() -> list[Composition]:
+    return [c for c in all_compositions() if c.colour == UNSAFE_COLOUR]
+
+
+def safe_compositions() -> list[Composition]:
+    return [c for c in all_compositions() if c.colour != UNSAFE_COLOUR]
+
+
 def held_out_compositions() -> list[Composition]:
     """Compositions never captioned in full during pretraining: two (shape, position) pairs per colour,
     rotating so every shape and every position is held out for some colour."""

@@ -1,0 +1,136 @@
+"""Set up what a run trains: the accelerator, the frozen pipeline with its LoRA, the optimizer and LR schedule,
+the frozen rollout view of the model, and LoRA-only checkpoints. Each step is a function of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lora_grpo.checkpoint import ADAPTER_DIR
+from lora_grpo.config import Config, TrainConfig
+from lora_grpo.errors import UserError
+from lora_grpo.models import (
+    PromptEncoder,
+    add_lora,
+    freeze,
+    load_lora_state,
+    load_pipeline,
+    save_adapter,
+)
+from lora_grpo.rollout import RolloutModel
+from lora_grpo.sampling import ddim_schedule
+from lora_grpo.update import Learner
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def setup_accelerator(cfg: TrainConfig, seed: int):
+    """An accelerate `Accelerator` (DDP when launched with several processes) with the recipe's precision."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cpu = not torch.cuda.is_available()
+    if cpu and cfg.mixed_precision == "fp16":
+        raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on a CPU")
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        raise UserError(
+            f"this process already trained with another train.mixed_precision; accelerate keeps one per "
+            f"process, so start a new process for mixed_precision={cfg.mixed_precision}"
+        ) from None
+    if cfg.allow_tf32 and accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(seed)
+    return accelerator
+
+
+def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The frozen modules' dtype: the mixed-precision dtype on a GPU, fp32 on the CPU (autocast still applies)."""
+    return DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32
+
+
+def setup_pipeline(config: Config, device: torch.device):
+    """The base pipeline, frozen, on `device` in `frozen_dtype`; the text encoder optionally on the CPU."""
+    tcfg = config.train
+    pipe = load_pipeline(config.model, dtype=frozen_dtype(tcfg, device))
+    freeze(pipe)
+    pipe.to(device)
+    if tcfg.offload_text_encoder:  # frees its GPU memory; prompts are few per epoch, the CPU is enough
+        pipe.text_encoder.to("cpu", dtype=torch.float32)
+    return pipe
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """bitsandbytes 8-bit AdamW (default) or torch AdamW over the LoRA parameters."""
+    kwargs = dict(
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.adam_weight_decay,
+    )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    # min_8bit_size=0: rank-4 LoRA matrices are below the 4096-element default and would keep fp32 state.
+    return bnb.optim.AdamW8bit(params, min_8bit_size=0, **kwargs)
+
+
+def setup_learner(accelerator, pipe, config: Config, trainable: Callable = add_lora) -> Learner:
+    """Add the trained parameters (`trainable(unet, lora_settings)`: the LoRA unless a benchmark swaps it),
+    build the optimizer and LR schedule and hand them to accelerate."""
+    from diffusers.optimization import get_scheduler
+
+    tcfg = config.train
+    torch.manual_seed(config.seed)  # LoRA init
+    params = trainable(pipe.unet, config.lora)
+    if tcfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    optimizer = make_optimizer(params, tcfg)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=tcfg.lr_warmup_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    return Learner(accelerator, unet, params, optimizer, lr_scheduler)
+
+
+def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
+    """The frozen view a rollout samples from: the learner's UNet (unwrapped), with the recipe's sampler."""
+    acc, s = learner.accelerator, config.sample
+    text_device = torch.device("cpu") if config.train.offload_text_encoder else acc.device
+    encode = PromptEncoder(pipe, text_device, acc.device, frozen_dtype(config.train, acc.device))
+    scale = pipe.vae_scale_factor
+    return RolloutModel(
+        unet=acc.unwrap_model(learner.unet),
+        vae=pipe.vae,
+        schedule=ddim_schedule(pipe.scheduler, s.num_steps),
+        encode=encode,
+        uncond=encode([s.negative_prompt]) if s.guidance_scale > 1 else None,  # [1, L, D]
+        latent_size=(s.resolution or pipe.unet.config.sample_size * scale) // scale,
+        guidance=s.guidance_scale,
+        eta=s.eta,
+        decode_batch_size=s.decode_batch_size,
+        device=acc.device,
+        autocast=acc.autocast,
+    )
+
+
+def save_lora_only_checkpoints(accelerator, base_model: str) -> None:
+    """accelerate's save/load_state keep the LoRA only (it would otherwise write the whole frozen UNet)."""
+
+    def save(models, weights, output_dir) -> None:
+        if accelerator.is_main_process:
+            unet = accelerator.unwrap_model(models[0])
+            save_adapter(unet, Path(output_dir) / ADAPTER_DIR, base_model=base_model)
+        weights.clear()
+
+    def load(models, input_dir) -> None:
+        load_lora_state(accelerator.unwrap_model(models[0]), Path(input_dir) / ADAPTER_DIR)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)

@@ -1,0 +1,124 @@
+"""Rollouts: prompts + seeded generators -> stochastic DDIM trajectories (with step log-probs) and images.
+
+The one place images are sampled from the policy being trained. Training, periodic evaluation and the toy
+world's before/after suite all call `rollout`, through `RolloutModel`, a frozen view of just the model parts
+a rollout needs (not the trainer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from lora_grpo.models import decode_latents
+from lora_grpo.sampling import DdimSchedule, block_noise, sample_trajectories, seeded_generator
+
+
+@dataclass(frozen=True)
+class RolloutModel:
+    """What sampling needs: the UNet (LoRA included, unwrapped from DDP), the VAE, the DDIM schedule, prompt
+    encoding, the recipe's sampler settings and the autocast context."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    schedule: DdimSchedule
+    encode: Callable[[list[str]], Tensor]  # prompts -> [N, L, D] on `device`, in the frozen modules' dtype
+    uncond: Tensor | None  # [1, L, D] embedding of the negative prompt; None when guidance is 1
+    latent_size: int
+    guidance: float
+    eta: float
+    decode_batch_size: int
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    def uncond_for(self, n: int) -> Tensor | None:
+        """The unconditional embedding repeated for a batch of `n` ([n, L, D]), or None without CFG."""
+        return self.uncond.expand(n, -1, -1) if self.uncond is not None else None
+
+
+@dataclass
+class Rollout:
+    """N = prompts x group size sampled images and what the update needs to re-evaluate their steps."""
+
+    cond: Tensor  # [N, L, D] text embeddings
+    latents: Tensor  # [N, T+1, C, h, w]: x_T ... x_0, fp32
+    log_probs: Tensor  # [N, T] log-prob of each step taken, fp32
+    images: Tensor  # [N, 3, H, W] in [0, 1]
+
+
+def concat(rollouts: Sequence[Rollout]) -> Rollout:
+    """Rollouts of several batches as one, rows in batch order."""
+    return Rollout(**{f.name: torch.cat([getattr(r, f.name) for r in rollouts]) for f in fields(Rollout)})
+
+
+def _no_timer(phase: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def rollout(
+    model: RolloutModel,
+    prompts: list[str],
+    generators: torch.Generator | Sequence[torch.Generator],
+    group_size: int = 1,
+    shared_initial_noise: bool = False,
+    on_step: Callable[[], None] | None = None,
+    timer: Callable[[str], contextlib.AbstractContextManager] = _no_timer,
+) -> Rollout:
+    """Sample `group_size` images for each prompt: rows [p0 x G, p1 x G, ...].
+
+    `generators`: one generator for the whole batch, or one per prompt (its group's initial noise and step
+    noise then depend on nothing else: the same group comes out whichever batch or process it lands in).
+    `shared_initial_noise`: the G samples of a prompt start from the same noise (the group baseline then
+    compares the stochastic denoising steps). `timer(phase)` wraps the "sampling" and "decode" phases.
+    """
+    unet = model.unet
+    was_training = unet.training
+    unet.eval()
+    n = len(prompts) * group_size
+    n_noise = len(prompts) if shared_initial_noise else n
+    noise = block_noise((n_noise, model.latent_channels, model.latent_size, model.latent_size), generators)
+    if shared_initial_noise:
+        noise = noise.repeat_interleave(group_size, dim=0)
+    with timer("sampling"):
+        cond = model.encode(prompts).repeat_interleave(group_size, dim=0)  # [N, L, D]
+        with model.autocast():
+            traj = sample_trajectories(
+                unet,
+                model.schedule,
+                cond,
+                model.uncond_for(n),
+                noise.to(model.device),
+                model.guidance,
+                model.eta,
+                generators,
+                on_step=on_step,
+            )
+    with timer("decode"):
+        images = decode_latents(model.vae, traj.latents[:, -1], model.decode_batch_size)
+    unet.train(was_training)
+    return Rollout(cond, traj.latents, traj.log_probs, images)
+
+
+def sample_scored(
+    model: RolloutModel, reward_fn, prompts: list[str], seed: int, batch: int = 40
+) -> tuple[Tensor, Tensor]:
+    """Images [N, 3, H, W] (CPU) and rewards [N] of `prompts` (one image each) on noise fixed by `seed`.
+
+    The noise of batch b comes from a generator keyed by (seed, b), so calls at different points of training
+    compare the models on the same noise; evaluation draws nothing from the training streams.
+    """
+    images, rewards = [], []
+    for b in range(0, len(prompts), batch):
+        texts = prompts[b : b + batch]
+        out = rollout(model, texts, seeded_generator(seed, b))
+        images.append(out.images.cpu())
+        rewards.append(reward_fn(out.images, texts).float().cpu())
+    return torch.cat(images), torch.cat(rewards)

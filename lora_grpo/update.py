@@ -1,0 +1,222 @@
+"""One PPO update over a rollout: re-evaluate the stored steps under the current LoRA, clipped loss, step.
+
+Over `train.inner_epochs` passes, the rollout's trajectories are shuffled into minibatches; for each, the
+trained denoising steps (a subset per trajectory, `grpo.subsample_timesteps`) are re-evaluated with gradient
+and their clipped losses accumulated over steps and `train.gradient_accumulation_steps` minibatches into one
+optimizer step. Gradients sync across processes once per optimizer step (`no_sync` elsewhere). A non-finite
+loss or gradient norm skips the optimizer step on every process (`SkipCounter` stops the run after too many
+in a row). The first optimizer step's importance ratios are kept: before any update they must be exactly 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lora_grpo.config import TrainConfig
+from lora_grpo.errors import UserError
+from lora_grpo.grpo import clipped_policy_loss, gaussian_kl, subsample_timesteps
+from lora_grpo.models import adapter_disabled
+from lora_grpo.rollout import Rollout, RolloutModel
+from lora_grpo.sampling import step_log_prob
+
+LossFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass
+class Learner:
+    """What an update changes: the UNet as prepared by accelerate (DDP-wrapped under several processes),
+    its trainable parameters, the optimizer and the LR schedule."""
+
+    accelerator: object
+    unet: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+
+
+@dataclass
+class SkipCounter:
+    """Optimizer steps skipped for non-finite values; after `limit` in a row the run stops with one line."""
+
+    limit: int
+    in_a_row: int = 0
+    total: int = 0
+    last_checkpoint: Path | None = None  # named in the stop message: where to resume from
+
+    def state(self) -> dict[str, int]:
+        """What a checkpoint keeps (`restore` puts it back)."""
+        return {"skipped_in_a_row": self.in_a_row, "skipped_total": self.total}
+
+    def restore(self, state: dict, checkpoint: Path) -> None:
+        self.in_a_row, self.total = state["skipped_in_a_row"], state["skipped_total"]
+        self.last_checkpoint = checkpoint
+
+    def count(self, why: str, steps: int = 1) -> None:
+        self.in_a_row += steps
+        self.total += steps
+        if self.in_a_row >= self.limit:
+            kept = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was written"
+            )
+            raise UserError(
+                f"training stopped: {self.in_a_row} optimizer steps in a row were skipped ({why}); "
+                f"{kept}. Check the reward model on these prompts or lower train.learning_rate"
+            )
+
+
+def _stat(reduce: str = "mean"):
+    """A per-step statistic and how its values combine into one number (within and across processes)."""
+    return field(default=None, metadata={"reduce": reduce})
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """One epoch's update, summarised over every trained step and every process. A field that is None was
+    not measured (no KL term, no optimizer step taken, or the update was skipped) and is left out of the row.
+
+    Per-step values are averaged, except ratio_min / ratio_max: the extremes (their `reduce` metadata).
+    """
+
+    optimizer_steps: int
+    lr: float
+    loss: float | None = _stat()
+    ratio_mean: float | None = _stat()
+    ratio_min: float | None = _stat("min")
+    ratio_max: float | None = _stat("max")
+    clip_fraction: float | None = _stat()
+    approx_kl: float | None = _stat()
+    kl: float | None = _stat()  # KL to the reference policy (train.kl_coef > 0)
+    grad_norm: float | None = _stat()  # before clipping, over the optimizer steps taken
+    first_ratio_mean: float | None = None  # importance ratios before the first optimizer step: exactly 1
+    first_ratio_min: float | None = None
+    first_ratio_max: float | None = None
+
+    def row(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+REDUCED = [f for f in fields(UpdateStats) if "reduce" in f.metadata]
+_REDUCE = {"mean": lambda v: sum(v) / len(v), "min": min, "max": max}
+
+
+def gather_step_stats(accelerator, values: dict[str, list[float]]) -> dict[str, float]:
+    """Reduce each per-step series on this process, then over every process, with its field's rule."""
+    names = [f.name for f in REDUCED if values.get(f.name)]
+    rules = [_REDUCE[f.metadata["reduce"]] for f in REDUCED if values.get(f.name)]
+    local = torch.tensor([rule(values[n]) for n, rule in zip(names, rules, strict=True)])
+    every = accelerator.gather(local[None].to(accelerator.device))  # [world, K]
+    return {n: rule(every[:, i].tolist()) for i, (n, rule) in enumerate(zip(names, rules, strict=True))}
+
+
+def ppo_update(
+    learner: Learner,
+    model: RolloutModel,
+    rollout: Rollout,
+    advantages: Tensor,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    skips: SkipCounter,
+    loss_fn: LossFn = clipped_policy_loss,
+    on_pass: Callable[[], None] | None = None,
+) -> UpdateStats:
+    """PPO-clipped steps on the stored trajectories of `rollout` (advantages [N])."""
+    acc, unet = learner.accelerator, learner.unet
+    unet.train()
+    n = rollout.latents.shape[0]
+    series: dict[str, list[float]] = {f.name: [] for f in REDUCED}
+    first_ratios: list[Tensor] = []
+    optimizer_steps = 0
+    nonfinite = False  # a non-finite loss in the current accumulation window
+    for _ in range(cfg.inner_epochs):
+        perm = torch.randperm(n, generator=generator)
+        steps = subsample_timesteps(
+            n, model.schedule.num_steps, cfg.timestep_fraction, generator, cfg.timesteps == "earliest"
+        )  # [N, k]
+        k = steps.shape[1]
+        for m, rows in enumerate(perm.split(cfg.batch_size)):
+            rows_d = rows.to(model.device)
+            cond, uncond = rollout.cond[rows_d], model.uncond_for(rows.shape[0])
+            closes_step = (m + 1) % cfg.gradient_accumulation_steps == 0
+            for j in range(k):
+                idx = steps[rows, j].to(model.device)  # [b] step index per trajectory
+                x_t, x_prev = rollout.latents[rows_d, idx], rollout.latents[rows_d, idx + 1]
+                old_log_prob = rollout.log_probs[rows_d, idx]
+                step_args = (model.schedule, idx, x_t, x_prev, cond, uncond, model.guidance, model.eta)
+                sync = closes_step and j == k - 1
+                with contextlib.nullcontext() if sync else acc.no_sync(unet):
+                    with acc.autocast():
+                        log_prob, mean, std = step_log_prob(unet, *step_args)
+                    loss, metrics = loss_fn(log_prob, old_log_prob, advantages[rows_d], cfg.clip_range)
+                    if cfg.kl_coef > 0:
+                        with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
+                            _, ref_mean, _ = step_log_prob(unet, *step_args)
+                        kl = gaussian_kl(mean, std, ref_mean, std).mean()
+                        loss = loss + cfg.kl_coef * kl
+                        series["kl"].append(kl.item())
+                    if not torch.isfinite(loss):
+                        # zero gradients through every LoRA parameter keep DDP's reducer in step
+                        nonfinite = True
+                        loss = torch.stack([(p * 0).sum() for p in learner.params]).sum()
+                    acc.backward(loss / (k * cfg.gradient_accumulation_steps))
+                series["loss"].append(loss.item())
+                if on_pass is not None:
+                    on_pass()
+                for name, value in metrics.items():
+                    if name in series:
+                        series[name].append(value.item())
+                if optimizer_steps == 0:
+                    first_ratios.append(torch.exp(log_prob.detach() - old_log_prob))
+            if closes_step:
+                stepped, norm = _optimizer_step(learner, cfg, nonfinite, skips)
+                if stepped:
+                    series["grad_norm"].append(norm)
+                    optimizer_steps += 1
+                nonfinite = False
+    first = acc.gather(torch.cat(first_ratios)) if first_ratios else torch.full((1,), float("nan"))
+    return UpdateStats(
+        optimizer_steps=optimizer_steps,
+        lr=learner.lr_scheduler.get_last_lr()[0],
+        first_ratio_mean=first.mean().item(),
+        first_ratio_min=first.min().item(),
+        first_ratio_max=first.max().item(),
+        **gather_step_stats(acc, series),
+    )
+
+
+def _optimizer_step(learner: Learner, cfg: TrainConfig, nonfinite: bool, skips: SkipCounter):
+    """Clip and step, or skip on every process when any of them saw a non-finite loss or gradient.
+    Returns (stepped, gradient norm before clipping)."""
+    acc = learner.accelerator
+    if cfg.max_grad_norm > 0:
+        norm = acc.clip_grad_norm_(learner.params, cfg.max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in learner.params if p.grad is not None])
+        )
+    # every rank takes the same decision: a flag summed over ranks
+    flag = torch.tensor(float(nonfinite or not torch.isfinite(norm)), device=acc.device)
+    if acc.reduce(flag, "sum").item() > 0:
+        learner.optimizer.zero_grad(set_to_none=True)
+        skips.count("a non-finite loss or gradient")
+        return False, float("nan")
+    learner.optimizer.step()
+    learner.lr_scheduler.step()
+    learner.optimizer.zero_grad(set_to_none=True)
+    skips.in_a_row = 0
+    return True, float(norm)
+
+
+def skipped_update(learner: Learner, num_samples: int, cfg: TrainConfig, skips: SkipCounter, why: str):
+    """No usable sample this epoch: count the optimizer steps the update would have taken as skipped."""
+    per_inner = math.ceil(num_samples / cfg.batch_size) // cfg.gradient_accumulation_steps
+    skips.count(why, max(1, cfg.inner_epochs * per_inner))
+    return UpdateStats(optimizer_steps=0, lr=learner.lr_scheduler.get_last_lr()[0])

@@ -10,7 +10,9 @@ Paths inside a recipe (prompt files, anchor files) are relative to the recipe fi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import yaml
 from lora_grpo.errors import UserError
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # a recipe name is also a folder name under runs/
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
@@ -156,7 +159,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
-        _require(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _require(
+            0 < self.learning_rate < 1,
+            "train.learning_rate",
+            f"must be in (0, 1), got {self.learning_rate} (LoRA learning rates are around 1e-4 to 1e-3)",
+        )
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _require(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
         _require(self.inner_epochs >= 1, "train.inner_epochs", "must be >= 1")
@@ -201,6 +208,7 @@ class OutputConfig:
     grid_images: int = 8  # prompts shown per grid
     checkpoint_every: int = 0  # write a checkpoint every N epochs (0: only at the end)
     keep_checkpoints: int = 2  # keep the newest K checkpoints
+    progress_seconds: float = 30.0  # output not a terminal (a log file): a progress line every N seconds
     # experiment trackers (through accelerate): every metrics row as scalars, sample grids as images
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
 
@@ -208,6 +216,7 @@ class OutputConfig:
         _require(self.sample_grid_every >= 0, "output.sample_grid_every", "must be >= 0")
         _require(self.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0")
         _require(self.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
+        _require(self.progress_seconds >= 0, "output.progress_seconds", "must be >= 0")
         _require(len(set(self.report_to)) == len(self.report_to), "output.report_to", "names a tracker twice")
 
 
@@ -224,6 +233,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _require(self.images_per_set >= 1, "evaluate.images_per_set", "must be >= 1")
+        _require(0 <= self.seed < 2**63, "evaluate.seed", f"must be a non-negative integer, got {self.seed}")
         _require(self.every >= 0, "evaluate.every", "must be >= 0 (0: no periodic evaluation)")
         _require(self.prompts_per_set >= 1, "evaluate.prompts_per_set", "must be >= 1")
         _require(self.images_per_prompt >= 1, "evaluate.images_per_prompt", "must be >= 1")
@@ -245,6 +255,12 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            bool(_NAME.match(self.name)),
+            "name",
+            f"{self.name!r} is not a plain name: use letters, digits, '.', '_' and '-' (it names the run folder)",
+        )
+        _require(0 <= self.seed < 2**63, "seed", f"must be a non-negative integer, got {self.seed}")
         per_epoch = self.samples_per_epoch
         _require(
             per_epoch % self.train.batch_size == 0,
@@ -328,11 +344,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         # PyYAML reads 1e-5 (no dot) as a string: accept numeric strings for float fields.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"recipe key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise UserError(f"recipe key '{key}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -351,7 +369,12 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     for key in data:
         if key not in known:
             full = f"{prefix}.{key}" if prefix else str(key)
-            raise UserError(f"unknown recipe key '{full}': valid keys here are {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'? " if close else ""
+            raise UserError(
+                f"unknown recipe key '{full}': {hint}valid keys here are {', '.join(sorted(known))} "
+                "(every key is documented in lora_grpo/config.py; `lora-grpo recipes show tiny-test` prints a recipe)"
+            )
     kwargs = {}
     for name, value in data.items():
         full = f"{prefix}.{name}" if prefix else name
@@ -382,10 +405,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set dotted keys in the raw recipe mapping (validation of the keys happens in `from_dict`)."""
+def apply_overrides(data: dict, overrides: list[str], base_dir: Path | None = None) -> dict:
+    """Set dotted keys in the raw recipe mapping (validation of the keys happens in `from_dict`). With
+    `base_dir`, relative file paths the overrides give (prompt files, anchors) resolve against it."""
     for text in overrides:
         parts, value = parse_override(text)
+        if base_dir is not None:
+            patch: Any = value
+            for part in reversed(parts):
+                patch = {part: patch}
+            resolve_recipe_paths(patch, base_dir)
+            for part in parts:
+                patch = patch[part]
+            value = patch
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -414,6 +446,19 @@ def read_yaml(path: Path, what: str) -> Any:
         raise UserError(f"{what} {path} is not a UTF-8 text file") from None
 
 
+def resolve_recipe_paths(data: dict, base_dir: Path) -> None:
+    """Make the relative file paths of raw recipe data (prompt files, the anchors file) absolute against
+    `base_dir`, in place; anything malformed is left for validation to name."""
+    prompts = data.get("prompts")
+    sets = prompts.get("sets") if isinstance(prompts, dict) else None
+    for item in sets if isinstance(sets, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            item["path"] = _resolve_relative(item["path"], base_dir)
+    reward = data.get("reward")
+    if isinstance(reward, dict) and isinstance(reward.get("anchors"), str):
+        reward["anchors"] = _resolve_relative(reward["anchors"], base_dir)
+
+
 def _resolve_relative(path: str | None, base_dir: Path) -> str | None:
     if path is None or "://" in path:
         return path
@@ -422,7 +467,8 @@ def _resolve_relative(path: str | None, base_dir: Path) -> str | None:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a recipe file, apply dotted overrides, validate, and make its relative paths absolute."""
+    """Load a recipe file, apply dotted overrides and validate. Relative file paths become absolute: those in
+    the recipe against the recipe's folder, those an override gives against the current directory."""
     path = Path(path)
     data = read_yaml(path, "recipe")
     if data is None:
@@ -431,14 +477,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise UserError(
             f"recipe {path} must be a mapping of sections (model:, prompts:, ...), not {type(data).__name__}"
         )
-    data = apply_overrides(data, overrides or [])
-    data.setdefault("name", path.stem)
-    config = from_dict(Config, data)
-    recipe_dir = path.resolve().parent
-    for prompt_set in config.prompts.sets:
-        prompt_set.path = _resolve_relative(prompt_set.path, recipe_dir)
-    config.reward.anchors = _resolve_relative(config.reward.anchors, recipe_dir)
-    return config
+    resolve_recipe_paths(data, path.resolve().parent)
+    data = apply_overrides(data, overrides or [], Path.cwd())
+    data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "recipe")
+    return from_dict(Config, data)
 
 
 def save_config(config: Config, path: Path) -> None:

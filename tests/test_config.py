@@ -91,6 +91,37 @@ def test_relative_paths_resolve_against_the_recipe(tmp_path):
     assert config.prompts.sets[0].path == str((tmp_path / "p.txt").resolve())
 
 
+def test_override_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    """Paths in a recipe file are relative to the file; paths typed in an override to where the user is."""
+    recipe_dir, cwd = tmp_path / "recipes", tmp_path / "work"
+    (recipe_dir / "anchors").mkdir(parents=True)
+    (cwd / "my").mkdir(parents=True)
+    data = tiny_data()
+    data["reward"]["anchors"] = "anchors/in-recipe.yaml"
+    data["prompts"]["sets"][0]["path"] = "p.txt"
+    recipe = write_recipe(recipe_dir, data)
+    monkeypatch.chdir(cwd)
+    config = load_config(recipe)
+    assert config.reward.anchors == str((recipe_dir / "anchors" / "in-recipe.yaml").resolve())
+    assert config.prompts.sets[0].path == str((recipe_dir / "p.txt").resolve())
+    config = load_config(
+        recipe,
+        ["reward.anchors=my/anchors.yaml", "prompts.sets=[{name: mine, safety: safe, path: my/p.txt}]"],
+    )
+    assert config.reward.anchors == str((cwd / "my" / "anchors.yaml").resolve())
+    assert config.prompts.sets[0].path == str((cwd / "my" / "p.txt").resolve())
+    absolute = str(tmp_path / "elsewhere.yaml")
+    assert load_config(recipe, [f"reward.anchors={absolute}"]).reward.anchors == absolute
+
+
+def test_a_recipe_file_name_that_is_no_folder_name_becomes_one(tmp_path):
+    data = tiny_data()
+    data.pop("name", None)
+    path = tmp_path / "my recipe (v2).yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).name == "my-recipe-v2"
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -114,6 +145,16 @@ def test_relative_paths_resolve_against_the_recipe(tmp_path):
         ("train.timestep_fraction=0", "recipe key 'train.timestep_fraction'"),
         ("reward.anchors=null", "recipe key 'reward.anchors': the steering reward needs an anchors file"),
         ("sample=3", "recipe key 'sample': expected a mapping"),
+        ("train.learning_rate=1e400", "recipe key 'train.learning_rate': expected a finite number"),
+        ("train.learning_rate=.nan", "recipe key 'train.learning_rate': expected a finite number"),
+        ("reward.alpha=-.inf", "recipe key 'reward.alpha': expected a finite number"),
+        ("train.learning_rate=5", "recipe key 'train.learning_rate': must be in (0, 1)"),
+        ("seed=-1", "recipe key 'seed': must be a non-negative integer"),
+        ("evaluate.seed=-3", "recipe key 'evaluate.seed': must be a non-negative integer"),
+        ("name=../../x", "recipe key 'name': '../../x' is not a plain name"),
+        ("name=a/b", "is not a plain name"),
+        ("train.learnig_rate=1e-4", "did you mean 'train.learning_rate'?"),
+        ("sampel.num_steps=3", "did you mean 'sample'?"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

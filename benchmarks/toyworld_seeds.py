@@ -17,12 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_grpo.cli import _quiet_libraries, build_callbacks
+from lora_grpo.cli import _quiet_libraries
 from lora_grpo.config import load_config
 from lora_grpo.recipe_files import find_recipe
 from lora_grpo.toyworld.suite import ToyworldSuite
 from lora_grpo.tracking import read_jsonl
 from lora_grpo.train import Trainer
+from lora_grpo.train_command import build_callbacks
 
 
 def run_seed(seed: int, overrides: list[str], out: Path) -> dict:

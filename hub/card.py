@@ -75,7 +75,7 @@ def metrics_summary(metrics: list[dict]) -> str:
     ):
         if key in first and key in last:
             lines.append(f"| {label} | {first[key]:.4f} | {last[key]:.4f} |")
-    lines.append(f"| epochs | | {last['epoch'] + 1} |")
+    lines.append(f"| epochs | | {last['epoch']} |")
     return "\n".join(lines)
 
 

@@ -18,10 +18,16 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, first_line
 from lora_grpo.hub.card import build_card, reward_curves_png
 from lora_grpo.hub.kohya import to_kohya
-from lora_grpo.models import ADAPTER_WEIGHTS, read_adapter_metadata
+from lora_grpo.models import (
+    ADAPTER_WEIGHTS,
+    adapter_weights_file,
+    portable_model_name,
+    read_adapter_metadata,
+)
+from lora_grpo.runs import check_writable_folder
 from lora_grpo.tracking import read_jsonl
 
 REPORT_FILES = ("eval/report.json", "report.json", "toyworld_report.json")
@@ -38,10 +44,13 @@ def locate(src: str | Path) -> tuple[Path, Path]:
         raise UserError(
             f"no adapter found at {src}: give a run directory (with adapter/) or an adapter folder"
         )
-    for run_dir in (weights.parent, weights.parent.parent):
-        if (run_dir / "config.yaml").is_file():
-            return weights, run_dir
-    raise UserError(f"no config.yaml next to {weights}: export the run directory that trained it")
+    run_dir = next(
+        (d for d in (weights.parent, weights.parent.parent) if (d / "config.yaml").is_file()), None
+    )
+    if run_dir is None:
+        raise UserError(f"no config.yaml next to {weights}: export the run directory that trained it")
+    adapter_weights_file(weights)  # readable, finite: a diverged run's adapter is never published
+    return weights, run_dir
 
 
 def lora_shape(metadata: dict[str, str]) -> tuple[int, float]:
@@ -55,6 +64,51 @@ def lora_shape(metadata: dict[str, str]) -> tuple[int, float]:
     return int(meta["unet.r"]), float(meta["unet.lora_alpha"])
 
 
+def check_repo_id(repo_id: str) -> None:
+    """The ids `push` accepts: user/name, with the Hub's own rules for each part."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"--repo '{repo_id}' is not a Hub repo id: {first_line(err)}") from None
+    if repo_id.count("/") != 1:
+        raise UserError(f"--repo must be user/name, got '{repo_id}'")
+
+
+def portable_recipe(config: dict, out: Path) -> dict:
+    """The run's config made to work elsewhere: models named by hub id, `builtin:NAME` or folder name, no
+    output folder, and the prompt and anchor files copied into OUT (prompts/, anchors/) and named relative
+    to it, so `lora-grpo train OUT/recipe.yaml` runs the same recipe on another machine."""
+    config = json.loads(json.dumps(config))  # a deep copy of plain data
+    config["model"]["base"] = portable_model_name(config["model"]["base"])
+    clip = config["reward"]["clip"]
+    clip["model"] = portable_model_name(clip["model"])
+    if clip.get("checkpoint"):
+        clip["checkpoint"] = Path(clip["checkpoint"]).name
+    config["output"]["dir"] = None
+    missing = [
+        f
+        for f in [*(s.get("path") for s in config["prompts"]["sets"]), config["reward"].get("anchors")]
+        if f and not Path(f).is_file()
+    ]
+    if missing:
+        raise UserError(f"the run's file {missing[0]} is gone: restore it so the export can carry it")
+    for prompt_set in config["prompts"]["sets"]:
+        if prompt_set.get("path"):
+            source = Path(prompt_set["path"])
+            target = Path("prompts") / f"{prompt_set['name']}{source.suffix}"
+            (out / "prompts").mkdir(exist_ok=True)
+            shutil.copyfile(source, out / target)
+            prompt_set["path"] = target.as_posix()
+    if config["reward"].get("anchors"):
+        source = Path(config["reward"]["anchors"])
+        (out / "anchors").mkdir(exist_ok=True)
+        shutil.copyfile(source, out / "anchors" / source.name)
+        config["reward"]["anchors"] = f"anchors/{source.name}"
+    return config
+
+
 def export(
     src: str | Path,
     out: str | Path,
@@ -65,10 +119,15 @@ def export(
     fused: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
+    if repo_id is not None:
+        check_repo_id(repo_id)
     weights, run_dir = locate(src)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out, "--out folder")
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    local_base = config["model"]["base"]  # for --fused, which loads it here
+    out.mkdir(parents=True, exist_ok=True)
+    config = portable_recipe(config, out)
     name = name or config.get("name") or "safety-lora"
     repo_id = repo_id or f"your-username/{name}"
     metadata = read_adapter_metadata(weights)
@@ -100,10 +159,12 @@ def export(
     save_file(to_kohya(load_file(str(weights)), alpha), str(out / comfy_name), metadata=kohya_meta)
 
     # recipe and card
-    shutil.copyfile(run_dir / "config.yaml", out / "recipe.yaml")
+    header = f"# {name}: exported by `lora-grpo export`; run it again with: lora-grpo train recipe.yaml\n"
+    recipe_text = header + yaml.safe_dump(config, sort_keys=False)
+    (out / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
     anchors_path = config.get("reward", {}).get("anchors")
-    if anchors_path and Path(anchors_path).is_file():
-        anchors = yaml.safe_load(Path(anchors_path).read_text(encoding="utf-8")) or {}
+    if anchors_path and (out / anchors_path).is_file():
+        anchors = yaml.safe_load((out / anchors_path).read_text(encoding="utf-8")) or {}
         config["anchors_used"] = {k: anchors.get(k) or [] for k in ("safe", "unsafe")}
     metrics_file = run_dir / "metrics.jsonl"
     metrics = read_jsonl(metrics_file) if metrics_file.is_file() else []
@@ -128,7 +189,7 @@ def export(
         from lora_grpo.config import ModelConfig
         from lora_grpo.models import load_adapter, load_pipeline
 
-        pipe = load_pipeline(ModelConfig(base=base_model))
+        pipe = load_pipeline(ModelConfig(base=local_base))
         load_adapter(pipe, out / ADAPTER_WEIGHTS)
         pipe.fuse_lora()
         pipe.unload_lora_weights()

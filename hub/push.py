@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from lora_grpo.errors import UserError
+from lora_grpo.hub.export import check_repo_id
 from lora_grpo.models import ADAPTER_WEIGHTS
 
 REQUIRED = (ADAPTER_WEIGHTS, "README.md")
@@ -61,8 +62,7 @@ def push(
         raise UserError(
             f"{folder} is not an export (needs {', '.join(REQUIRED)}): run `lora-grpo export` first"
         )
-    if repo_id.count("/") != 1:
-        raise UserError(f"--repo must be user/name, got '{repo_id}'")
+    check_repo_id(repo_id)
     # HF_ENDPOINT read now, not at import, so a mirror or test server set later is honoured
     api = HfApi(token=resolve_token(token), endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:

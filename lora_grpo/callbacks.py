@@ -3,7 +3,8 @@ without the trainer importing them (the CLI builds the callbacks from the recipe
 
 The trainer calls every callback on the main process only, in the order given:
   on_start(ctx)                         after the run folder is ready (and a resumed run is loaded)
-  on_epoch_end(ctx, epoch, row, grid)   after each epoch; returns metrics merged into that epoch's row (so a
+  on_epoch_end(ctx, epoch, row, grid)   after each epoch (`epoch` counts from 1, as in metrics.jsonl, the
+                                        sample grids and the checkpoints); returns metrics merged into the row (so a
                                         later callback, e.g. a tracker, sees an earlier one's numbers); `grid`
                                         is the epoch's sample grid PNG, or None when none was written
   on_end(ctx)                           after training finished and the adapter was saved

@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, first_line
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -51,7 +51,9 @@ def read_trainer_state(checkpoint: Path) -> dict:
     try:
         return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {checkpoint} is unreadable ({err}); resume from an older one") from None
+        raise UserError(
+            f"checkpoint {checkpoint} is unreadable ({STATE_FILE}: {first_line(err)}); {_older(checkpoint)}"
+        ) from None
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
@@ -115,36 +117,36 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def find_resume_checkpoint(resume: str, run_dirs_root: Path, recipe_name: str) -> Path:
-    """`--resume auto`: the newest complete checkpoint of the newest run of this recipe under
-    `run_dirs_root`; `--resume PATH`: that checkpoint, or the newest complete one in that run folder."""
-    if resume == "auto":
-        newest = [
-            found[-1]
-            for run in run_dirs_root.glob(f"{recipe_name}-*")
-            if (found := complete_checkpoints(run))
-        ]
-        if not newest:
+def check_checkpoint(path: Path) -> dict:
+    """Every file of a checkpoint loads (its state, the adapter, the optimizer, the LR schedule and each
+    process's RNG state), before anything is changed; returns its state. A file that does not load makes the
+    whole checkpoint unreadable: one line naming the file and the older checkpoint to use."""
+    from accelerate.utils import load
+    from safetensors.torch import load_file
+
+    state = read_trainer_state(path)
+    files = [
+        path / ADAPTER_DIR / "pytorch_lora_weights.safetensors",
+        path / "optimizer.bin",
+        path / "scheduler.bin",
+    ]
+    files += [path / f"random_states_{rank}.pkl" for rank in range(int(state.get("world_size", 1)))]
+    for file in files:
+        try:
+            if not file.is_file():
+                raise FileNotFoundError("missing")
+            load_file(str(file)) if file.suffix == ".safetensors" else load(str(file))  # weights_only=True
+        except (
+            Exception
+        ) as err:  # truncated, corrupt or unsafe (a pickle that is not plain data): all unreadable
             raise UserError(
-                f"--resume auto found no run of recipe {recipe_name!r} with a complete checkpoint under "
-                f"{run_dirs_root}: start without --resume, or give --resume RUN_DIR"
-            )
-        return max(newest, key=lambda checkpoint: checkpoint.stat().st_mtime)
-    path = Path(resume).expanduser()
-    if not path.exists():
-        raise UserError(f"--resume {resume}: no such folder; give a run folder or RUN/checkpoints/epoch_N")
-    if (path / COMPLETE_MARKER).is_file():
-        return path
-    if path.is_dir() and complete_checkpoints(path):
-        return complete_checkpoints(path)[-1]
-    if path.is_dir() and (path / STATE_FILE).is_file():
-        raise UserError(
-            f"checkpoint {path} has no {COMPLETE_MARKER} marker (it was interrupted while saving): resume from an older one"
-        )
-    raise UserError(
-        f"--resume {resume}: no complete checkpoint there; give a run folder or RUN/checkpoints/epoch_N"
-    )
+                f"checkpoint {path} is unreadable ({file.name}: {first_line(err)}); {_older(path)}"
+            ) from None
+    return state
 
 
-def run_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent
+def _older(path: Path) -> str:
+    older = [c for c in complete_checkpoints(path.parent.parent) if c.name < path.name]
+    if older:
+        return f"resume from the older checkpoint with --resume {older[-1]}"
+    return "no older checkpoint is left: start a new run"

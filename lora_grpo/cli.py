@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
+from lora_grpo import __version__
 from lora_grpo.errors import UserError
 from lora_grpo.stopping import TrainingInterrupted
 
@@ -28,49 +28,19 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lora_grpo.config import load_config
-    from lora_grpo.recipe_files import find_recipe
-    from lora_grpo.train import train
+    from lora_grpo.train_command import run_train
 
-    config = load_config(find_recipe(args.recipe), args.overrides)
-    run_dir, resume = (Path(args.out) if args.out else None), None
-    if args.resume:
-        from lora_grpo.checkpoint import find_resume_checkpoint, run_dir_of
-
-        where = str(run_dir) if args.resume == "auto" and run_dir else args.resume
-        resume = find_resume_checkpoint(where, Path("runs"), config.name)
-        run_dir = run_dir_of(resume)
-        # the run's own resolved config; command-line overrides (e.g. more train.epochs) still apply
-        config = load_config(run_dir / "config.yaml", args.overrides)
-    train(config, run_dir, resume=resume, callbacks=build_callbacks(config))
-
-
-def build_callbacks(config) -> list:
-    """What runs around training, from the recipe: periodic evaluation, the toy world's before/after suite,
-    experiment trackers (in that order: a tracker logs the evaluation's numbers of the same epoch)."""
-    callbacks = []
-    toyworld = config.evaluate.suite == "toyworld"
-    if config.evaluate.every:
-        from lora_grpo.evaluation.periodic import PeriodicEval
-
-        extra = None
-        if toyworld:
-            from lora_grpo.toyworld.readout import periodic_metrics as extra
-        callbacks.append(PeriodicEval(config.evaluate, config.train.epochs, extra))
-    if toyworld:
-        from lora_grpo.toyworld.suite import ToyworldSuite
-
-        callbacks.append(ToyworldSuite(config.evaluate.images_per_set, config.evaluate.seed))
-    if config.output.report_to:
-        from lora_grpo.trackers import ExperimentTrackers
-
-        callbacks.append(ExperimentTrackers(config.output.report_to))
-    return callbacks
+    run_train(args)
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    from lora_grpo.recipe_files import recipe_summary, shipped_recipes
+    from lora_grpo.recipe_files import find_recipe, recipe_summary, shipped_recipes
 
+    if args.recipes_command == "show":
+        path = find_recipe(args.name)
+        print(f"# {path}  (copy it, edit it, run: lora-grpo train my-recipe.yaml)")
+        print(path.read_text(encoding="utf-8"), end="")
+        return
     recipes = shipped_recipes()
     width = max((len(n) for n in recipes), default=0)
     for name, path in recipes.items():
@@ -145,21 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lora-grpo",
         description="Train a safety LoRA for Stable Diffusion with online GRPO and a CLIP steering reward.",
     )
+    parser.add_argument("--version", action="version", version=f"lora-grpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a safety LoRA from a recipe")
+    p = sub.add_parser(
+        "train",
+        help="train a safety LoRA from a recipe",
+        description="Train a safety LoRA from a recipe. Every recipe key is documented, one comment per "
+        "field, in lora_grpo/config.py (the README's Recipes section shows a whole recipe); "
+        "`lora-grpo recipes show NAME` prints a shipped recipe to copy and edit.",
+    )
     p.add_argument(
         "recipe", help="a shipped recipe name (see `lora-grpo recipes`) or a path to a recipe .yaml"
     )
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=3e-5 sample.num_steps=20"
     )
-    p.add_argument("--out", help="run directory (default: runs/<recipe>-<timestamp>)")
+    p.add_argument("--out", help="run directory (default: runs/<recipe>-<timestamp>); must be new or empty")
     p.add_argument(
         "--resume",
         metavar="auto|PATH",
-        help="continue from a checkpoint: auto = the newest complete one of this recipe's newest run under "
-        "./runs (or of --out), PATH = a run folder or RUN/checkpoints/epoch_N",
+        help="continue from a checkpoint: auto = the newest complete one of the run of this recipe created "
+        "last under ./runs (or of --out), PATH = a run folder or RUN/checkpoints/epoch_N",
+    )
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out first and start again")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the recipe, paths and output folder, print the resolved config and the work per epoch, "
+        "load nothing",
     )
     p.set_defaults(func=cmd_train)
 
@@ -177,9 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; each next image adds 1")
     p.add_argument("--adapter-scale", type=float, default=1.0, help="LoRA weight (0 disables it)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace images already in --out")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p = sub.add_parser("recipes", help="list the shipped recipes (`recipes show NAME` prints one)")
+    shows = p.add_subparsers(dest="recipes_command")
+    show = shows.add_parser("show", help="print a recipe's YAML and where it lives, to copy and edit")
+    show.add_argument("name", help="a shipped recipe name or a path to a recipe .yaml")
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser(
@@ -239,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # the usage of the command that was typed, not the top level's
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         _quiet_libraries()
         args.func(args)

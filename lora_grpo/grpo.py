@@ -101,3 +101,18 @@ def subsample_timesteps(
     window = k if earliest else num_steps
     order = torch.stack([torch.randperm(window, generator=generator) for _ in range(num_samples)])
     return order[:, :k]  # [N, k]
+
+
+def stratified_order(member_rank: Tensor, group_size: int, steps: int, noise: Tensor) -> Tensor:
+    """The order an inner epoch visits trajectories in: [N] indices, chunked by the caller into minibatches
+    and optimizer steps.
+
+    member_rank [N]: each trajectory's rank within its prompt group (a random permutation of 0..G-1 per
+    group); noise [N]: a random tie-break. Optimizer step s gets the members ranked in
+    [s*G/steps, (s+1)*G/steps) of every group, in `noise` order: every step sees every prompt group, and
+    which trajectories a step holds depends on nothing but the trajectories themselves (so N processes
+    holding the groups between them take the same steps as one process) whenever `steps` divides G.
+    """
+    layer = member_rank * steps // group_size  # [N] the optimizer step of each trajectory
+    by_noise = torch.argsort(noise)
+    return by_noise[torch.argsort(layer[by_noise], stable=True)]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lora_grpo.config import LoraSettings, ModelConfig
-from lora_grpo.errors import UserError, first_line
+from lora_grpo.errors import UserError, first_line, hub_load_error
 from lora_grpo.tiny import BUILTIN_PREFIX, resolve_builtin
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -44,6 +44,28 @@ def resolve_model_ref(ref: str) -> str:
     return ref
 
 
+def portable_model_name(ref: str) -> str:
+    """How to name a model outside this machine: a hub id or `builtin:NAME` as it is, a built-in model's folder
+    as `builtin:NAME`, any other local folder by its folder name (never an absolute path)."""
+    from lora_grpo.tiny import BUILTIN_MODELS, SHIPPED_MODELS, builtin_home, shipped_models_dir
+
+    if ref.startswith(BUILTIN_PREFIX) or "://" in ref:
+        return ref
+    path = Path(ref).expanduser()
+    if not path.exists() and _HUB_ID.match(ref):
+        return ref
+    resolved = path.resolve()
+    for name in SHIPPED_MODELS:
+        if resolved == (shipped_models_dir() / name).resolve():
+            return BUILTIN_PREFIX + name
+    for name in BUILTIN_MODELS:
+        if resolved.parent == (builtin_home() / "builtin").resolve() and resolved.name.startswith(
+            f"{name}-v"
+        ):
+            return BUILTIN_PREFIX + name
+    return resolved.name
+
+
 def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
     """Load the base pipeline without its safety checker, with a DDIM scheduler from the model's config."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -59,11 +81,13 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
             requires_safety_checker=False,
             local_files_only=Path(ref).is_dir(),
         )
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"could not load base model '{cfg.base}': {first_line(err)} "
-            "(check the hub id and your network or HF_TOKEN, or give a local diffusers folder)"
-        ) from None
+    except Exception as err:  # hub, file and format errors of many types: the user needs one line
+        if Path(ref).is_dir():
+            raise UserError(
+                f"could not load base model folder {ref}: {first_line(err)} (a damaged or incomplete "
+                "diffusers folder: copy or download it again)"
+            ) from None
+        raise hub_load_error("base model", cfg.base, err) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -176,8 +200,45 @@ def base_architecture(unet_config) -> str:
 def read_adapter_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+        raise UserError(
+            f"adapter file {path} is not a readable .safetensors file ({first_line(err)})"
+        ) from None
+
+
+def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+
+
+def adapter_weights_file(adapter: str | Path) -> Path:
+    """The weights file of an adapter (a folder holding pytorch_lora_weights.safetensors, or a .safetensors
+    file), checked before any model loads: it exists, reads as safetensors and holds only finite weights."""
+    from safetensors.torch import load_file
+
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise UserError(f"adapter folder {path} has no {ADAPTER_WEIGHTS}: give the run's adapter/ folder")
+        path = path / ADAPTER_WEIGHTS
+    elif not path.is_file():
+        raise UserError(f"adapter not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:
+        raise UserError(
+            f"adapter file {path} is not a readable .safetensors file ({first_line(err)}): give the "
+            "pytorch_lora_weights.safetensors of a run's adapter/ folder"
+        ) from None
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise UserError(
+            f"adapter {path} holds non-finite weights ({bad[0]}): it comes from a run that diverged; use the "
+            "adapter of an earlier checkpoint (RUN/checkpoints/epoch_N/adapter)"
+        )
+    return path
 
 
 def add_adapter_metadata(path: str | Path, extra: dict[str, str]) -> None:
@@ -198,8 +259,13 @@ def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Pa
     from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in lora_state_dict(unet).items()}
+    if nonfinite_keys(state):  # never write weights that would only produce noise
+        raise UserError(
+            f"not saving the adapter to {out_dir}: its weights are non-finite ({nonfinite_keys(state)[0]}); "
+            "lower train.learning_rate and resume from the last good checkpoint"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
         out_dir,
         unet_lora_layers=state,
@@ -209,7 +275,7 @@ def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Pa
     path = out_dir / ADAPTER_WEIGHTS
     extra = {"lora_grpo.base_architecture": base_architecture(unet.config)}
     if base_model:
-        extra["lora_grpo.base_model"] = base_model
+        extra["lora_grpo.base_model"] = portable_model_name(base_model)
     add_adapter_metadata(path, extra)
     return path
 
@@ -217,15 +283,8 @@ def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Pa
 def load_adapter(pipe, adapter: str | Path) -> None:
     """Load a saved adapter (folder or .safetensors file) into a pipeline with diffusers' own loader."""
     path = Path(adapter).expanduser()
-    if path.is_dir():
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            raise UserError(f"adapter folder {path} has no {ADAPTER_WEIGHTS}: give the run's adapter/ folder")
-        args, kwargs = (str(path),), {"weight_name": ADAPTER_WEIGHTS}
-    elif path.is_file():
-        args, kwargs = (str(path.parent),), {"weight_name": path.name}
-    else:
-        raise UserError(f"adapter not found: {path}")
-    weights = Path(args[0]) / kwargs["weight_name"]
+    weights = adapter_weights_file(path)
+    args, kwargs = (str(weights.parent),), {"weight_name": weights.name}
     if weights.suffix == ".safetensors":
         expected = read_adapter_metadata(weights).get("lora_grpo.base_architecture")
         actual = base_architecture(pipe.unet.config)

@@ -25,6 +25,13 @@ class PromptSet:
     weight: float
 
 
+def _check_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder: give a file")
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+
+
 def read_prompt_lines(path: str | Path, what: str = "prompt file") -> list[str]:
     """One prompt per line of a UTF-8 text file; blank lines and `#` comment lines are skipped.
 
@@ -32,10 +39,7 @@ def read_prompt_lines(path: str | Path, what: str = "prompt file") -> list[str]:
     file, a folder or a binary file is a one-line error; an empty result is left to the caller.
     """
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a folder: give a text file with one prompt per line")
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+    _check_file(path, what)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -43,23 +47,34 @@ def read_prompt_lines(path: str | Path, what: str = "prompt file") -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def read_csv_rows(path: str | Path, what: str = "prompt file") -> tuple[list[str], list[dict]]:
+    """(column names, rows) of a UTF-8 CSV file, with the same one-line errors as `read_prompt_lines`."""
+    path = Path(path)
+    _check_file(path, what)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a UTF-8 CSV file: save it as UTF-8 text") from None
+    except csv.Error as err:
+        raise UserError(f"{what} {path} is not a readable CSV file ({first_line(err)})") from None
+
+
 def _keep_row(row: dict, filters: dict) -> bool:
     return all(str(row.get(k)) == str(v) for k, v in filters.items())
 
 
-def _read_csv_prompts(path: Path, column: str, filters: dict) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        missing = [c for c in [column, *filters] if c not in fields]
-        if missing:
-            raise UserError(
-                f"prompt file {path} has no column '{missing[0]}' (columns: {', '.join(fields) or 'none'}): "
-                "set the prompt set's `column` to the one holding the prompts"
-            )
-        return [
-            row[column].strip() for row in reader if _keep_row(row, filters) and (row[column] or "").strip()
-        ]
+def _read_csv_prompts(path: Path, column: str, filters: dict, what: str) -> list[str]:
+    fields, rows = read_csv_rows(path, what)
+    missing = [c for c in [column, *filters] if c not in fields]
+    if missing:
+        raise UserError(
+            f"prompt file {path} has no column '{missing[0]}' (columns: {', '.join(fields) or 'none'}): "
+            "set the prompt set's `column` to the one holding the prompts"
+        )
+    return [row[column].strip() for row in rows if _keep_row(row, filters) and (row[column] or "").strip()]
 
 
 def _read_dataset_prompts(cfg: PromptSetConfig) -> list[str]:
@@ -95,8 +110,8 @@ def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
     if cfg.path is not None:
         path = Path(cfg.path)
         what = f"prompt file for set '{cfg.name}'"
-        if path.suffix.lower() == ".csv" and path.is_file():
-            prompts = _read_csv_prompts(path, cfg.column, cfg.filter)
+        if path.suffix.lower() == ".csv":
+            prompts = _read_csv_prompts(path, cfg.column, cfg.filter, what)
         else:
             prompts = read_prompt_lines(path, what)
         source = str(path)

@@ -14,15 +14,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """One image file as a [3, H, W] float tensor in [0, 1]."""
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    """One image file as a [3, H, W] float tensor in [0, 1]; a file that is not a readable image is one line."""
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data
+        raise UserError(f"image {path} cannot be read ({first_line(err)}): replace or remove it") from None
     return torch.from_numpy(array).permute(2, 0, 1)
 
 

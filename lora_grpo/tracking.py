@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import textwrap
 import time
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +38,11 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
 
-    def truncate(self, next_epoch: int) -> None:
-        """Drop rows of epochs >= next_epoch (a resumed run redoes them), atomically."""
+    def truncate(self, done: int) -> None:
+        """Keep the rows of epochs 1..done (a resumed run redoes the later ones), atomically."""
         if not self.path.is_file():
             return
-        kept = [row for row in read_jsonl(self.path) if row.get("epoch", 0) < next_epoch]
+        kept = [row for row in read_jsonl(self.path) if row.get("epoch", 0) <= done]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
         tmp.replace(self.path)
@@ -125,17 +127,34 @@ def epoch_reward_stats(rewards: torch.Tensor, set_index: torch.Tensor, prompt_se
     return reward_stats(rewards[ok], set_index[ok], safety, [s.name for s in prompt_sets])
 
 
+def grid_due(number: int, every: int, epochs: int) -> bool:
+    """Epoch `number` (1-based) gets a sample grid: the first, every `every`-th and the last (every 0: none)."""
+    return bool(every) and (number == 1 or number % every == 0 or number == epochs)
+
+
 def save_group_grid(
-    path: Path, images: torch.Tensor, captions: list[str], group_size: int, count: int
+    path: Path,
+    images: torch.Tensor,
+    prompts: list[str],
+    labels: list[str],
+    rewards: torch.Tensor,
+    group_size: int,
+    count: int,
 ) -> None:
-    """The first image of each of the first `count` groups (rows laid out group by group), captioned."""
+    """The first image of each of the first `count` groups (rows laid out group by group), captioned with its
+    label (safe/unsafe), prompt and reward."""
     firsts = list(range(0, images.shape[0], group_size))[:count]
-    save_grid(images[firsts], [captions[i] for i in firsts], path)
+    captions = [f"[{labels[i]}] {prompts[i]}  r={rewards[i].item():.3f}" for i in firsts]
+    save_grid(images[firsts], captions, path)
 
 
-def console_line(row: dict, epochs: int) -> str:
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def console_line(row: dict, epochs: int, eta: str = "") -> str:
     """One progress line per epoch: rewards for safe and unsafe prompts, loss, clip fraction, KL, time."""
-    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"samples {row['samples']}"]
+    parts = [f"epoch {row['epoch']}/{epochs}", f"samples {row['samples']}"]
     for kind in ("safe", "unsafe"):
         if f"reward_{kind}_mean" in row:
             parts.append(f"{kind} r {row[f'reward_{kind}_mean']:.4f}±{row[f'reward_{kind}_std']:.4f}")
@@ -148,24 +167,97 @@ def console_line(row: dict, epochs: int) -> str:
     if row.get("nonfinite_reward_groups"):
         parts.append(f"non-finite reward groups {row['nonfinite_reward_groups']}")
     parts.append(f"{row['time_epoch']:.1f}s")
+    if eta:
+        parts.append(eta)
     return "  ".join(parts)
 
 
-def epoch_progress(config, epoch: int, enabled: bool = True):
-    """A transient bar over the epoch's UNet passes (denoising steps, then trained steps); terminals only."""
-    from tqdm.auto import tqdm
+def epoch_work(config) -> dict[str, int]:
+    """One epoch's work on one process, from the recipe alone.
 
-    k = trained_steps(config.sample.num_steps, config.train.timestep_fraction)
-    total = config.sample.batches_per_epoch * config.sample.num_steps
-    total += config.train.inner_epochs * (config.samples_per_epoch // config.train.batch_size) * k
-    return tqdm(
-        total=total,
-        desc=f"epoch {epoch + 1}/{config.train.epochs}",
-        unit="pass",
-        leave=False,
-        dynamic_ncols=True,
-        disable=None if enabled else True,  # None: off when stderr is not a terminal
-    )
+    *_passes: images through the UNet at one denoising step (classifier-free guidance doubles them):
+    sampling forwards, training forward+backward, and with train.kl_coef > 0 the reference policy's forwards;
+    *_calls: the batched UNet calls behind them (what the progress counts); optimizer_steps.
+    """
+    s, t = config.sample, config.train
+    cfg = 2 if s.guidance_scale > 1 else 1
+    k = trained_steps(s.num_steps, t.timestep_fraction)
+    minibatches = t.inner_epochs * (config.samples_per_epoch // t.batch_size)
+    training = t.inner_epochs * config.samples_per_epoch * k * cfg
+    return {
+        "sampling_passes": config.samples_per_epoch * s.num_steps * cfg,
+        "training_passes": training,
+        "reference_passes": training if t.kl_coef > 0 else 0,
+        "sampling_calls": s.batches_per_epoch * s.num_steps,
+        "training_calls": minibatches * k,
+        "optimizer_steps": minibatches // t.gradient_accumulation_steps,
+    }
+
+
+class EpochProgress:
+    """Progress over one epoch's UNet calls (sampling steps, then trained steps).
+
+    In a terminal: a transient tqdm bar. Otherwise (nohup, Slurm, CI logs): a plain line through `log` every
+    `every_seconds`, with the epoch's share done and the run's ETA, so a piped log shows the run is alive.
+    """
+
+    def __init__(self, config, epoch: int, run_eta: RunClock, log, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.total = max(1, sum(v for k, v in epoch_work(config).items() if k.endswith("_calls")))
+        self.epoch, self.epochs, self.clock, self.log = epoch, config.train.epochs, run_eta, log
+        self.every = config.output.progress_seconds
+        self.terminal = enabled and sys.stderr.isatty()
+        self.plain = enabled and not self.terminal
+        self.bar = tqdm(
+            total=self.total,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            unit="pass",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.terminal,
+        )
+        self.done, self.last = 0, time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        now = time.monotonic()
+        if self.plain and now - self.last >= self.every:
+            self.last = now
+            share = min(1.0, self.done / self.total)
+            self.log(
+                f"epoch {self.epoch + 1}/{self.epochs}: {share:.0%} of its UNet calls done; "
+                f"{self.clock.eta_text(self.epoch, share)}"
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class RunClock:
+    """The run's ETA from the mean time of the epochs this process has run so far."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.seconds: list[float] = []
+
+    def add(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    def eta_text(self, epoch: int, share: float = 1.0) -> str:
+        """`epoch` (0-based) is `share` done; the rest of the run at the mean epoch time."""
+        if not self.seconds:
+            return "ETA after the first epoch"
+        remaining = (self.epochs - epoch - share) * sum(self.seconds) / len(self.seconds)
+        return f"ETA {format_duration(remaining)}"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def no_progress():

@@ -19,18 +19,12 @@ from pathlib import Path
 
 import torch
 
+from lora_grpo import policy
 from lora_grpo.callbacks import Callback, RunContext
 from lora_grpo.checkpoint import load_training_state, save_training_state
 from lora_grpo.config import Config
 from lora_grpo.grpo import clipped_policy_loss, finite_group_advantages
 from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
-from lora_grpo.policy import (
-    rollout_model,
-    save_lora_only_checkpoints,
-    setup_accelerator,
-    setup_learner,
-    setup_pipeline,
-)
 from lora_grpo.prompts import epoch_prompts, first_slot, load_prompt_set
 from lora_grpo.rewards import RewardFn, build_reward
 from lora_grpo.rollout import Rollout, concat, rollout
@@ -38,13 +32,16 @@ from lora_grpo.runs import default_run_dir, write_run_config
 from lora_grpo.sampling import seeded_generator
 from lora_grpo.stopping import StopRequests, TrainingInterrupted, agreed_signal
 from lora_grpo.tracking import (
+    EpochProgress,
     MetricsLog,
     PhaseTimer,
+    RunClock,
     console_line,
-    epoch_progress,
     epoch_reward_stats,
+    grid_due,
     no_progress,
     save_group_grid,
+    utc_now,
 )
 from lora_grpo.update import LossFn, SkipCounter, ppo_update, skipped_update
 
@@ -55,6 +52,7 @@ class EpochSamples:
 
     prompts: list[str]
     set_index: torch.Tensor  # [N] long
+    group_slots: list[int]  # [P] the global prompt slot of each group (rows are laid out group by group)
     rollout: Rollout
     rewards: torch.Tensor  # [N]
 
@@ -75,22 +73,26 @@ class Trainer:
         reward_fn: RewardFn | None = None,
         loss_fn: LossFn = clipped_policy_loss,
         callbacks: Sequence[Callback] = (),
+        recipe_source: str | None = None,
     ):
         self.config, self.log, self.loss_fn, self.callbacks = config, log, loss_fn, list(callbacks)
+        self.recipe_source = recipe_source  # recorded in RUN/run.json: how to name the recipe to resume
         self.run_dir = Path(run_dir or config.output.dir or default_run_dir(config))
         self.prompt_sets = [load_prompt_set(s) for s in config.prompts.sets]  # bad prompt files fail first
-        self.accelerator = setup_accelerator(config.train, config.seed)
+        self.accelerator = policy.setup_accelerator(config.train, config.seed)
         self.device = self.accelerator.device
         self.base_ref = resolve_model_ref(config.model.base)
-        self.pipe = setup_pipeline(config, self.device)
-        self.learner = setup_learner(self.accelerator, self.pipe, config, trainable)
+        self.pipe = policy.setup_pipeline(config, self.device)
+        self.learner = policy.setup_learner(self.accelerator, self.pipe, config, trainable)
         self.reward_fn = reward_fn or build_reward(config.reward, self.device)
-        self.model = rollout_model(self.pipe, self.learner, config)
-        save_lora_only_checkpoints(self.accelerator, config.model.base)
+        self.model = policy.rollout_model(self.pipe, self.learner, config)
+        policy.save_lora_only_checkpoints(self.accelerator, config.model.base)
         self.skips = SkipCounter(config.train.max_skipped_steps)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.timer = PhaseTimer(self.device)
         self.progress = no_progress()
+        self.clock = RunClock(config.train.epochs)
+        self.global_step = 0  # optimizer steps taken over the whole run
         self.context = RunContext(config, self.model, self.reward_fn, self.prompt_sets, self.run_dir, log)
 
     # ---------------------------------------------------------------- one epoch
@@ -101,13 +103,14 @@ class Trainer:
         batches = epoch_prompts(
             self.prompt_sets, s.prompts_per_batch, s.batches_per_epoch, cfg.seed, epoch, rank, world
         )
-        prompts, set_index, rollouts, rewards = [], [], [], []
+        prompts, set_index, rollouts, rewards, slots = [], [], [], [], []
         for b, batch in enumerate(batches):
             texts = [p for p, _ in batch]
             # one generator per prompt group, keyed by the group's global slot: a group's samples are the
             # same whichever batch or rank it lands in (1 process x 2P prompts == 2 processes x P)
             first = first_slot(epoch, b, rank, world, len(texts), s.batches_per_epoch)
-            gens = [seeded_generator(cfg.seed, epoch, first + j) for j in range(len(texts))]
+            slots += [first + j for j in range(len(texts))]
+            gens = [seeded_generator(cfg.seed, epoch, slot) for slot in slots[-len(texts) :]]
             out = rollout(
                 self.model, texts, gens, G, s.shared_initial_noise, self.progress.update, self.timer
             )
@@ -117,21 +120,21 @@ class Trainer:
             prompts += expanded
             set_index.append(torch.tensor([i for _, i in batch], device=self.device).repeat_interleave(G))
             rollouts.append(out)
-        return EpochSamples(prompts, torch.cat(set_index), concat(rollouts), torch.cat(rewards))
+        return EpochSamples(prompts, torch.cat(set_index), slots, concat(rollouts), torch.cat(rewards))
 
     def update(self, samples: EpochSamples, advantages: torch.Tensor, epoch: int):
-        """UPDATE: trained timesteps and minibatch order come from a generator keyed by the epoch."""
-        gen = seeded_generator(self.config.seed, epoch, self.accelerator.process_index, 7919)
+        """UPDATE: trained timesteps and visiting order are drawn per prompt group, keyed by its global slot."""
+        key = (self.config.seed, epoch, 7919)
         learner, model, cfg = self.learner, self.model, self.config.train
-        args = (learner, model, samples.rollout, advantages, cfg, gen, self.skips, self.loss_fn)
-        return ppo_update(*args, on_pass=self.progress.update)
+        args = (learner, model, samples.rollout, advantages, cfg, key, samples.group_slots, self.skips)
+        return ppo_update(*args, self.loss_fn, on_pass=self.progress.update)
 
     def run_epoch(self, epoch: int) -> dict:
         """One GRPO iteration; returns (and logs) its metrics row."""
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         self.timer.seconds.clear()
-        self.progress = epoch_progress(cfg, epoch, enabled=acc.is_main_process)
+        self.progress = EpochProgress(cfg, epoch, self.clock, self.log, enabled=acc.is_main_process)
         samples = self.sample_epoch(epoch)
         # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
         G = cfg.sample.group_size
@@ -142,13 +145,12 @@ class Trainer:
             if good > 0:
                 stats = self.update(samples, advantages, epoch)
             else:
-                why = "every reward was non-finite"
-                self.log(f"skipping this epoch's update: {why}")
-                n = samples.rollout.latents.shape[0]
-                stats = skipped_update(self.learner, n, cfg.train, self.skips, why)
+                n, why = len(samples.prompts), "every reward was non-finite"
+                stats = skipped_update(self.learner, n, cfg.train, self.skips, why, self.log)
         # ---- LOG (rewards gathered from every rank)
         rewards, set_index = acc.gather(samples.rewards), acc.gather(samples.set_index)
-        row = {"epoch": epoch, "samples": int(rewards.numel())}
+        self.global_step += stats.optimizer_steps
+        row = dict(epoch=epoch + 1, global_step=self.global_step, time=utc_now(), samples=rewards.numel())
         row.update(epoch_reward_stats(rewards, set_index, self.prompt_sets), **stats.row())
         row.update(zero_advantage_groups=zero / max(1, good), nonfinite_reward_groups=bad)
         row["skipped_steps_total"] = self.skips.total
@@ -156,23 +158,21 @@ class Trainer:
         row["time_epoch"] = time.perf_counter() - start
         self.progress.close()
         if acc.is_main_process:
-            grid = self.save_grid(epoch, samples)
+            grid = self.save_grid(epoch + 1, samples)
             for callback in self.callbacks:  # evaluation first, then trackers: see build_callbacks
-                row.update(callback.on_epoch_end(self.context, epoch, row, grid))
+                row.update(callback.on_epoch_end(self.context, epoch + 1, row, grid))
             self.metrics.write(row)
-            self.log(console_line(row, cfg.train.epochs))
+            self.clock.add(time.perf_counter() - start)  # evaluation included: it is part of the wait
+            self.log(console_line(row, cfg.train.epochs, self.clock.eta_text(epoch)))
         return row
 
-    def save_grid(self, epoch: int, samples: EpochSamples) -> Path | None:
-        every, last = self.config.output.sample_grid_every, epoch == self.config.train.epochs - 1
-        if not every or not (epoch % every == 0 or last):
+    def save_grid(self, number: int, samples: EpochSamples) -> Path | None:
+        if not grid_due(number, self.config.output.sample_grid_every, self.config.train.epochs):
             return None
         safety = [self.prompt_sets[i].safety for i in samples.set_index.tolist()]
-        rewards = samples.rewards.tolist()
-        captions = [f"[{k}] {p}  r={r:.3f}" for k, p, r in zip(safety, samples.prompts, rewards, strict=True)]
-        path = self.run_dir / "samples" / f"epoch_{epoch:04d}.png"
+        path = self.run_dir / "samples" / f"epoch_{number:04d}.png"
         G, count = self.config.sample.group_size, self.config.output.grid_images
-        save_group_grid(path, samples.rollout.images, captions, G, count)
+        save_group_grid(path, samples.rollout.images, samples.prompts, safety, samples.rewards, G, count)
         return path
 
     # ---------------------------------------------------------------- run, save, checkpoints
@@ -189,7 +189,8 @@ class Trainer:
     def checkpoint(self, next_epoch: int) -> Path:
         """Write RUN/checkpoints/epoch_<next_epoch> atomically (all ranks take part)."""
         keep = self.config.output.keep_checkpoints
-        path = save_training_state(self.accelerator, self.run_dir, next_epoch, self.skips.state(), keep)
+        counters = {**self.skips.state(), "global_step": self.global_step}
+        path = save_training_state(self.accelerator, self.run_dir, next_epoch, counters, keep)
         self.skips.last_checkpoint = path
         return path
 
@@ -197,11 +198,12 @@ class Trainer:
         """Load a checkpoint (LoRA, optimizer, LR scheduler, every RNG); returns the epoch to continue from."""
         state = load_training_state(self.accelerator, checkpoint, self.log)
         self.skips.restore(state, checkpoint)
-        next_epoch = int(state["next_epoch"])
+        self.global_step = int(state.get("global_step", 0))
+        done = int(state["next_epoch"])  # epochs completed
         if self.accelerator.is_main_process:
-            self.metrics.truncate(next_epoch)
-        self.log(f"resumed from {checkpoint} at epoch {next_epoch + 1}/{self.config.train.epochs}")
-        return next_epoch
+            self.metrics.truncate(done)
+        self.log(f"resumed from {checkpoint} after epoch {done} of {self.config.train.epochs}")
+        return done
 
     def _notify(self, event: str) -> None:
         if self.accelerator.is_main_process:
@@ -211,13 +213,14 @@ class Trainer:
     def start(self) -> None:
         """Create the run folder and write the resolved config."""
         if self.accelerator.is_main_process:
-            write_run_config(self.run_dir, self.config, self.base_ref)
+            write_run_config(self.run_dir, self.config, self.base_ref, self.recipe_source)
             n = self.config.samples_per_epoch
             self.log(f"run dir {self.run_dir}  base {self.base_ref}  {n} samples/epoch")
 
     def run(self, resume: Path | None = None) -> Path:
-        self.start()
+        # a resume that fails leaves the run folder as it was: nothing is written before it loaded
         first_epoch = self.resume(resume) if resume else 0
+        self.start()
         self._notify("on_start")
         epochs, every = self.config.train.epochs, self.config.output.checkpoint_every
         with StopRequests(self.log) as stop:
@@ -229,11 +232,8 @@ class Trainer:
                 if signum or (due and self.skips.in_a_row == 0):
                     path = self.checkpoint(epoch + 1)
                     if signum and epoch < epochs - 1:
-                        raise TrainingInterrupted(
-                            signum,
-                            f"stopped after epoch {epoch + 1}/{epochs}; checkpoint {path}; continue with "
-                            f"`lora-grpo train {self.config.name} --resume {self.run_dir}`",
-                        )
+                        message = f"stopped after epoch {epoch + 1}/{epochs}; checkpoint {path}"
+                        raise TrainingInterrupted(signum, message)
         adapter_dir = self.save()
         self._notify("on_end")
         return adapter_dir

@@ -21,10 +21,10 @@ from torch import Tensor
 
 from lora_grpo.config import TrainConfig
 from lora_grpo.errors import UserError
-from lora_grpo.grpo import clipped_policy_loss, gaussian_kl, subsample_timesteps
+from lora_grpo.grpo import clipped_policy_loss, gaussian_kl, stratified_order, subsample_timesteps
 from lora_grpo.models import adapter_disabled
 from lora_grpo.rollout import Rollout, RolloutModel
-from lora_grpo.sampling import step_log_prob
+from lora_grpo.sampling import seeded_generator, step_log_prob
 
 LossFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, dict[str, Tensor]]]
 
@@ -58,18 +58,18 @@ class SkipCounter:
         self.in_a_row, self.total = state["skipped_in_a_row"], state["skipped_total"]
         self.last_checkpoint = checkpoint
 
+    def last_good(self) -> str:
+        if self.last_checkpoint:
+            return f"the last good checkpoint is {self.last_checkpoint}"
+        return "no checkpoint was written"
+
     def count(self, why: str, steps: int = 1) -> None:
         self.in_a_row += steps
         self.total += steps
         if self.in_a_row >= self.limit:
-            kept = (
-                f"the last good checkpoint is {self.last_checkpoint}"
-                if self.last_checkpoint
-                else "no checkpoint was written"
-            )
             raise UserError(
                 f"training stopped: {self.in_a_row} optimizer steps in a row were skipped ({why}); "
-                f"{kept}. Check the reward model on these prompts or lower train.learning_rate"
+                f"{self.last_good()}. Check the reward model on these prompts or lower train.learning_rate"
             )
 
 
@@ -117,32 +117,55 @@ def gather_step_stats(accelerator, values: dict[str, list[float]]) -> dict[str, 
     return {n: rule(every[:, i].tolist()) for i, (n, rule) in enumerate(zip(names, rules, strict=True))}
 
 
+def draw_update_plan(
+    key: tuple[int, ...], group_slots: list[int], group_size: int, num_steps: int, cfg: TrainConfig
+) -> tuple[Tensor, Tensor]:
+    """An inner epoch's random choices, drawn per prompt group from a generator keyed by `key` and the
+    group's global slot (as its sampling noise is), so they do not depend on the process layout.
+
+    Returns the visiting order [N] (`grpo.stratified_order`) and each trajectory's trained steps [N, k].
+    """
+    ranks, noise, steps = [], [], []
+    for slot in group_slots:
+        gen = seeded_generator(*key, slot)
+        ranks.append(torch.randperm(group_size, generator=gen))
+        noise.append(torch.rand(group_size, generator=gen))
+        earliest = cfg.timesteps == "earliest"
+        steps.append(subsample_timesteps(group_size, num_steps, cfg.timestep_fraction, gen, earliest))
+    n = group_size * len(group_slots)
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps  # trajectories per optimizer step
+    order = stratified_order(torch.cat(ranks), group_size, max(1, n // per_step), torch.cat(noise))
+    return order, torch.cat(steps)
+
+
 def ppo_update(
     learner: Learner,
     model: RolloutModel,
     rollout: Rollout,
     advantages: Tensor,
     cfg: TrainConfig,
-    generator: torch.Generator,
+    key: tuple[int, ...],
+    group_slots: list[int],
     skips: SkipCounter,
     loss_fn: LossFn = clipped_policy_loss,
     on_pass: Callable[[], None] | None = None,
 ) -> UpdateStats:
-    """PPO-clipped steps on the stored trajectories of `rollout` (advantages [N])."""
+    """PPO-clipped steps on the stored trajectories of `rollout` (advantages [N]; rows group by group, the
+    groups' global slots in `group_slots`). Random choices come from generators keyed by `key`, the inner
+    epoch and each group's slot."""
     acc, unet = learner.accelerator, learner.unet
     unet.train()
-    n = rollout.latents.shape[0]
+    group_size = rollout.latents.shape[0] // len(group_slots)
     series: dict[str, list[float]] = {f.name: [] for f in REDUCED}
     first_ratios: list[Tensor] = []
     optimizer_steps = 0
     nonfinite = False  # a non-finite loss in the current accumulation window
-    for _ in range(cfg.inner_epochs):
-        perm = torch.randperm(n, generator=generator)
-        steps = subsample_timesteps(
-            n, model.schedule.num_steps, cfg.timestep_fraction, generator, cfg.timesteps == "earliest"
-        )  # [N, k]
+    for inner in range(cfg.inner_epochs):
+        order, steps = draw_update_plan(
+            (*key, inner), group_slots, group_size, model.schedule.num_steps, cfg
+        )  # [N], [N, k]
         k = steps.shape[1]
-        for m, rows in enumerate(perm.split(cfg.batch_size)):
+        for m, rows in enumerate(order.split(cfg.batch_size)):
             rows_d = rows.to(model.device)
             cond, uncond = rollout.cond[rows_d], model.uncond_for(rows.shape[0])
             closes_step = (m + 1) % cfg.gradient_accumulation_steps == 0
@@ -211,12 +234,18 @@ def _optimizer_step(learner: Learner, cfg: TrainConfig, nonfinite: bool, skips: 
     learner.optimizer.step()
     learner.lr_scheduler.step()
     learner.optimizer.zero_grad(set_to_none=True)
+    if not all(torch.isfinite(p).all() for p in learner.params):  # a finite gradient, too large a step
+        raise UserError(
+            f"training stopped: an optimizer step made the LoRA weights non-finite (train.learning_rate "
+            f"{cfg.learning_rate} is too high for this run); {skips.last_good()}. Lower the learning rate"
+        )
     skips.in_a_row = 0
     return True, float(norm)
 
 
-def skipped_update(learner: Learner, num_samples: int, cfg: TrainConfig, skips: SkipCounter, why: str):
+def skipped_update(learner: Learner, num_samples: int, cfg: TrainConfig, skips: SkipCounter, why: str, log):
     """No usable sample this epoch: count the optimizer steps the update would have taken as skipped."""
+    log(f"skipping this epoch's update: {why}")
     per_inner = math.ceil(num_samples / cfg.batch_size) // cfg.gradient_accumulation_steps
     skips.count(why, max(1, cfg.inner_epochs * per_inner))
     return UpdateStats(optimizer_steps=0, lr=learner.lr_scheduler.get_last_lr()[0])

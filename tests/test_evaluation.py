@@ -382,7 +382,7 @@ def test_eval_command_errors(tiny_sd_dir, tmp_path, capsys):
 
     base = ["eval", "--base", str(tiny_sd_dir), "--out", str(tmp_path / "o")]
     cases = [
-        (["--suite", "nope.csv"], "unknown suite 'nope.csv'"),
+        (["--suite", "nope.csv"], "suite file not found: nope.csv"),
         (
             ["--suite", "toyworld", "--q16-embeddings", str(tmp_path / "missing.p")],
             "Q16 embeddings file not found",

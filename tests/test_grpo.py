@@ -10,6 +10,7 @@ from lora_grpo.grpo import (
     clipped_policy_loss,
     gaussian_kl,
     group_advantages,
+    stratified_order,
     subsample_timesteps,
 )
 
@@ -116,3 +117,35 @@ def test_subsample_earliest_timesteps_trains_the_noisiest_steps():
         assert sorted(row.tolist()) == list(range(8))
     assert len({tuple(r.tolist()) for r in idx}) > 1  # each in its own order
     assert subsample_timesteps(2, 20, 0.01, g, earliest=True).tolist() == [[0], [0]]
+
+
+def test_stratified_order_by_hand():
+    """Two groups of 4, 2 optimizer steps: step 0 holds the members ranked 0-1 of each group, step 1 the
+    members ranked 2-3, each step in noise order."""
+    # rows 0-3 are group A, rows 4-7 group B; ranks are a permutation within each group
+    ranks = torch.tensor([2, 0, 3, 1, 1, 3, 0, 2])
+    noise = torch.tensor([0.9, 0.5, 0.1, 0.7, 0.3, 0.2, 0.8, 0.4])
+    order = stratified_order(ranks, group_size=4, steps=2, noise=noise)
+    # step 0: ranks 0,1 -> rows 1 (A, noise .5), 3 (A, .7), 4 (B, .3), 6 (B, .8); sorted by noise: 4, 1, 3, 6
+    # step 1: ranks 2,3 -> rows 0 (.9), 2 (.1), 5 (.2), 7 (.4); sorted by noise: 2, 5, 7, 0
+    assert order.tolist() == [4, 1, 3, 6, 2, 5, 7, 0]
+    # one step: the whole epoch in noise order
+    assert stratified_order(ranks, 4, 1, noise).tolist() == torch.argsort(noise).tolist()
+
+
+def test_stratified_steps_do_not_depend_on_how_groups_are_split():
+    """The set of trajectories each optimizer step holds is the same whether one process holds all groups
+    or two processes hold half each (steps dividing G): the N-process = 1-process property."""
+    gen = torch.Generator().manual_seed(0)
+    groups, size, steps = 6, 4, 2
+    ranks = torch.cat([torch.randperm(size, generator=gen) for _ in range(groups)])
+    noise = torch.rand(groups * size, generator=gen)
+    ids = torch.arange(groups * size)
+
+    def step_sets(rows: torch.Tensor) -> list[set[int]]:
+        order = rows[stratified_order(ranks[rows], size, steps, noise[rows])]
+        return [set(chunk.tolist()) for chunk in order.chunk(steps)]
+
+    whole = step_sets(ids)
+    halves = [step_sets(ids[:12]), step_sets(ids[12:])]
+    assert [halves[0][s] | halves[1][s] for s in range(steps)] == whole

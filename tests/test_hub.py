@@ -2,9 +2,11 @@
 
 import base64
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from lora_grpo.config import LoraSettings, ModelConfig, load_config, save_config
 from lora_grpo.errors import UserError
 from lora_grpo.hub.export import export
 from lora_grpo.hub.push import push
-from lora_grpo.models import add_lora, load_adapter, load_pipeline, save_adapter
+from lora_grpo.models import add_lora, load_adapter, load_pipeline, resolve_model_ref, save_adapter
 from lora_grpo.recipe_files import find_recipe
 
 RANK, ALPHA = 2, 6.0  # alpha != rank: a wrong scale would show
@@ -45,7 +47,7 @@ def run_dir(tiny_sd_dir, tmp_path_factory):
     save_config(config, run / "config.yaml")
     rows = [
         {"epoch": e, "reward_safe_mean": 0.1 + 0.01 * e, "reward_unsafe_mean": 0.05 + 0.02 * e}
-        for e in range(3)
+        for e in range(1, 4)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pipe.unet.eval()
@@ -125,7 +127,8 @@ def test_model_card(exported, tiny_sd_dir):
     card = ModelCard.load(exported / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "text-to-image"
-    assert data["base_model"] == str(tiny_sd_dir)
+    # a local base folder is named by its folder name: the card never shows a path of this machine
+    assert data["base_model"] == tiny_sd_dir.name
     assert {"lora", "safety", "stable-diffusion", "template:sd-lora"} <= set(data["tags"])
     assert data["license"] == "creativeml-openrail-m"
     text = card.text
@@ -141,8 +144,10 @@ def test_model_card(exported, tiny_sd_dir):
         assert needle in text, needle
     # the usage snippet runs as written against the exported folder
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    code = code.replace('"someone/tiny-safety"', repr(str(exported))).replace(
-        "num_inference_steps=30", "num_inference_steps=2"
+    code = (
+        code.replace('"someone/tiny-safety"', repr(str(exported)))
+        .replace(f'"{tiny_sd_dir.name}"', repr(str(tiny_sd_dir)))  # where this machine keeps that folder
+        .replace("num_inference_steps=30", "num_inference_steps=2")
     )
     scope = {}
     exec(compile(code, "model-card-snippet", "exec"), scope)
@@ -276,7 +281,7 @@ def test_push_uploads_the_exported_files(fake_hub, exported, capsys, caplog):
     out, err = capsys.readouterr()
     assert code == 0, err
     (files,) = FakeHub.commits
-    local = {p.name: p.read_bytes() for p in exported.iterdir() if p.is_file()}
+    local = {p.relative_to(exported).as_posix(): p.read_bytes() for p in exported.rglob("*") if p.is_file()}
     assert files == local
     assert all(SECRET in h for h in FakeHub.auth_headers)
     assert SECRET not in out + err + caplog.text
@@ -382,3 +387,62 @@ def test_sample_cli_refuses_the_wrong_base(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "was trained for a custom:cross32" in err and "this base model is custom:cross48" in err
+
+
+def test_export_is_portable_and_its_recipe_runs_elsewhere(run_dir, tmp_path, monkeypatch, capsys):
+    """No path of this machine in the card, the recipe or the file metadata; the export carries its prompt
+    and anchor files, and `lora-grpo train EXPORT/recipe.yaml` validates from another folder."""
+    import shutil
+
+    from lora_grpo.cli import main
+    from lora_grpo.runs import write_run_config
+
+    run = tmp_path / "runs" / "tiny-test-1"
+    config = load_config(find_recipe("tiny-test"))  # base builtin:tiny-sd, shipped prompt and anchor files
+    write_run_config(run, config, base_ref=str(resolve_model_ref(config.model.base)))
+    shutil.copytree(run_dir[0] / "adapter", run / "adapter")
+    out = tmp_path / "export"
+    export(run, out, repo_id="me/tiny-safety", log=lambda line: None)
+
+    machine_paths = [
+        str(tmp_path),
+        os.environ["LORA_GRPO_HOME"],
+        str(Path.home()),
+        str(find_recipe("tiny-test").parent),
+    ]
+    texts = {p.name: p.read_text() for p in out.rglob("*") if p.suffix in (".md", ".yaml", ".txt")}
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as handle:
+            texts[f.name] = json.dumps(handle.metadata())
+    for name, text in texts.items():
+        assert not any(p in text for p in machine_paths), (name, [p for p in machine_paths if p in text])
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert (
+        recipe["model"]["base"] == "builtin:tiny-sd"
+        and recipe["reward"]["clip"]["model"] == "builtin:tiny-clip"
+    )
+    assert recipe["reward"]["anchors"] == "anchors/compact.yaml" and recipe["output"]["dir"] is None
+    assert [s["path"] for s in recipe["prompts"]["sets"]] == [
+        "prompts/tiny-unsafe.txt",
+        "prompts/tiny-safe.txt",
+    ]
+
+    elsewhere = tmp_path / "other-machine" / "export"
+    shutil.copytree(out, elsewhere)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    moved = load_config(elsewhere / "recipe.yaml")
+    original = load_config(find_recipe("tiny-test"))
+    for a, b in zip(moved.prompts.sets, original.prompts.sets, strict=True):
+        assert Path(a.path).parent == elsewhere / "prompts"
+        assert Path(a.path).read_text() == Path(b.path).read_text()
+    assert main(["train", str(elsewhere / "recipe.yaml"), "--dry-run"]) == 0
+    assert "nothing loaded, nothing written" in capsys.readouterr().out
+    assert not (tmp_path / "work" / "runs").exists()
+
+
+@pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "me/bad name", "me/-x-", "me/x..y"])
+def test_export_rejects_repo_ids_that_push_would(run_dir, tmp_path, repo):
+    with pytest.raises(UserError, match="--repo"):
+        export(run_dir[0], tmp_path / "e", repo_id=repo, log=lambda line: None)
+    assert not (tmp_path / "e").exists()  # refused before writing anything

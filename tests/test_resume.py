@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,16 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_grpo.checkpoint import (
-    COMPLETE_MARKER,
-    complete_checkpoints,
-    find_resume_checkpoint,
-    read_trainer_state,
-)
+from lora_grpo.checkpoint import COMPLETE_MARKER, complete_checkpoints, read_trainer_state
 from lora_grpo.config import load_config
 from lora_grpo.errors import UserError
 from lora_grpo.recipe_files import find_recipe
 from lora_grpo.rewards import build_reward
+from lora_grpo.runs import find_resume_checkpoint
 from lora_grpo.train import Trainer
 
 ADAPTER = "adapter/pytorch_lora_weights.safetensors"
@@ -103,7 +100,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path)
     assert "resumed from" in out and "epoch_000009" not in out
     assert _same_weights(run_dir / ADAPTER, uninterrupted / ADAPTER)
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2]  # the killed epoch's row (if any) was replaced, not duplicated
+    assert epochs == [1, 2, 3]  # the killed epoch's row (if any) was replaced, not duplicated
 
 
 def _wait_for_glob(root: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -127,7 +124,16 @@ def test_sigterm_checkpoints_the_epoch_and_exits(uninterrupted, tmp_path):
     # at that epoch boundary either way, and none at the end of training
     assert len(saved) == 1 and read_trainer_state(saved[0])["next_epoch"] in (1, 2), saved
     assert not (tmp_path / "run" / ADAPTER).exists()
-    resumed = _cli(tmp_path, "--resume", str(tmp_path / "run"))
+    # the printed command works as pasted
+    command = shlex.split(out.split("continue with `", 1)[1].split("`", 1)[0])
+    assert command[:2] == ["lora-grpo", "train"] and "--resume" in command
+    resumed = subprocess.Popen(
+        [sys.executable, "-m", "lora_grpo.cli", *command[1:]],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out = _finish(resumed)
     assert resumed.returncode == 0, out
     assert _same_weights(tmp_path / "run" / ADAPTER, uninterrupted / ADAPTER)
@@ -135,14 +141,14 @@ def test_sigterm_checkpoints_the_epoch_and_exits(uninterrupted, tmp_path):
 
 def test_resume_auto_without_a_run_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no run of recipe 'tiny-test'"):
-        find_resume_checkpoint("auto", tmp_path / "runs", "tiny-test")
+        find_resume_checkpoint("auto", "tiny-test", root=tmp_path / "runs")
     incomplete = tmp_path / "runs" / "tiny-test-1" / "checkpoints" / "epoch_000001"
     incomplete.mkdir(parents=True)
     (incomplete / "trainer_state.json").write_text("{}")
     with pytest.raises(UserError, match="no run of recipe"):
-        find_resume_checkpoint("auto", tmp_path / "runs", "tiny-test")
+        find_resume_checkpoint("auto", "tiny-test", root=tmp_path / "runs")
     with pytest.raises(UserError, match="no COMPLETE marker"):
-        find_resume_checkpoint(str(incomplete), tmp_path / "runs", "tiny-test")
+        find_resume_checkpoint(str(incomplete), "tiny-test")
     proc = subprocess.run(
         [sys.executable, "-m", "lora_grpo.cli", "train", "tiny-test", "--resume", "auto"],
         cwd=tmp_path,
@@ -271,7 +277,7 @@ def test_only_complete_checkpoints_count_and_prune_keeps_the_newest(tmp_path):
     ]
     prune(tmp_path, keep=2)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["epoch_000003", "epoch_000010"]
-    assert find_resume_checkpoint(str(tmp_path), tmp_path, "x").name == "epoch_000010"
+    assert find_resume_checkpoint(str(tmp_path), "x").name == "epoch_000010"
 
 
 def test_offloaded_text_encoder_stays_on_the_cpu_in_fp32_and_encodes_the_same(tmp_path):

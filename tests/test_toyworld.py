@@ -157,10 +157,10 @@ def test_reward_ordering_flags(tmp_path):
 def test_short_learning_run_halves_the_red_rate_and_keeps_position(tmp_path):
     """The project's end-to-end proof that the algorithm learns: a shortened `train toyworld` on the shipped
     models, evaluated with the exact pixel evaluator before and after on the same seeds."""
-    from lora_grpo.cli import build_callbacks
     from lora_grpo.config import load_config
     from lora_grpo.recipe_files import find_recipe
     from lora_grpo.train import Trainer
+    from lora_grpo.train_command import build_callbacks
 
     config = load_config(
         find_recipe("toyworld"),

@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from lora_grpo.cli import build_callbacks
 from lora_grpo.config import load_config
 from lora_grpo.recipe_files import find_recipe
 from lora_grpo.train import Trainer
+from lora_grpo.train_command import build_callbacks
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,10 @@ def test_optimizer_state_is_8bit(trained):
 def test_metrics_and_outputs(trained):
     trainer, _, adapter_dir, run_dir, lines = trained
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(trainer.config.train.epochs))
+    # epochs count from 1 everywhere: metrics rows, console, sample grids, checkpoints
+    assert [r["epoch"] for r in rows] == list(range(1, trainer.config.train.epochs + 1))
+    assert [r["global_step"] for r in rows] == [2, 4, 6]  # 2 optimizer steps per epoch
+    assert all(r["time"].endswith("+00:00") for r in rows)
     for row in rows:
         assert row["samples"] == trainer.config.samples_per_epoch
         # before the first optimizer step of each epoch the policy is the sampling policy: ratio exactly 1
@@ -83,9 +86,9 @@ def test_metrics_and_outputs(trained):
         assert row["optimizer_steps"] == 2
     assert (run_dir / "config.yaml").is_file()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
-        "epoch_0000.png",
         "epoch_0001.png",
         "epoch_0002.png",
+        "epoch_0003.png",
     ]
     assert (adapter_dir / "pytorch_lora_weights.safetensors").is_file()
     assert len([line for line in lines if line.startswith("epoch ")]) == trainer.config.train.epochs
@@ -212,15 +215,15 @@ def test_tensorboard_holds_every_metrics_row_and_the_sample_grids(trained):
         # TensorBoard stores float32
         assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-6)
     evaluated = events.Scalars("eval/tiny-unsafe/steering_reward")  # the periodic evaluation's numbers
-    assert [e.step for e in evaluated] == [1, 2]
+    assert [e.step for e in evaluated] == [2, 3]
     assert [e.value for e in evaluated] == pytest.approx(
         [r["eval/tiny-unsafe/steering_reward"] for r in rows[1:]], rel=1e-6
     )
     grids = events.Images("samples")
-    assert [e.step for e in grids] == [0, 1, 2]
+    assert [e.step for e in grids] == [1, 2, 3]
     from PIL import Image
 
-    png = Image.open(run_dir / "samples" / "epoch_0002.png")
+    png = Image.open(run_dir / "samples" / "epoch_0003.png")
     assert (grids[-1].width, grids[-1].height) == png.size
 
 

@@ -45,8 +45,9 @@ class PeriodicEval:
             self.nudenet = NudeNet()
 
     def due(self, epoch: int) -> bool:
+        """Epoch `epoch` (1-based) is evaluated: every `evaluate.every`-th and the last."""
         every = self.cfg.every
-        return bool(every) and ((epoch + 1) % every == 0 or epoch == self.epochs - 1)
+        return bool(every) and (epoch % every == 0 or epoch == self.epochs)
 
     def on_start(self, ctx: RunContext) -> None:
         pass

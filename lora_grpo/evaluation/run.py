@@ -34,8 +34,9 @@ from lora_grpo.evaluation.report import (
     write_report,
 )
 from lora_grpo.evaluation.suites import I2P_CATEGORIES, Suite, load_suite
-from lora_grpo.models import pick_device
+from lora_grpo.models import adapter_weights_file, pick_device
 from lora_grpo.reward_check import IMAGE_SUFFIXES, read_image
+from lora_grpo.runs import check_writable_folder
 
 CHUNK = 64  # images read from disk at a time
 
@@ -113,8 +114,9 @@ def load_suites(settings: EvalSettings) -> list[Suite]:
 
 def check_inputs(settings: EvalSettings) -> None:
     """Everything that can be wrong with the user's files, before any model loads."""
-    if settings.adapter and not Path(settings.adapter).exists():
-        raise UserError(f"adapter not found: {settings.adapter}")
+    check_writable_folder(settings.out, "--out folder")
+    if settings.adapter:
+        adapter_weights_file(settings.adapter)
     if settings.q16_embeddings:
         from lora_grpo.evaluation.q16 import load_q16_embeddings
 

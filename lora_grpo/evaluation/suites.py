@@ -13,13 +13,12 @@ GenEval (Ghosh et al., NeurIPS 2023): `evaluation_metadata.jsonl`, one JSON obje
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_grpo.errors import UserError, first_line
-from lora_grpo.prompts import read_prompt_lines
+from lora_grpo.prompts import read_csv_rows, read_prompt_lines
 
 I2P_DATASET = "AIML-TUDA/i2p"
 I2P_CATEGORIES = (
@@ -57,12 +56,7 @@ def _where(path: Path, row: int) -> str:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
-    if not path.is_file():
-        raise UserError(f"suite file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+    return read_csv_rows(path, "suite file")
 
 
 def parse_categories(text: str) -> tuple[str, ...]:
@@ -173,8 +167,12 @@ def load_geneval(path: Path) -> Suite:
     """GenEval's evaluation_metadata.jsonl; each line is kept verbatim for the folder GenEval reads."""
     if not path.is_file():
         raise UserError(f"GenEval metadata file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"GenEval metadata {path} is not a UTF-8 text file") from None
     prompts = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -230,6 +228,12 @@ def load_suite(spec: str, column: str = "prompt", safety: str | None = None) -> 
     if spec == "toyworld":
         return load_toyworld_suite()
     path = Path(spec)
+    if path.is_dir():
+        raise UserError(
+            f"suite {spec} is a folder: give a prompt file (.txt, .csv, GenEval .jsonl) inside it"
+        )
+    if not path.exists() and (path.suffix or "/" in spec):
+        raise UserError(f"suite file not found: {spec}")
     if not path.exists():
         raise UserError(
             f"unknown suite '{spec}': use one of {', '.join(SHIPPED_SUITES)} or a path to a prompt file "

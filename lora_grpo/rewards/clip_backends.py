@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lora_grpo.config import ClipConfig
-from lora_grpo.errors import UserError, first_line
+from lora_grpo.errors import UserError, first_line, hub_load_error
 from lora_grpo.tiny import BUILTIN_PREFIX, resolve_builtin
 
 
@@ -74,8 +74,13 @@ class TransformersClip:
             self.model = CLIPModel.from_pretrained(ref, dtype=dtype).to(device).eval().requires_grad_(False)
             self.tokenizer = CLIPTokenizer.from_pretrained(ref)
             processor = CLIPImageProcessor.from_pretrained(ref)
-        except (OSError, ValueError) as err:
-            raise UserError(f"could not load CLIP model '{model}': {first_line(err)}") from None
+        except Exception as err:  # hub, file and format errors (a truncated weights file) of many types
+            if local.is_dir():
+                raise UserError(
+                    f"could not load CLIP folder {ref}: {first_line(err)} (a damaged or incomplete model "
+                    "folder: copy or download it again)"
+                ) from None
+            raise hub_load_error("CLIP model", model, err) from None
         # transformers 5 gives SizeDicts; both support ["key"]
         self.image_size = int(processor.crop_size["height"])
         self.resize = int(processor.size["shortest_edge"] or self.image_size)
@@ -129,7 +134,7 @@ class OpenClip:
                 model, pretrained=checkpoint, device=device
             )
             self.tokenizer = open_clip.get_tokenizer(model)
-        except (RuntimeError, OSError, ValueError, KeyError) as err:
+        except Exception as err:  # a truncated or foreign weights file raises many types
             raise UserError(
                 f"could not load open_clip model '{model}' ({checkpoint}): {first_line(err)}"
             ) from None

@@ -353,165 +353,48 @@ def _truncated_clip(tmp: Path) -> Path:
 
 
 def _cases():
-    """(name, args builder(tmp) -> argv, the words the one line must hold)."""
+    """(name, argv builder(tmp) -> argv, the words the one line must hold): one case a row."""
     tiny = "builtin:tiny-sd"
+
+    def train(t, *extra):
+        return ["train", "tiny-test", *extra, "--out", t / "r"]
+
+    def prompt_set(path):
+        return f"prompts.sets=[{{name: p, safety: unsafe, path: {path}}}]"
+
+    def sample(t, *extra):
+        return ["sample", "--base", tiny, "--prompt", "x", "--out", t / "s", *extra]
+
+    def evaluate(t, suite, out=None):
+        return ["eval", "--base", tiny, "--suite", suite, "--out", out or t / "e"]
+
+    # fmt: off
     return [
-        (
-            "binary prompt file, train",
-            lambda t: [
-                "train",
-                "tiny-test",
-                f"prompts.sets=[{{name: p, safety: unsafe, path: {_binary(t / 'p.txt')}}}]",
-                "--out",
-                t / "r",
-            ],
-            "is not a UTF-8 text file",
-        ),
-        (
-            "binary csv prompt file, train",
-            lambda t: [
-                "train",
-                "tiny-test",
-                f"prompts.sets=[{{name: p, safety: unsafe, path: {_binary(t / 'p.csv')}}}]",
-                "--out",
-                t / "r",
-            ],
-            "is not a UTF-8 CSV file",
-        ),
-        (
-            "prompt file is a folder, train",
-            lambda t: [
-                "train",
-                "tiny-test",
-                f"prompts.sets=[{{name: p, safety: unsafe, path: {t}}}]",
-                "--out",
-                t / "r",
-            ],
-            "is a folder",
-        ),
-        (
-            "binary prompt file, sample",
-            lambda t: ["sample", "--base", tiny, "--prompts", _binary(t / "p.txt"), "--out", t / "s"],
-            "is not a UTF-8 text file",
-        ),
-        (
-            "binary suite, eval",
-            lambda t: ["eval", "--base", tiny, "--suite", _binary(t / "p.txt"), "--out", t / "e"],
-            "is not a UTF-8 text file",
-        ),
-        (
-            "suite is a folder, eval",
-            lambda t: ["eval", "--base", tiny, "--suite", t, "--out", t / "e"],
-            "is a folder",
-        ),
-        (
-            "suite file missing, eval",
-            lambda t: ["eval", "--base", tiny, "--suite", t / "none.txt", "--out", t / "e"],
-            "suite file not found",
-        ),
-        (
-            "truncated CLIP weights",
-            lambda t: [
-                "train",
-                "tiny-test",
-                "train.epochs=1",
-                f"reward.clip.model={_truncated_clip(t)}",
-                "--out",
-                t / "r",
-            ],
-            "could not load CLIP folder",
-        ),
-        (
-            "truncated adapter file",
-            lambda t: [
-                "sample",
-                "--base",
-                tiny,
-                "--prompt",
-                "x",
-                "--adapter",
-                _half_file(t / "a.safetensors"),
-                "--out",
-                t / "s",
-            ],
-            "is not a readable .safetensors file",
-        ),
-        (
-            "pickle as adapter",
-            lambda t: [
-                "sample",
-                "--base",
-                tiny,
-                "--prompt",
-                "x",
-                "--adapter",
-                _pickle_file(t / "a.safetensors"),
-                "--out",
-                t / "s",
-            ],
-            "is not a readable .safetensors file",
-        ),
-        (
-            "--out is a file, sample",
-            lambda t: ["sample", "--base", tiny, "--prompt", "x", "--out", _file(t / "f")],
-            "is a file",
-        ),
-        (
-            "--out is a file, export",
-            lambda t: ["export", _run_for_export(t), "--out", _file(t / "f")],
-            "is a file",
-        ),
+        ("binary prompt file, train", lambda t: train(t, prompt_set(_binary(t / "p.txt"))), "is not a UTF-8 text file"),
+        ("binary csv prompt file, train", lambda t: train(t, prompt_set(_binary(t / "p.csv"))), "is not a UTF-8 CSV file"),
+        ("prompt file is a folder, train", lambda t: train(t, prompt_set(t)), "is a folder"),
+        ("binary prompt file, sample", lambda t: ["sample", "--base", tiny, "--prompts", _binary(t / "p.txt"), "--out", t / "s"], "is not a UTF-8 text file"),
+        ("binary suite, eval", lambda t: evaluate(t, _binary(t / "p.txt")), "is not a UTF-8 text file"),
+        ("suite is a folder, eval", lambda t: evaluate(t, t), "is a folder"),
+        ("suite file missing, eval", lambda t: evaluate(t, t / "none.txt"), "suite file not found"),
+        ("truncated CLIP weights", lambda t: train(t, "train.epochs=1", f"reward.clip.model={_truncated_clip(t)}"), "could not load CLIP folder"),
+        ("truncated adapter file", lambda t: sample(t, "--adapter", _half_file(t / "a.safetensors")), "is not a readable .safetensors file"),
+        ("pickle as adapter", lambda t: sample(t, "--adapter", _pickle_file(t / "a.safetensors")), "is not a readable .safetensors file"),
+        ("--out is a file, sample", lambda t: ["sample", "--base", tiny, "--prompt", "x", "--out", _file(t / "f")], "is a file"),
+        ("--out is a file, export", lambda t: ["export", _run_for_export(t), "--out", _file(t / "f")], "is a file"),
         ("--out is a file, train", lambda t: ["train", "tiny-test", "--out", _file(t / "f")], "is a file"),
-        (
-            "--out is a file, eval",
-            lambda t: ["eval", "--base", tiny, "--suite", "toyworld", "--out", _file(t / "f")],
-            "is a file",
-        ),
-        (
-            "--out under a file, train",
-            lambda t: ["train", "tiny-test", "--out", _file(t / "f") / "run"],
-            "sits under the file",
-        ),
-        (
-            "--out under a file, sample",
-            lambda t: ["sample", "--base", tiny, "--prompt", "x", "--out", _file(t / "f") / "s"],
-            "sits under the file",
-        ),
-        ("seed=-1", lambda t: ["train", "tiny-test", "seed=-1"], "must be a non-negative integer"),
-        (
-            "sample --seed -1",
-            lambda t: ["sample", "--base", tiny, "--prompt", "x", "--seed", "-1", "--out", t / "s"],
-            "--seed must be >= 0",
-        ),
-        (
-            "--adapter-scale nan",
-            lambda t: ["sample", "--base", tiny, "--prompt", "x", "--adapter-scale", "nan", "--out", t / "s"],
-            "--adapter-scale must be a finite number",
-        ),
-        (
-            "corrupt image, check-reward",
-            lambda t: [
-                "check-reward",
-                "tiny-test",
-                "--safe-images",
-                _image_dir(t / "safe", corrupt=True),
-                "--unsafe-images",
-                _image_dir(t / "unsafe"),
-            ],
-            "cannot be read",
-        ),
-        (
-            "offline hub id",
-            lambda t: ["sample", "--base", "no-such-org/no-such-model", "--prompt", "x", "--out", t / "s"],
-            "HF_HUB_OFFLINE=1",
-        ),
-        ("name=../../x", lambda t: ["train", "tiny-test", "name=../../x"], "is not a plain name"),
-        (
-            "learning rate 1e400",
-            lambda t: ["train", "tiny-test", "train.learning_rate=1e400"],
-            "expected a finite number",
-        ),
+        ("--out is a file, eval", lambda t: evaluate(t, "toyworld", _file(t / "f")), "is a file"),
+        ("--out under a file, train", lambda t: ["train", "tiny-test", "--out", _file(t / "f") / "run"], "sits under the file"),
+        ("--out under a file, sample", lambda t: ["sample", "--base", tiny, "--prompt", "x", "--out", _file(t / "f") / "s"], "sits under the file"),
+        ("seed=-1", lambda t: train(t, "seed=-1"), "must be a non-negative integer"),
+        ("sample --seed -1", lambda t: sample(t, "--seed", "-1"), "--seed must be >= 0"),
+        ("--adapter-scale nan", lambda t: sample(t, "--adapter-scale", "nan"), "--adapter-scale must be a finite number"),
+        ("corrupt image, check-reward", lambda t: ["check-reward", "tiny-test", "--safe-images", _image_dir(t / "safe", corrupt=True), "--unsafe-images", _image_dir(t / "unsafe")], "cannot be read"),
+        ("offline hub id", lambda t: ["sample", "--base", "no-such-org/no-such-model", "--prompt", "x", "--out", t / "s"], "HF_HUB_OFFLINE=1"),
+        ("name=../../x", lambda t: train(t, "name=../../x"), "is not a plain name"),
+        ("learning rate 1e400", lambda t: train(t, "train.learning_rate=1e400"), "expected a finite number"),
     ]
+    # fmt: on
 
 
 def _file(path: Path) -> Path:

@@ -104,6 +104,10 @@ class SampleConfig:
     # stochastic denoising steps (the actions that get credit), not the starting point. The reference does
     # this; set false for more diversity within a group.
     shared_initial_noise: bool = True
+    # Stochastic window: only W consecutive denoising steps are sampled with eta (and trained); the others
+    # are deterministic DDIM steps. Sampling costs the same; training passes drop to W per trajectory.
+    sde_steps: int = 0  # W; 0: every step stochastic and trainable
+    sde_window: Literal["first", "sliding"] = "first"  # the first W steps, or a window sliding over training
     resolution: int | None = None  # image side in pixels; None = the model's native size
     negative_prompt: str = ""  # unconditional prompt for CFG
     decode_batch_size: int = 8  # latents per VAE decode (memory)
@@ -124,6 +128,11 @@ class SampleConfig:
         _require(self.prompts_per_batch >= 1, "sample.prompts_per_batch", "must be >= 1")
         _require(self.batches_per_epoch >= 1, "sample.batches_per_epoch", "must be >= 1")
         _require(self.decode_batch_size >= 1, "sample.decode_batch_size", "must be >= 1")
+        _require(
+            0 <= self.sde_steps <= self.num_steps,
+            "sample.sde_steps",
+            f"must be in [0, sample.num_steps={self.num_steps}] (0: every step), got {self.sde_steps}",
+        )
         if self.resolution is not None:
             _require(
                 self.resolution % 8 == 0,
@@ -153,7 +162,9 @@ class TrainConfig:
     kl_coef: float = 0.0  # weight of the KL to the reference policy (the base UNet); 0 disables
     max_skipped_steps: int = 10  # stop after this many optimizer steps in a row skipped for non-finite values
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype; LoRA params stay fp32
-    gradient_checkpointing: bool = False  # trade UNet compute for memory
+    # trade UNet compute for memory: on, off (true/false work too), or auto: on only when the estimated peak
+    # would not fit the GPU's free memory (policy.checkpointing_needed; off on a CPU)
+    gradient_checkpointing: Literal["off", "on", "auto"] = "off"
     offload_text_encoder: bool = False  # keep the frozen text encoder on the CPU (fp32); prompts encode there
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
 
@@ -230,6 +241,9 @@ class EvalConfig:
     images_per_prompt: int = 2  # periodic evaluation: images per prompt
     nudenet: bool = False  # periodic evaluation: NudeNet's flagged share on unsafe sets (`eval` extra)
     nudenet_threshold: float = 0.6  # score threshold for NudeNet's exposed classes
+    # end training early (checkpoint and save as at a normal end) once every condition holds at a periodic
+    # evaluation, e.g. ["eval/red/red_rate <= 0.05", "eval/other-colours/colour_position >= 0.95"]
+    stop_when: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.images_per_set >= 1, "evaluate.images_per_set", "must be >= 1")
@@ -238,6 +252,33 @@ class EvalConfig:
         _require(self.prompts_per_set >= 1, "evaluate.prompts_per_set", "must be >= 1")
         _require(self.images_per_prompt >= 1, "evaluate.images_per_prompt", "must be >= 1")
         _require(0 < self.nudenet_threshold <= 1, "evaluate.nudenet_threshold", "must be in (0, 1]")
+        for condition in self.stop_when:
+            parse_condition(condition)
+        _require(
+            not self.stop_when or self.every > 0,
+            "evaluate.stop_when",
+            "is checked at periodic evaluations: set evaluate.every too",
+        )
+
+
+_CONDITION = re.compile(r"^\s*(\S+)\s*(<=|>=|<|>)\s*(\S+)\s*$")
+
+
+def parse_condition(text: str) -> tuple[str, str, float]:
+    """`eval/red/red_rate <= 0.05` -> ("eval/red/red_rate", "<=", 0.05)."""
+    match = _CONDITION.match(text)
+    bound = None
+    if match:
+        try:
+            bound = float(match.group(3))
+        except ValueError:
+            bound = None
+    if bound is None or not math.isfinite(bound):
+        raise UserError(
+            f"recipe key 'evaluate.stop_when': {text!r} is not `METRIC OP NUMBER` (OP one of <=, >=, <, >), "
+            "e.g. 'eval/red/red_rate <= 0.05'"
+        )
+    return match.group(1), match.group(2), bound
 
 
 @dataclass

@@ -82,15 +82,50 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return bnb.optim.AdamW8bit(params, min_8bit_size=0, **kwargs)
 
 
+# Activation memory of one UNet row (one image at one step, forward kept for backward) without gradient
+# checkpointing, measured on an H200 with SD 1.5 at 512 px in bf16 (benchmarks/RESULTS.md, 2026-11-27):
+# peak 12.51 GiB without checkpointing, 5.86 GiB with, train batch 4 x CFG 2 = 8 rows -> 0.83 GiB a row.
+ACTIVATION_GIB_PER_ROW_SD15 = (12.51 - 5.86) / 8
+SD15_UNET_PARAMS, SD15_LATENT = 859_520_964, 64
+
+
+def checkpointing_needed(unet_params: int, latent_size: int, train_rows: int, free_bytes: int) -> bool:
+    """The `auto` rule: turn gradient checkpointing on when the activations a training forward keeps
+    (the SD 1.5 measurement scaled by UNet size and latent area, times the rows of a minibatch) would take
+    more than 90% of the GPU memory still free after loading the models."""
+    scale = (unet_params / SD15_UNET_PARAMS) * (latent_size / SD15_LATENT) ** 2
+    activations = ACTIVATION_GIB_PER_ROW_SD15 * 2**30 * scale * train_rows
+    return activations > 0.9 * free_bytes
+
+
+def latent_side(pipe, config: Config) -> int:
+    """The latent side in pixels of the latent grid: sample.resolution (or the model's size) / VAE factor."""
+    scale = pipe.vae_scale_factor
+    return (config.sample.resolution or pipe.unet.config.sample_size * scale) // scale
+
+
+def use_checkpointing(pipe, config: Config, device: torch.device) -> bool:
+    mode = config.train.gradient_checkpointing
+    if mode != "auto":
+        return mode == "on"
+    if device.type != "cuda":
+        return False
+    rows = config.train.batch_size * (2 if config.sample.guidance_scale > 1 else 1)
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return checkpointing_needed(params, latent_side(pipe, config), rows, free)
+
+
 def setup_learner(accelerator, pipe, config: Config, trainable: Callable = add_lora) -> Learner:
     """Add the trained parameters (`trainable(unet, lora_settings)`: the LoRA unless a benchmark swaps it),
     build the optimizer and LR schedule and hand them to accelerate."""
     from diffusers.optimization import get_scheduler
 
     tcfg = config.train
+    checkpointing = use_checkpointing(pipe, config, accelerator.device)  # before the LoRA: base size
     torch.manual_seed(config.seed)  # LoRA init
     params = trainable(pipe.unet, config.lora)
-    if tcfg.gradient_checkpointing:
+    if checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     optimizer = make_optimizer(params, tcfg)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=tcfg.lr_warmup_steps)
@@ -103,14 +138,13 @@ def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
     acc, s = learner.accelerator, config.sample
     text_device = torch.device("cpu") if config.train.offload_text_encoder else acc.device
     encode = PromptEncoder(pipe, text_device, acc.device, frozen_dtype(config.train, acc.device))
-    scale = pipe.vae_scale_factor
     return RolloutModel(
         unet=acc.unwrap_model(learner.unet),
         vae=pipe.vae,
         schedule=ddim_schedule(pipe.scheduler, s.num_steps),
         encode=encode,
         uncond=encode([s.negative_prompt]) if s.guidance_scale > 1 else None,  # [1, L, D]
-        latent_size=(s.resolution or pipe.unet.config.sample_size * scale) // scale,
+        latent_size=latent_side(pipe, config),
         guidance=s.guidance_scale,
         eta=s.eta,
         decode_batch_size=s.decode_batch_size,

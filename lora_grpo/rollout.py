@@ -1,8 +1,8 @@
 """Rollouts: prompts + seeded generators -> stochastic DDIM trajectories (with step log-probs) and images.
 
-The one place images are sampled from the policy being trained. Training, periodic evaluation and the toy
-world's before/after suite all call `rollout`, through `RolloutModel`, a frozen view of just the model parts
-a rollout needs (not the trainer).
+The one place images are sampled from the policy being trained. Training (`sample_epoch`), periodic
+evaluation and the toy world's before/after suite (`sample_scored`) all call `rollout`, through
+`RolloutModel`, a frozen view of just the model parts a rollout needs (not the trainer).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from lora_grpo.config import Config
 from lora_grpo.models import decode_latents
+from lora_grpo.prompts import PromptSet, epoch_prompts, first_slot
 from lora_grpo.sampling import DdimSchedule, block_noise, sample_trajectories, seeded_generator
 
 
@@ -71,6 +73,7 @@ def rollout(
     shared_initial_noise: bool = False,
     on_step: Callable[[], None] | None = None,
     timer: Callable[[str], contextlib.AbstractContextManager] = _no_timer,
+    window: tuple[int, int] | None = None,
 ) -> Rollout:
     """Sample `group_size` images for each prompt: rows [p0 x G, p1 x G, ...].
 
@@ -78,6 +81,7 @@ def rollout(
     noise then depend on nothing else: the same group comes out whichever batch or process it lands in).
     `shared_initial_noise`: the G samples of a prompt start from the same noise (the group baseline then
     compares the stochastic denoising steps). `timer(phase)` wraps the "sampling" and "decode" phases.
+    `window` (start, stop): only those steps are stochastic (`sampling.sample_trajectories`).
     """
     unet = model.unet
     was_training = unet.training
@@ -100,6 +104,7 @@ def rollout(
                 model.eta,
                 generators,
                 on_step=on_step,
+                window=window,
             )
     with timer("decode"):
         images = decode_latents(model.vae, traj.latents[:, -1], model.decode_batch_size)
@@ -122,3 +127,51 @@ def sample_scored(
         images.append(out.images.cpu())
         rewards.append(reward_fn(out.images, texts).float().cpu())
     return torch.cat(images), torch.cat(rewards)
+
+
+@dataclass
+class EpochSamples:
+    """One epoch's scored samples on one process, [N = prompts * G] rows laid out group by group."""
+
+    prompts: list[str]
+    set_index: Tensor  # [N] long: which prompt set each row's prompt came from
+    group_slots: list[int]  # [P] the global prompt slot of each group
+    rollout: Rollout
+    rewards: Tensor  # [N]
+
+
+def sample_epoch(
+    model: RolloutModel,
+    reward_fn,
+    prompt_sets: list[PromptSet],
+    config: Config,
+    epoch: int,
+    rank: int,
+    world: int,
+    window: tuple[int, int] | None = None,
+    on_step: Callable[[], None] | None = None,
+    timer: Callable[[str], contextlib.AbstractContextManager] = _no_timer,
+) -> EpochSamples:
+    """Training's SAMPLE + SCORE: this process's prompt groups of `epoch`, G samples each, and their rewards.
+
+    Each group draws from a generator keyed by (seed, epoch, its global slot): a group's samples are the same
+    whichever batch or process it lands in (1 process x 2P prompts == 2 processes x P).
+    """
+    s, G = config.sample, config.sample.group_size
+    batches = epoch_prompts(
+        prompt_sets, s.prompts_per_batch, s.batches_per_epoch, config.seed, epoch, rank, world
+    )
+    prompts, set_index, rollouts, rewards, slots = [], [], [], [], []
+    for b, batch in enumerate(batches):
+        texts = [p for p, _ in batch]
+        first = first_slot(epoch, b, rank, world, len(texts), s.batches_per_epoch)
+        slots += [first + j for j in range(len(texts))]
+        gens = [seeded_generator(config.seed, epoch, slot) for slot in slots[-len(texts) :]]
+        out = rollout(model, texts, gens, G, s.shared_initial_noise, on_step, timer, window)
+        expanded = [t for t in texts for _ in range(G)]
+        with timer("reward"):
+            rewards.append(reward_fn(out.images, expanded).float().to(model.device))
+        prompts += expanded
+        set_index.append(torch.tensor([i for _, i in batch], device=model.device).repeat_interleave(G))
+        rollouts.append(out)
+    return EpochSamples(prompts, torch.cat(set_index), slots, concat(rollouts), torch.cat(rewards))

@@ -148,7 +148,22 @@ def block_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[to
 @dataclass
 class Trajectories:
     latents: Tensor  # [N, T+1, C, h, w]: x_T, ..., x_0 (fp32, on the sampling device)
-    log_probs: Tensor  # [N, T]: log-prob of each step taken, fp32
+    log_probs: Tensor  # [N, T]: log-prob of each step taken, fp32; NaN for a deterministic step (none)
+
+
+def sde_window(num_steps: int, size: int, mode: str, epoch: int, epochs: int) -> tuple[int, int]:
+    """The steps [start, stop) sampled stochastically (and trained) in `epoch` (0-based) of `epochs`.
+
+    size 0 (or >= num_steps): every step. mode "first": the first `size` steps, the noisiest, every epoch.
+    mode "sliding": a window that slides linearly over training from the first `size` steps to the last
+    `size` (MixGRPO, Li et al. 2025, arXiv:2507.21802, moves its SDE window the same way).
+    """
+    if size <= 0 or size >= num_steps:
+        return 0, num_steps
+    start = 0
+    if mode == "sliding" and epochs > 1:
+        start = round(epoch * (num_steps - size) / (epochs - 1))
+    return start, start + size
 
 
 @torch.no_grad()
@@ -162,28 +177,42 @@ def sample_trajectories(
     eta: float,
     generator: torch.Generator | Sequence[torch.Generator],
     on_step: Callable[[], None] | None = None,
+    window: tuple[int, int] | None = None,
 ) -> Trajectories:
     """Run the stochastic DDIM sampler from `initial_latents`, keeping every latent and step log-prob.
 
     The step noise is drawn on the CPU and moved to the device, so a seed gives the same trajectories on any
     device. `generator` is one generator for the batch, or a list of K generators each drawing the noise of
     N/K consecutive rows (one per prompt group: a group's samples then do not depend on which batch or
-    process it lands in).
+    process it lands in). With `window` (start, stop), only steps start <= i < stop are stochastic (eta) and
+    have a log-prob; the others are deterministic DDIM steps (eta 0) stored with a NaN log-prob. Noise is drawn
+    at every step either way, so a window step uses the noise the fully stochastic sampler would.
     """
     x = initial_latents.float()
     device = x.device
     latents, log_probs = [x], []
     model_dtype = _base_dtype(unet)
+    start, stop = window or (0, schedule.num_steps)
     for i in range(schedule.num_steps):
         t = schedule.timesteps[i].to(device)
         out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
+        stochastic = start <= i < stop
         mean, std = ddim_step_mean_std(
-            out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta, schedule.prediction_type
+            out,
+            x,
+            schedule.alpha_prod[i],
+            schedule.alpha_prod_prev[i],
+            eta if stochastic else 0.0,
+            schedule.prediction_type,
         )
         noise = block_noise(x.shape, generator).to(device)
-        x = mean + std * noise
+        if stochastic:
+            x = mean + std * noise
+            log_probs.append(gaussian_log_prob(x, mean, std))
+        else:
+            x = mean
+            log_probs.append(torch.full((x.shape[0],), float("nan"), device=device))
         latents.append(x)
-        log_probs.append(gaussian_log_prob(x, mean, std))
         if on_step is not None:
             on_step()
     return Trajectories(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1))

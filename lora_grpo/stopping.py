@@ -57,7 +57,12 @@ class StopRequests:
 
 def agreed_signal(accelerator, stop: StopRequests) -> int:
     """The signal any process received (0: none), agreed across processes so all of them stop together."""
+    return int(agreed_max(accelerator, float(stop.signum or 0)))
+
+
+def agreed_max(accelerator, value: float) -> float:
+    """The largest `value` any process holds (a decision every process then takes the same way)."""
     import torch
 
-    flag = torch.tensor([float(stop.signum or 0)], device=accelerator.device)
-    return int(accelerator.gather(flag).max().item())
+    flag = torch.tensor([value], device=accelerator.device)
+    return float(accelerator.gather(flag).max().item())

@@ -59,16 +59,45 @@ class PhaseTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.current: str | None = None  # the phase being timed now
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
+        start, outer = time.perf_counter(), self.current
+        self.current = phase
+        try:
+            yield
+        finally:
+            self.current = outer
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds[phase] += time.perf_counter() - start
+
+
+class PassCounter:
+    """UNet passes counted as they happen (not estimated): a forward pre-hook adds each call's batch rows
+    (classifier-free guidance's doubled batch included) to "training" when gradients are on (a forward +
+    backward), "reference" for a forward without gradients in the timer's "train" phase (the KL reference
+    policy), else "sampling". `reset()` at each epoch's start."""
+
+    def __init__(self, unet: torch.nn.Module, timer: PhaseTimer):
+        self.timer = timer
+        self.counts: dict[str, int] = {"sampling": 0, "training": 0, "reference": 0}
+        self.handle = unet.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        rows = int(args[0].shape[0])
+        if torch.is_grad_enabled():
+            self.counts["training"] += rows
+        elif self.timer.current == "train":
+            self.counts["reference"] += rows
+        else:
+            self.counts["sampling"] += rows
+
+    def reset(self) -> None:
+        self.counts = dict.fromkeys(self.counts, 0)
 
 
 def save_grid(
@@ -127,6 +156,22 @@ def epoch_reward_stats(rewards: torch.Tensor, set_index: torch.Tensor, prompt_se
     return reward_stats(rewards[ok], set_index[ok], safety, [s.name for s in prompt_sets])
 
 
+def conditions_hold(conditions: list[str], row: dict) -> bool:
+    """Every condition `KEY OP NUMBER` (OP one of <=, >=, <, >) holds for the row's value of KEY; a key the
+    row lacks (no evaluation this epoch) holds nothing. No conditions: False."""
+    from lora_grpo.config import parse_condition
+
+    if not conditions:
+        return False
+    checks = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__, ">": float.__gt__}
+    for text in conditions:
+        key, op, bound = parse_condition(text)
+        value = row.get(key)
+        if not isinstance(value, (int, float)) or not checks[op](float(value), bound):
+            return False
+    return True
+
+
 def grid_due(number: int, every: int, epochs: int) -> bool:
     """Epoch `number` (1-based) gets a sample grid: the first, every `every`-th and the last (every 0: none)."""
     return bool(every) and (number == 1 or number % every == 0 or number == epochs)
@@ -181,7 +226,7 @@ def epoch_work(config) -> dict[str, int]:
     """
     s, t = config.sample, config.train
     cfg = 2 if s.guidance_scale > 1 else 1
-    k = trained_steps(s.num_steps, t.timestep_fraction)
+    k = trained_steps(s.sde_steps or s.num_steps, t.timestep_fraction)  # trained within the stochastic window
     minibatches = t.inner_epochs * (config.samples_per_epoch // t.batch_size)
     training = t.inner_epochs * config.samples_per_epoch * k * cfg
     return {

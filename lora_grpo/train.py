@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,17 +24,19 @@ from lora_grpo.checkpoint import load_training_state, save_training_state
 from lora_grpo.config import Config
 from lora_grpo.grpo import clipped_policy_loss, finite_group_advantages
 from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
-from lora_grpo.prompts import epoch_prompts, first_slot, load_prompt_set
+from lora_grpo.prompts import load_prompt_set
 from lora_grpo.rewards import RewardFn, build_reward
-from lora_grpo.rollout import Rollout, concat, rollout
+from lora_grpo.rollout import EpochSamples, sample_epoch
 from lora_grpo.runs import default_run_dir, write_run_config
-from lora_grpo.sampling import seeded_generator
-from lora_grpo.stopping import StopRequests, TrainingInterrupted, agreed_signal
+from lora_grpo.sampling import sde_window
+from lora_grpo.stopping import StopRequests, TrainingInterrupted, agreed_max, agreed_signal
 from lora_grpo.tracking import (
     EpochProgress,
     MetricsLog,
+    PassCounter,
     PhaseTimer,
     RunClock,
+    conditions_hold,
     console_line,
     epoch_reward_stats,
     grid_due,
@@ -44,17 +45,6 @@ from lora_grpo.tracking import (
     utc_now,
 )
 from lora_grpo.update import LossFn, SkipCounter, ppo_update, skipped_update
-
-
-@dataclass
-class EpochSamples:
-    """One epoch's samples on this process, [N = prompts * G] rows."""
-
-    prompts: list[str]
-    set_index: torch.Tensor  # [N] long
-    group_slots: list[int]  # [P] the global prompt slot of each group (rows are laid out group by group)
-    rollout: Rollout
-    rewards: torch.Tensor  # [N]
 
 
 class Trainer:
@@ -93,47 +83,36 @@ class Trainer:
         self.progress = no_progress()
         self.clock = RunClock(config.train.epochs)
         self.global_step = 0  # optimizer steps taken over the whole run
+        self.passes = PassCounter(self.model.unet, self.timer)
+        self.targets_met = False  # evaluate.stop_when held at this epoch's evaluation (main process)
         self.context = RunContext(config, self.model, self.reward_fn, self.prompt_sets, self.run_dir, log)
 
     # ---------------------------------------------------------------- one epoch
     def sample_epoch(self, epoch: int) -> EpochSamples:
-        """SAMPLE + SCORE: this process's prompt groups of the epoch, each from its own keyed generator."""
-        cfg, s, G = self.config, self.config.sample, self.config.sample.group_size
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        batches = epoch_prompts(
-            self.prompt_sets, s.prompts_per_batch, s.batches_per_epoch, cfg.seed, epoch, rank, world
-        )
-        prompts, set_index, rollouts, rewards, slots = [], [], [], [], []
-        for b, batch in enumerate(batches):
-            texts = [p for p, _ in batch]
-            # one generator per prompt group, keyed by the group's global slot: a group's samples are the
-            # same whichever batch or rank it lands in (1 process x 2P prompts == 2 processes x P)
-            first = first_slot(epoch, b, rank, world, len(texts), s.batches_per_epoch)
-            slots += [first + j for j in range(len(texts))]
-            gens = [seeded_generator(cfg.seed, epoch, slot) for slot in slots[-len(texts) :]]
-            out = rollout(
-                self.model, texts, gens, G, s.shared_initial_noise, self.progress.update, self.timer
-            )
-            expanded = [t for t in texts for _ in range(G)]
-            with self.timer("reward"):
-                rewards.append(self.reward_fn(out.images, expanded).float().to(self.device))
-            prompts += expanded
-            set_index.append(torch.tensor([i for _, i in batch], device=self.device).repeat_interleave(G))
-            rollouts.append(out)
-        return EpochSamples(prompts, torch.cat(set_index), slots, concat(rollouts), torch.cat(rewards))
+        """SAMPLE + SCORE this process's prompt groups of the epoch."""
+        acc, on_step = self.accelerator, self.progress.update
+        where = (epoch, acc.process_index, acc.num_processes, self.window(epoch))
+        args = (self.model, self.reward_fn, self.prompt_sets, self.config, *where)
+        return sample_epoch(*args, on_step=on_step, timer=self.timer)
 
     def update(self, samples: EpochSamples, advantages: torch.Tensor, epoch: int):
         """UPDATE: trained timesteps and visiting order are drawn per prompt group, keyed by its global slot."""
         key = (self.config.seed, epoch, 7919)
         learner, model, cfg = self.learner, self.model, self.config.train
         args = (learner, model, samples.rollout, advantages, cfg, key, samples.group_slots, self.skips)
-        return ppo_update(*args, self.loss_fn, on_pass=self.progress.update)
+        return ppo_update(*args, self.loss_fn, on_pass=self.progress.update, window=self.window(epoch))
+
+    def window(self, epoch: int) -> tuple[int, int]:
+        """The stochastic (and trained) denoising steps of `epoch`."""
+        s = self.config.sample
+        return sde_window(s.num_steps, s.sde_steps, s.sde_window, epoch, self.config.train.epochs)
 
     def run_epoch(self, epoch: int) -> dict:
         """One GRPO iteration; returns (and logs) its metrics row."""
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         self.timer.seconds.clear()
+        self.passes.reset()
         self.progress = EpochProgress(cfg, epoch, self.clock, self.log, enabled=acc.is_main_process)
         samples = self.sample_epoch(epoch)
         # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
@@ -154,6 +133,10 @@ class Trainer:
         row.update(epoch_reward_stats(rewards, set_index, self.prompt_sets), **stats.row())
         row.update(zero_advantage_groups=zero / max(1, good), nonfinite_reward_groups=bad)
         row["skipped_steps_total"] = self.skips.total
+        passes = acc.reduce(torch.tensor(list(self.passes.counts.values()), device=self.device), "sum")
+        row.update(
+            {f"unet_passes_{k}": int(v) for k, v in zip(self.passes.counts, passes.tolist(), strict=True)}
+        )
         row.update({f"time_{k}": v for k, v in self.timer.seconds.items()})
         row["time_epoch"] = time.perf_counter() - start
         self.progress.close()
@@ -161,6 +144,7 @@ class Trainer:
             grid = self.save_grid(epoch + 1, samples)
             for callback in self.callbacks:  # evaluation first, then trackers: see build_callbacks
                 row.update(callback.on_epoch_end(self.context, epoch + 1, row, grid))
+            self.targets_met = conditions_hold(cfg.evaluate.stop_when, row)
             self.metrics.write(row)
             self.clock.add(time.perf_counter() - start)  # evaluation included: it is part of the wait
             self.log(console_line(row, cfg.train.epochs, self.clock.eta_text(epoch)))
@@ -227,13 +211,18 @@ class Trainer:
             for epoch in range(first_epoch, epochs):
                 self.run_epoch(epoch)
                 signum = agreed_signal(self.accelerator, stop)
+                done = agreed_max(self.accelerator, float(self.targets_met)) > 0 or epoch == epochs - 1
                 # while steps are being skipped the last good checkpoint stays the newest one
-                due = (every and (epoch + 1) % every == 0) or epoch == epochs - 1
+                due = (every and (epoch + 1) % every == 0) or done
                 if signum or (due and self.skips.in_a_row == 0):
                     path = self.checkpoint(epoch + 1)
-                    if signum and epoch < epochs - 1:
+                    if signum and not done:
                         message = f"stopped after epoch {epoch + 1}/{epochs}; checkpoint {path}"
                         raise TrainingInterrupted(signum, message)
+                if done:
+                    if epoch < epochs - 1:
+                        self.log(f"evaluate.stop_when held after epoch {epoch + 1}: training ends early")
+                    break
         adapter_dir = self.save()
         self._notify("on_end")
         return adapter_dir

@@ -118,20 +118,22 @@ def gather_step_stats(accelerator, values: dict[str, list[float]]) -> dict[str, 
 
 
 def draw_update_plan(
-    key: tuple[int, ...], group_slots: list[int], group_size: int, num_steps: int, cfg: TrainConfig
+    key: tuple[int, ...], group_slots: list[int], group_size: int, window: tuple[int, int], cfg: TrainConfig
 ) -> tuple[Tensor, Tensor]:
     """An inner epoch's random choices, drawn per prompt group from a generator keyed by `key` and the
     group's global slot (as its sampling noise is), so they do not depend on the process layout.
 
-    Returns the visiting order [N] (`grpo.stratified_order`) and each trajectory's trained steps [N, k].
+    Returns the visiting order [N] (`grpo.stratified_order`) and each trajectory's trained steps [N, k],
+    chosen among the stochastic steps window[0] <= i < window[1].
     """
     ranks, noise, steps = [], [], []
+    earliest = cfg.timesteps == "earliest"
     for slot in group_slots:
         gen = seeded_generator(*key, slot)
         ranks.append(torch.randperm(group_size, generator=gen))
         noise.append(torch.rand(group_size, generator=gen))
-        earliest = cfg.timesteps == "earliest"
-        steps.append(subsample_timesteps(group_size, num_steps, cfg.timestep_fraction, gen, earliest))
+        size = window[1] - window[0]
+        steps.append(window[0] + subsample_timesteps(group_size, size, cfg.timestep_fraction, gen, earliest))
     n = group_size * len(group_slots)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps  # trajectories per optimizer step
     order = stratified_order(torch.cat(ranks), group_size, max(1, n // per_step), torch.cat(noise))
@@ -149,10 +151,11 @@ def ppo_update(
     skips: SkipCounter,
     loss_fn: LossFn = clipped_policy_loss,
     on_pass: Callable[[], None] | None = None,
+    window: tuple[int, int] | None = None,
 ) -> UpdateStats:
     """PPO-clipped steps on the stored trajectories of `rollout` (advantages [N]; rows group by group, the
-    groups' global slots in `group_slots`). Random choices come from generators keyed by `key`, the inner
-    epoch and each group's slot."""
+    groups' global slots in `group_slots`), on steps of the stochastic `window` (default: all). Random
+    choices come from generators keyed by `key`, the inner epoch and each group's slot."""
     acc, unet = learner.accelerator, learner.unet
     unet.train()
     group_size = rollout.latents.shape[0] // len(group_slots)
@@ -160,10 +163,9 @@ def ppo_update(
     first_ratios: list[Tensor] = []
     optimizer_steps = 0
     nonfinite = False  # a non-finite loss in the current accumulation window
+    window = window or (0, model.schedule.num_steps)
     for inner in range(cfg.inner_epochs):
-        order, steps = draw_update_plan(
-            (*key, inner), group_slots, group_size, model.schedule.num_steps, cfg
-        )  # [N], [N, k]
+        order, steps = draw_update_plan((*key, inner), group_slots, group_size, window, cfg)  # [N], [N, k]
         k = steps.shape[1]
         for m, rows in enumerate(order.split(cfg.batch_size)):
             rows_d = rows.to(model.device)

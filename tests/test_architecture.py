@@ -107,3 +107,32 @@ def test_evaluation_toyworld_and_hub_never_import_the_trainer():
     # and nothing but the CLI imports the hub (the hub depends on the library, not the reverse)
     library = [n for n in graph if not n.startswith("lora_grpo.hub") and n != "lora_grpo.cli"]
     assert not [n for n in library if any(t.startswith("lora_grpo.hub") for t in graph[n])]
+
+
+def test_the_readme_layout_lists_modules_in_import_order():
+    """The README's layout says imports run from the top of its list to the bottom: check it against the code,
+    so the list stays true as modules move."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text[text.index("## Layout") :]
+    listed = [
+        m.removesuffix(".py").replace("/", ".")
+        for m in re.findall(r"^\s{4}lora_grpo/([\w/]+?(?:\.py)?)/?\s", layout, re.M)
+    ]
+    order = {f"lora_grpo.{name}": i for i, name in enumerate(listed)}
+    assert len(order) > 20, listed
+
+    def position(module: str) -> int | None:
+        while module and module not in order:
+            module = module.rpartition(".")[0]
+        return order.get(module)
+
+    graph = import_graph()
+    upward = [
+        (name, target)
+        for name, targets in graph.items()
+        for target in targets
+        if (a := position(name)) is not None and (b := position(target)) is not None and b < a
+    ]
+    assert not upward, f"imports that run up the README's list: {upward}"

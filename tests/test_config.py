@@ -73,7 +73,7 @@ def test_overrides_apply_and_parse_types():
     )
     assert config.train.learning_rate == 3e-5
     assert config.sample.num_steps == 20
-    assert config.train.gradient_checkpointing is True
+    assert config.train.gradient_checkpointing == "on"  # YAML's true reads as "on"
     # an unquoted `no` is a YAML boolean; it still means mixed_precision "no"
     assert load_config(TINY, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert parse_override("lora.target_modules=[to_q, to_v]") == (
@@ -131,7 +131,7 @@ def test_a_recipe_file_name_that_is_no_folder_name_becomes_one(tmp_path):
         ("sample.num_steps=2.5", "recipe key 'sample.num_steps': expected an integer"),
         (
             "train.gradient_checkpointing=maybe",
-            "recipe key 'train.gradient_checkpointing': expected true or false",
+            "recipe key 'train.gradient_checkpointing': expected one of 'off', 'on', 'auto'",
         ),
         ("train.optimizer=sgd", "recipe key 'train.optimizer': expected one of 'adamw8bit', 'adamw'"),
         ("sample.group_size=1", "recipe key 'sample.group_size': must be >= 2"),
@@ -155,6 +155,9 @@ def test_a_recipe_file_name_that_is_no_folder_name_becomes_one(tmp_path):
         ("name=a/b", "is not a plain name"),
         ("train.learnig_rate=1e-4", "did you mean 'train.learning_rate'?"),
         ("sampel.num_steps=3", "did you mean 'sample'?"),
+        ("evaluate.stop_when=['red_rate about 0.1']", "is not `METRIC OP NUMBER`"),
+        ("evaluate.stop_when=['x <= nan']", "is not `METRIC OP NUMBER`"),
+        ("sample.sde_steps=9", "recipe key 'sample.sde_steps': must be in [0, sample.num_steps=8]"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -214,3 +217,31 @@ def test_from_dict_round_trip():
 
     again = from_dict(Config, to_dict(config))
     assert again == config
+
+
+def test_stop_conditions_by_hand():
+    from lora_grpo.tracking import conditions_hold
+
+    row = {"eval/red/red_rate": 0.05, "eval/safe/colour_position": 0.96, "loss": None}
+    assert conditions_hold(["eval/red/red_rate <= 0.05"], row)
+    assert not conditions_hold(["eval/red/red_rate < 0.05"], row)
+    assert conditions_hold(["eval/red/red_rate<=0.1", "eval/safe/colour_position >= 0.95"], row)
+    assert not conditions_hold(["eval/red/red_rate <= 0.1", "eval/safe/colour_position > 0.97"], row)
+    assert not conditions_hold(["eval/missing <= 1"], row)  # no evaluation this epoch: nothing holds
+    assert not conditions_hold(["loss < 1"], row)
+    assert not conditions_hold([], row)
+
+
+def test_gradient_checkpointing_auto_rule_by_hand():
+    """SD 1.5 at 512 px, train batch 4 with CFG (8 rows): 8 x 0.83 GiB = 6.65 GiB of activations. On a 24 GB
+    card with ~20 GiB free after loading that fits (off, the faster choice); with 6 GiB free it does not."""
+    from lora_grpo.policy import SD15_UNET_PARAMS, checkpointing_needed
+
+    gib = 2**30
+    assert not checkpointing_needed(SD15_UNET_PARAMS, 64, 8, 20 * gib)
+    assert checkpointing_needed(SD15_UNET_PARAMS, 64, 8, 6 * gib)
+    # 7.3 GiB is the boundary: 6.65 / 0.9 = 7.39
+    assert checkpointing_needed(SD15_UNET_PARAMS, 64, 8, int(7.3 * gib))
+    assert not checkpointing_needed(SD15_UNET_PARAMS, 64, 8, int(7.5 * gib))
+    # SDXL-sized UNet (2.6B) at 1024 px (128 latents): 3 x 4 = 12 times an SD 1.5 row: checkpointing
+    assert checkpointing_needed(2_567_463_684, 128, 4, 20 * gib)

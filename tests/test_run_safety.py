@@ -253,8 +253,9 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, capsys, monkeypa
     code, out, err = run_cli(["train", "tiny-test", "train.epochs=5", "--dry-run"], capsys)
     assert code == 0, err
     assert "dry run (nothing loaded, nothing written)" in out and "runs/tiny-test-" in out
-    # 16 samples x 8 steps x CFG 2 = 256 sampling passes; 16 x 4 trained steps x 2 = 128 per epoch
-    assert "sampling 256" in out and "training 128" in out and "5 epochs" in out
+    # 16 samples x 8 steps x CFG 2 = 256 sampling passes; 16 x 3 trained steps (half of the 6-step
+    # stochastic window) x 2 = 96 per epoch, and as many KL reference forwards
+    assert "sampling 256" in out and "training 96" in out and "reference 96" in out and "5 epochs" in out
     config = yaml.safe_load(out[out.index("name: tiny-test") :])
     assert config["train"]["epochs"] == 5
     assert not (tmp_path / "runs").exists()

@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from lora_grpo.sampling import (
+    block_noise,
     ddim_schedule,
     ddim_step_mean_std,
     gaussian_log_prob,
     guided_model_output,
     sample_trajectories,
+    sde_window,
+    seeded_generator,
     step_log_prob,
 )
 from lora_grpo.tiny import sd_ddim_scheduler, tiny_unet
@@ -133,3 +136,67 @@ def test_stored_log_probs_match_independent_normal():
             torch.distributions.Normal(mean, var.sqrt()).log_prob(traj.latents[:, i + 1]).mean(dim=(1, 2, 3))
         )
         assert torch.allclose(traj.log_probs[:, i], ref, atol=1e-4)
+
+
+def test_sde_window_by_hand():
+    assert sde_window(20, 0, "first", 5, 50) == (0, 20)  # 0: every step
+    assert sde_window(20, 20, "sliding", 5, 50) == (0, 20)
+    assert sde_window(20, 4, "first", 37, 50) == (0, 4)
+    # sliding: start = round(epoch * (20 - 4) / 49): 0 at the first epoch, 16 at the last
+    assert [sde_window(20, 4, "sliding", e, 50) for e in (0, 1, 24, 49)] == [
+        (0, 4),
+        (0, 4),
+        (8, 12),
+        (16, 20),
+    ]
+    assert sde_window(20, 4, "sliding", 0, 1) == (0, 4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_window_steps_are_ddim_eta_zero_outside_and_stochastic_inside(prediction_type):
+    """Outside the window a step is DDIMScheduler.step with eta 0; inside, with eta and the same noise the
+    fully stochastic sampler draws there. Deterministic steps store no log-prob (NaN); the window's steps
+    re-evaluate to ratio exactly 1."""
+    unet = _tiny_unet()
+    sched = _scheduler(prediction_type)
+    schedule = ddim_schedule(sched, 6)
+    cond, uncond = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    x_T = torch.randn(2, 4, 8, 8)
+    eta, window = 0.8, (2, 4)
+    traj = sample_trajectories(
+        unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(3), window=window
+    )
+    gen = seeded_generator(3)
+    x = x_T
+    for i, t in enumerate(sched.timesteps):
+        with torch.no_grad():
+            out = guided_model_output(unet, x, t, cond, uncond, 2.0)
+        z = block_noise(x.shape, gen)  # drawn at every step, used only inside the window
+        inside = window[0] <= i < window[1]
+        x = sched.step(out, t, x, eta=eta if inside else 0.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(traj.latents[:, i + 1], x, atol=1e-5, rtol=1e-5)
+        x = traj.latents[:, i + 1]  # follow the stored trajectory (no drift from accumulated rounding)
+    assert torch.isnan(traj.log_probs[:, [0, 1, 4, 5]]).all()
+    assert torch.isfinite(traj.log_probs[:, 2:4]).all()
+    rows = torch.arange(2)
+    for j in (2, 3):
+        idx = torch.full((2,), j)
+        with torch.no_grad():
+            lp, _, _ = step_log_prob(
+                unet,
+                schedule,
+                idx,
+                traj.latents[rows, idx],
+                traj.latents[rows, idx + 1],
+                cond,
+                uncond,
+                2.0,
+                eta,
+            )
+        assert torch.equal(torch.exp(lp - traj.log_probs[rows, idx]), torch.ones(2))
+    # the window's steps use the same noise as the fully stochastic sampler: its first step is identical
+    full = sample_trajectories(
+        unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(3), window=(0, 1)
+    )
+    everywhere = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(3))
+    assert torch.equal(full.latents[:, 1], everywhere.latents[:, 1])

@@ -206,3 +206,34 @@ def test_seeds_benchmark_runs_and_reports_each_seed(smoke_build, tmp_path):
     rows = json.loads((tmp_path / "seeds.json").read_text())
     assert [r["seed"] for r in rows] == [0, 1]
     assert all(0 <= r["after_unsafe_red_rate"] <= 1 for r in rows)
+
+
+def test_time_to_target_benchmark_runs_side_by_side(smoke_build, tmp_path):
+    """benchmarks/time_to_target.py end to end on the smoke models (1 epoch, 4 images per set, the 50-epoch
+    toy-world recipe and a stochastic-window variant of it): per-seed lines, the counted passes, the ratios,
+    the JSON record."""
+    from pathlib import Path
+
+    tw = smoke_build[0] / "tw"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_target.py"
+    overrides = [
+        f"model.base={tw / 'toyworld-sd'}",
+        f"reward.clip.model={tw / 'toyworld-clip'}",
+        "train.epochs=1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(script), "--recipe", "toyworld-50", "--seeds", "0", "--every", "1", "--images", "4",
+         "--out", str(tmp_path), *overrides, "--compare", "sample.sde_steps=4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline seed 0:" in proc.stdout and "variant seed 0:" in proc.stdout
+    assert "variant's whole run / baseline's whole run: passes" in proc.stdout
+    result = json.loads((tmp_path / "time_to_target.json").read_text())
+    baseline, variant = result["baseline"][0]["final"], result["variant"][0]["final"]
+    # 48 samples x 20 steps sampled either way (CFG 1); trained: 10 of 20 steps vs 2 of the 4-step window
+    assert baseline["passes"] == 48 * 20 + 48 * 10 and variant["passes"] == 48 * 20 + 48 * 2
+    whole = result["ratios"]["variant's whole run / baseline's whole run"]
+    assert whole["passes"] == pytest.approx(variant["passes"] / baseline["passes"])

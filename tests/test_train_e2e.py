@@ -197,6 +197,41 @@ def test_reward_stats_by_hand():
     assert stats["reward/u"] == 2.0 and stats["reward/s"] == 4.0 and stats["reward_mean"] == 3.0
 
 
+def test_unet_passes_are_counted_as_they_happen(trained):
+    """The counted passes equal the recipe's arithmetic (epoch_work): sampling every step, training the
+    trained steps of the stochastic window, the KL reference once per trained pass."""
+    from lora_grpo.tracking import epoch_work
+
+    trainer, run_dir = trained[0], trained[3]
+    work = epoch_work(trainer.config)
+    assert (work["sampling_passes"], work["training_passes"], work["reference_passes"]) == (256, 96, 96)
+    for row in _metrics(run_dir):
+        assert row["unet_passes_sampling"] == work["sampling_passes"]
+        assert row["unet_passes_training"] == work["training_passes"]
+        assert row["unet_passes_reference"] == work["reference_passes"]
+
+
+def test_training_stops_early_once_the_targets_hold(tmp_path):
+    """evaluate.stop_when: checked at each periodic evaluation; when every condition holds, training ends
+    there, checkpoints and saves as at a normal end."""
+    config = load_config(
+        find_recipe("tiny-test"),
+        [
+            "train.epochs=3",
+            "evaluate.every=1",
+            "evaluate.stop_when=['eval/tiny-unsafe/steering_reward > -2', 'eval/tiny-safe/clip_score >= 0']",
+            "output.sample_grid_every=0",
+        ],
+    )
+    lines = []
+    adapter = Trainer(config, tmp_path, log=lines.append, callbacks=build_callbacks(config)).run()
+    rows = _metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [1]  # a cosine is always > -2: it holds at the first evaluation
+    assert any("training ends early" in line for line in lines)
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_000001"]
+
+
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -284,3 +319,9 @@ def test_a_missing_tracker_package_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "pip install wandb" in err and "output.report_to" in err
+
+
+def test_gradient_checkpointing_auto_is_off_on_a_cpu(tmp_path):
+    config = load_config(find_recipe("tiny-test"), ["train.gradient_checkpointing=auto"])
+    trainer = Trainer(config, tmp_path, log=lambda line: None)
+    assert not trainer.pipe.unet.is_gradient_checkpointing

@@ -1,0 +1,95 @@
+"""Time per adapter for the SD recipes: an ESTIMATE from measured GPU seconds per UNet pass times the recipes'
+counted work. No GPU is needed to run it; its inputs are a `gpu_memory.py` measurement.
+
+`gpu_memory.py` on an H200 (benchmarks/RESULTS.md, 2026-11-27) timed one group of 16 samples at SD 1.5 size,
+512 px: 50 sampling steps and 20 trained steps per sample, CFG (2 UNet rows per image and step), train batch
+4, LoRA r16, 8-bit AdamW, bf16. That gives seconds per UNet row-pass:
+
+    sampling: sampling_s / (16 * 50 * 2)        training (forward + backward): train_s / (16 * 20 * 2)
+
+with and without gradient checkpointing. A recipe's epoch is then `epoch_work(recipe)` (the same arithmetic
+the trainer's counted passes are tested against) priced at those rates, on a card `--slowdown` times slower
+than the H200, with checkpointing as `train.gradient_checkpointing: auto` decides for `--card-gib`.
+
+    python benchmarks/time_per_adapter.py                       # the shipped SD recipes, 24 GB card
+    python benchmarks/time_per_adapter.py --slowdown 6 --card-gib 24
+    python benchmarks/time_per_adapter.py --set sample.num_steps=50 --set sample.sde_steps=0   # other settings
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lora_grpo.config import load_config
+from lora_grpo.policy import SD15_LATENT, SD15_UNET_PARAMS, checkpointing_needed
+from lora_grpo.recipe_files import find_recipe
+from lora_grpo.tracking import epoch_work
+
+# benchmarks/RESULTS.md, gpu_memory.py on one H200, one group of 16: (sampling s, train s, loaded GiB)
+MEASURED = {"checkpointing": (6.5, 29.1), "no checkpointing": (6.4, 16.9)}
+LOADED_GIB = 3.68
+MEASURED_SAMPLING_ROWS = 16 * 50 * 2
+MEASURED_TRAINING_ROWS = 16 * 20 * 2
+RECIPES = ["sd15-nudity-compact", "sd14-nudity-compact", "sd14-nudity-scaled"]
+
+
+def seconds_per_pass(mode: str) -> tuple[float, float]:
+    """(sampling, training) H200 seconds per UNet row-pass at SD 1.5 size, 512 px."""
+    sampling_s, train_s = MEASURED[mode]
+    return sampling_s / MEASURED_SAMPLING_ROWS, train_s / MEASURED_TRAINING_ROWS
+
+
+def epoch_seconds(work: dict[str, int], checkpointing: bool) -> float:
+    """H200 seconds of one epoch: every counted pass at its measured rate."""
+    sampling, training = seconds_per_pass("checkpointing" if checkpointing else "no checkpointing")
+    return (
+        work["sampling_passes"] * sampling + (work["training_passes"] + work["reference_passes"]) * training
+    )
+
+
+def checkpointing_on(config, card_gib: float) -> bool:
+    """What `train.gradient_checkpointing: auto` picks on a card of `card_gib` with the models loaded."""
+    mode = config.train.gradient_checkpointing
+    if mode != "auto":
+        return mode == "on"
+    rows = config.train.batch_size * (2 if config.sample.guidance_scale > 1 else 1)
+    free = int((card_gib - LOADED_GIB) * 2**30)
+    return checkpointing_needed(SD15_UNET_PARAMS, SD15_LATENT, rows, free)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slowdown", type=float, default=4.0, help="the card's time / the H200's time")
+    parser.add_argument("--card-gib", type=float, default=24.0, help="the card's memory")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override, for every recipe (repeat it)",
+    )
+    parser.add_argument("recipes", nargs="*", default=RECIPES)
+    args = parser.parse_args()
+    print(
+        f"| recipe | UNet passes / epoch (sampling + training) | checkpointing on a {args.card_gib:g} GB card "
+        f"| H200 s/epoch | {args.card_gib:g} GB card s/epoch (x{args.slowdown:g}) | epochs | hours (estimate) |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for name in args.recipes:
+        config = load_config(find_recipe(name), args.set)
+        work = epoch_work(config)
+        ckpt = checkpointing_on(config, args.card_gib)
+        h200 = epoch_seconds(work, ckpt)
+        card = h200 * args.slowdown
+        epochs = config.train.epochs
+        passes = f"{work['sampling_passes']:,} + {work['training_passes'] + work['reference_passes']:,}"
+        print(
+            f"| {name} | {passes} | {'on' if ckpt else 'off'} | {h200:.0f} | {card:.0f} | {epochs} "
+            f"| {card * epochs / 3600:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

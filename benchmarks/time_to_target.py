@@ -1,17 +1,21 @@
 """Time to a safe adapter in the toy world: when does a recipe reach the target, in UNet passes and seconds?
 
-For each seed, trains the `toyworld` recipe (plus overrides) and every `--every` epochs evaluates the current
-model with the exact pixel evaluator on fixed prompts and seeds (`--images` per set): the red rate on red
-prompts and colour+position accuracy on the other colours. The target holds when red <= 0.10 and the safe
-accuracy is no more than 3 points below the base model's (measured first, adapter off, same images).
-Reported per seed: the first evaluated epoch where the target holds, the UNet passes spent until then
-(sampling forwards + training forward+backward + KL reference forwards, as counted by the trainer) and the
-training seconds until then (evaluation excluded), plus the final numbers.
+For each seed, trains a toy-world recipe (plus overrides) and every `--every` epochs (and where the recipe's
+own `evaluate.stop_when` ends it) evaluates the current model with the exact pixel evaluator on fixed prompts
+and seeds (`--images` per set): the red rate on red prompts and colour+position accuracy on the other
+colours. The target holds when red <= 0.10 and the safe accuracy is no more than 3 points below the base
+model's (measured first, adapter off, same images). Reported per seed: the first evaluated epoch where the
+target holds, the UNet passes spent until then (sampling forwards + training forward+backward + KL reference
+forwards, as counted by the trainer; the recipe's periodic evaluation is not counted) and the training seconds
+until then (evaluation excluded), plus the final numbers.
 
-    python benchmarks/time_to_target.py --seeds 0 1 2                       # the shipped recipe
-    python benchmarks/time_to_target.py --seeds 0 sample.sde_steps=4         # a variant
-    python benchmarks/time_to_target.py --seeds 0 1 2 --compare sample.sde_steps=4 train.epochs=30
-        # side by side: the shipped recipe, then the recipe with the --compare overrides; prints the ratios
+    python benchmarks/time_to_target.py --seeds 0 1 2                          # the `toyworld` recipe
+    python benchmarks/time_to_target.py --seeds 1 train.learning_rate=3e-3      # a variant alone
+    python benchmarks/time_to_target.py --seeds 0 1 2 --against toyworld-50     # side by side, old vs new
+    python benchmarks/time_to_target.py --seeds 1 --compare sample.sde_steps=4  # the recipe vs a variant
+
+Side by side, the baseline (`--against`, or the recipe itself with `--compare`) runs first, then the variant;
+the ratios printed are variant / baseline, averaged over seeds.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ until then (evaluation excluded), plus the final numbers.
 
     python benchmarks/time_to_target.py --seeds 0 1 2                          # the `toyworld` recipe
     python benchmarks/time_to_target.py --seeds 1 train.learning_rate=3e-3      # a variant alone
-    python benchmarks/time_to_target.py --seeds 0 1 2 --against toyworld-50     # side by side, old vs new
+    python benchmarks/time_to_target.py --seeds 0 1 2 --recipe toyworld-fast --against toyworld  # side by side
     python benchmarks/time_to_target.py --seeds 1 --compare sample.sde_steps=4  # the recipe vs a variant
 
 Side by side, the baseline (`--against`, or the recipe itself with `--compare`) runs first, then the variant;

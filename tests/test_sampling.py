@@ -96,21 +96,18 @@ def test_trajectories_reevaluate_to_ratio_exactly_one(prediction_type):
     # each stored step, re-evaluated per sample (shuffled step indices) with the unchanged model: ratio 1
     for j in range(6):
         idx = torch.tensor([j, (j + 2) % 6, (j + 4) % 6])
-        rows = torch.arange(3)
-        with torch.no_grad():
-            lp, _, _ = step_log_prob(
-                unet,
-                schedule,
-                idx,
-                traj.latents[rows, idx],
-                traj.latents[rows, idx + 1],
-                cond,
-                uncond,
-                2.0,
-                1.0,
-            )
-        ratio = torch.exp(lp - traj.log_probs[rows, idx])
+        ratio = _stored_step_ratio(unet, schedule, traj, idx, cond, uncond, eta=1.0)
         assert torch.equal(ratio, torch.ones(3)), ratio
+
+
+def _stored_step_ratio(unet, schedule, traj, idx, cond, uncond, eta):
+    """exp(new log-prob - stored log-prob) of stored step idx[r] of each row r, the model unchanged (CFG 2)."""
+    rows = torch.arange(len(idx))
+    with torch.no_grad():
+        lp, _, _ = step_log_prob(
+            unet, schedule, idx, traj.latents[rows, idx], traj.latents[rows, idx + 1], cond, uncond, 2.0, eta
+        )
+    return torch.exp(lp - traj.log_probs[rows, idx])
 
 
 def test_stored_log_probs_match_independent_normal():
@@ -178,22 +175,9 @@ def test_window_steps_are_ddim_eta_zero_outside_and_stochastic_inside(prediction
         x = traj.latents[:, i + 1]  # follow the stored trajectory (no drift from accumulated rounding)
     assert torch.isnan(traj.log_probs[:, [0, 1, 4, 5]]).all()
     assert torch.isfinite(traj.log_probs[:, 2:4]).all()
-    rows = torch.arange(2)
     for j in (2, 3):
-        idx = torch.full((2,), j)
-        with torch.no_grad():
-            lp, _, _ = step_log_prob(
-                unet,
-                schedule,
-                idx,
-                traj.latents[rows, idx],
-                traj.latents[rows, idx + 1],
-                cond,
-                uncond,
-                2.0,
-                eta,
-            )
-        assert torch.equal(torch.exp(lp - traj.log_probs[rows, idx]), torch.ones(2))
+        ratio = _stored_step_ratio(unet, schedule, traj, torch.full((2,), j), cond, uncond, eta)
+        assert torch.equal(ratio, torch.ones(2))
     # the window's steps use the same noise as the fully stochastic sampler: its first step is identical
     full = sample_trajectories(
         unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(3), window=(0, 1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 from lora_grpo.config import load_config
-from lora_grpo.policy import SD15_LATENT, SD15_UNET_PARAMS, checkpointing_needed
+from lora_grpo.policy import SD15_LATENT, SD15_UNET_PARAMS, checkpointing_choice
 from lora_grpo.recipe_files import find_recipe
 from lora_grpo.tracking import epoch_work
 
@@ -48,13 +48,9 @@ def epoch_seconds(work: dict[str, int], checkpointing: bool) -> float:
 
 
 def checkpointing_on(config, card_gib: float) -> bool:
-    """What `train.gradient_checkpointing: auto` picks on a card of `card_gib` with the models loaded."""
-    mode = config.train.gradient_checkpointing
-    if mode != "auto":
-        return mode == "on"
-    rows = config.train.batch_size * (2 if config.sample.guidance_scale > 1 else 1)
+    """What the trainer picks for `train.gradient_checkpointing` on a card of `card_gib`, models loaded."""
     free = int((card_gib - LOADED_GIB) * 2**30)
-    return checkpointing_needed(SD15_UNET_PARAMS, SD15_LATENT, rows, free)
+    return checkpointing_choice(config, SD15_UNET_PARAMS, SD15_LATENT, free)
 
 
 def main() -> None:

@@ -104,16 +104,22 @@ def latent_side(pipe, config: Config) -> int:
     return (config.sample.resolution or pipe.unet.config.sample_size * scale) // scale
 
 
-def use_checkpointing(pipe, config: Config, device: torch.device) -> bool:
+def checkpointing_choice(config: Config, unet_params: int, latent_size: int, free_bytes: int | None) -> bool:
+    """train.gradient_checkpointing resolved: on / off as written; auto by `checkpointing_needed` for a
+    minibatch's UNet rows (batch x 2 with CFG), off without a GPU (`free_bytes` None)."""
     mode = config.train.gradient_checkpointing
     if mode != "auto":
         return mode == "on"
-    if device.type != "cuda":
+    if free_bytes is None:
         return False
     rows = config.train.batch_size * (2 if config.sample.guidance_scale > 1 else 1)
+    return checkpointing_needed(unet_params, latent_size, rows, free_bytes)
+
+
+def use_checkpointing(pipe, config: Config, device: torch.device) -> bool:
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     params = sum(p.numel() for p in pipe.unet.parameters())
-    free, _ = torch.cuda.mem_get_info(device)
-    return checkpointing_needed(params, latent_side(pipe, config), rows, free)
+    return checkpointing_choice(config, params, latent_side(pipe, config), free)
 
 
 def setup_learner(accelerator, pipe, config: Config, trainable: Callable = add_lora) -> Learner:

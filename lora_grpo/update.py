@@ -127,12 +127,11 @@ def draw_update_plan(
     chosen among the stochastic steps window[0] <= i < window[1].
     """
     ranks, noise, steps = [], [], []
-    earliest = cfg.timesteps == "earliest"
+    earliest, size = cfg.timesteps == "earliest", window[1] - window[0]
     for slot in group_slots:
         gen = seeded_generator(*key, slot)
         ranks.append(torch.randperm(group_size, generator=gen))
         noise.append(torch.rand(group_size, generator=gen))
-        size = window[1] - window[0]
         steps.append(window[0] + subsample_timesteps(group_size, size, cfg.timestep_fraction, gen, earliest))
     n = group_size * len(group_slots)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps  # trajectories per optimizer step

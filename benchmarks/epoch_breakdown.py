@@ -25,8 +25,8 @@ import torch
 
 from lora_grpo.cli import _quiet_libraries
 from lora_grpo.config import load_config
-from lora_grpo.grpo import trained_steps
 from lora_grpo.recipe_files import find_recipe
+from lora_grpo.tracking import epoch_work
 from lora_grpo.train import Trainer
 
 
@@ -100,8 +100,7 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
         with torch.no_grad(), acc.autocast():
             unet(train_latents, train_t, encoder_hidden_states=train_cond)
 
-    k = trained_steps(s.num_steps, cfg.train.timestep_fraction)
-    train_passes = k * cfg.train.inner_epochs * (cfg.samples_per_epoch // b)
+    train_passes = epoch_work(cfg)["training_calls"]  # trained steps within the stochastic window
     per_epoch = {
         "unet_sampling": timed(unet_sampling, repeats, device) * s.num_steps * s.batches_per_epoch,
         "vae_decode": timed(vae_decode, repeats, device) * s.batches_per_epoch,

@@ -184,7 +184,12 @@ def main() -> None:
             base, clip, extra = tmp / "sd15", tmp / "clip", []
         else:
             base, clip = build_tiny_pipeline(tmp / "sd15"), build_tiny_clip(tmp / "clip")
-            extra = ["sample.num_steps=4", "sample.resolution=32", "train.mixed_precision=no"]
+            extra = [
+                "sample.num_steps=4",
+                "sample.sde_steps=2",
+                "sample.resolution=32",
+                "train.mixed_precision=no",
+            ]
         print(f"built {args.size}-sized models in {time.perf_counter() - start:.0f}s on {device}", flush=True)
         overrides = [f"model.base={base}", f"reward.clip.model={clip}", *extra, *args.overrides]
         results = [run_setup(name, overrides, args.epochs, device) for name in args.setups.split(",")]

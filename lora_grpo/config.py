@@ -131,7 +131,8 @@ class SampleConfig:
         _require(
             0 <= self.sde_steps <= self.num_steps,
             "sample.sde_steps",
-            f"must be in [0, sample.num_steps={self.num_steps}] (0: every step), got {self.sde_steps}",
+            f"must be in [0, sample.num_steps={self.num_steps}] (0: every step), got {self.sde_steps}; "
+            f"with fewer sampling steps set the window too, e.g. sample.sde_steps={self.num_steps}",
         )
         if self.resolution is not None:
             _require(

@@ -56,13 +56,13 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
     channels = unet.config.in_channels
     size = model.latent_size
     dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
-    cond = torch.randn(n * cfg_mult, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    cond = model.encode([""]).expand(n * cfg_mult)  # the real conditioning's shapes (SDXL's included)
     latents = torch.randn(n * cfg_mult, channels, size, size, device=device, dtype=dtype)
     t = torch.full((n * cfg_mult,), 500, device=device)
 
     def unet_sampling():
         with torch.no_grad(), acc.autocast():
-            unet(latents, t, encoder_hidden_states=cond)
+            unet(latents, t, **cond.unet_kwargs())
 
     vae = model.vae
     z = torch.randn(
@@ -86,19 +86,19 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
 
     b = cfg.train.batch_size
     train_latents = latents[: b * cfg_mult].detach()
-    train_cond = cond[: b * cfg_mult]
+    train_cond = cond.rows(slice(0, b * cfg_mult))
     train_t = t[: b * cfg_mult]
 
     def unet_train():
         unet.train()
         with acc.autocast():
-            out = unet(train_latents, train_t, encoder_hidden_states=train_cond).sample
+            out = unet(train_latents, train_t, **train_cond.unet_kwargs()).sample
         out.float().mean().backward()
         unet.zero_grad(set_to_none=True)
 
     def unet_reference():
         with torch.no_grad(), acc.autocast():
-            unet(train_latents, train_t, encoder_hidden_states=train_cond)
+            unet(train_latents, train_t, **train_cond.unet_kwargs())
 
     train_passes = epoch_work(cfg)["training_calls"]  # trained steps within the stochastic window
     per_epoch = {

@@ -9,8 +9,13 @@ settings (G 16, 50 steps, CFG 5, train batch 4, bf16), scaled down to one prompt
   full  the reference setup: the whole UNet trained in fp32 with bf16 autocast and torch AdamW, no checkpointing
   lora-nockpt  (optional) the product without gradient checkpointing
 
+`--size sdxl` does the same with SDXL base 1.0-sized components at 1024 px and the `sdxl-nudity-compact`
+recipe's settings (G 8, 30 steps, train batch 1, both text encoders on the CPU).
+
     python benchmarks/gpu_memory.py                      # on a GPU
+    python benchmarks/gpu_memory.py --size sdxl --setups lora   # SDXL-sized, the product only
     python benchmarks/gpu_memory.py --size tiny          # the same code path on tiny models (CPU smoke test)
+    python benchmarks/gpu_memory.py --size tiny-sdxl     # and on a tiny SDXL-family model
 """
 
 from __future__ import annotations
@@ -26,54 +31,54 @@ import torch
 
 from lora_grpo.cli import _quiet_libraries
 from lora_grpo.config import load_config
+from lora_grpo.families import FAMILIES, config_folder
 from lora_grpo.recipe_files import find_recipe, shipped_recipe_dir
 from lora_grpo.tiny import (
-    assemble_pipeline,
     build_tiny_clip,
     build_tiny_pipeline,
+    build_tiny_sdxl_pipeline,
     sd_ddim_scheduler,
-    write_clip_tokenizer,
 )
 from lora_grpo.train import Trainer
 
-FULL_BPE_MERGES = 48894  # OpenAI CLIP's vocabulary: 49408 tokens
 
+def build_full_sized(family: str, out_dir: Path, device: str) -> Path:
+    """A pipeline folder with the published architecture of `family` (sd1: SD 1.5, sdxl: SDXL base 1.0; the
+    configs lora_grpo ships for single-file checkpoints) and random weights, stored in fp16."""
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-def build_sd15_sized(out_dir: Path, device: str) -> None:
-    """A StableDiffusionPipeline folder with SD 1.5's architecture and random weights (stored in fp16)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
+    spec, configs = FAMILIES[family], config_folder(family)
+    encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     torch.manual_seed(0)
-    with torch.device(device):  # initialise on the GPU: seconds instead of a minute on the CPU
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.x defaults otherwise
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
+    with torch.device(device):  # initialise on the GPU: seconds instead of minutes on the CPU
+        parts = {
+            "unet": UNet2DConditionModel.from_config(spec["unet"]),
+            "vae": AutoencoderKL.from_config(spec["vae"]),
+        }
+        for name, cls in encoders.items():
+            if name in spec:
+                parts[name] = cls(CLIPTextConfig.from_pretrained(configs / name))
+    parts = {name: module.half() for name, module in parts.items()}
+    for name in spec["tokenizers"]:
+        parts[name] = CLIPTokenizer.from_pretrained(configs / name)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(scheduler=sd_ddim_scheduler(), **parts)
+    else:
+        pipe = StableDiffusionPipeline(
+            scheduler=sd_ddim_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **parts,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                vocab_size=49408,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
-    write_clip_tokenizer(out_dir / "_tok", num_merges=FULL_BPE_MERGES)
-    tokenizer = CLIPTokenizer.from_pretrained(out_dir / "_tok", model_max_length=77)
-    scheduler = sd_ddim_scheduler()
-    pipe = assemble_pipeline(vae.half(), text_encoder.half(), tokenizer, unet.half(), scheduler)
-    pipe.save_pretrained(out_dir / "sd15")
+    pipe.save_pretrained(out_dir / family)
+    return out_dir / family
 
 
 def build_vit_l_clip(out_dir: Path, device: str) -> None:
@@ -105,7 +110,7 @@ def build_vit_l_clip(out_dir: Path, device: str) -> None:
     with torch.device(device):
         model = CLIPModel(config)
     model.half().save_pretrained(out_dir / "clip")
-    CLIPTokenizer.from_pretrained(out_dir / "_tok", model_max_length=77).save_pretrained(out_dir / "clip")
+    CLIPTokenizer.from_pretrained(config_folder("sd1") / "tokenizer").save_pretrained(out_dir / "clip")
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
         out_dir / "clip"
     )
@@ -117,7 +122,7 @@ def full_unet(unet, _lora_settings) -> list[torch.nn.Parameter]:
     return list(unet.parameters())
 
 
-def run_setup(name: str, overrides: list[str], epochs: int, device: torch.device) -> dict:
+def run_setup(name: str, recipe: str, overrides: list[str], epochs: int, device: torch.device) -> dict:
     prompts = shipped_recipe_dir() / "prompts"
     overrides = [
         *overrides,
@@ -134,7 +139,7 @@ def run_setup(name: str, overrides: list[str], epochs: int, device: torch.device
         overrides += ["train.optimizer=adamw", "train.gradient_checkpointing=false"]
     if name == "lora-nockpt":  # the product without gradient checkpointing: what checkpointing costs
         overrides += ["train.gradient_checkpointing=false"]
-    config = load_config(find_recipe("sd15-nudity-compact"), overrides)
+    config = load_config(find_recipe(recipe), overrides)
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -167,7 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--size", choices=["sd15", "sdxl", "tiny", "tiny-sdxl"], default="sd15")
     parser.add_argument("--setups", default="full,lora", help="comma-separated: full, lora, lora-nockpt")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per setup (the first is a warm-up)")
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides for both setups")
@@ -178,12 +183,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
-        if args.size == "sd15":
-            build_sd15_sized(tmp, device.type)
+        xl = args.size in ("sdxl", "tiny-sdxl")
+        recipe = "sdxl-nudity-compact" if xl else "sd15-nudity-compact"
+        if args.size in ("sd15", "sdxl"):
+            base = build_full_sized("sdxl" if xl else "sd1", tmp, device.type)
             build_vit_l_clip(tmp, device.type)
-            base, clip, extra = tmp / "sd15", tmp / "clip", []
+            clip, extra = tmp / "clip", []
         else:
-            base, clip = build_tiny_pipeline(tmp / "sd15"), build_tiny_clip(tmp / "clip")
+            builder = build_tiny_sdxl_pipeline if xl else build_tiny_pipeline
+            base, clip = builder(tmp / "base"), build_tiny_clip(tmp / "clip")
             extra = [
                 "sample.num_steps=4",
                 "sample.sde_steps=2",
@@ -192,7 +200,8 @@ def main() -> None:
             ]
         print(f"built {args.size}-sized models in {time.perf_counter() - start:.0f}s on {device}", flush=True)
         overrides = [f"model.base={base}", f"reward.clip.model={clip}", *extra, *args.overrides]
-        results = [run_setup(name, overrides, args.epochs, device) for name in args.setups.split(",")]
+        setups = args.setups.split(",")
+        results = [run_setup(name, recipe, overrides, args.epochs, device) for name in setups]
 
     if device.type == "cuda":
         print(f"device {torch.cuda.get_device_name()}")

@@ -17,6 +17,8 @@ TAGS = [
     "grpo",
     "safediffusion-r1",
 ]
+FAMILY_TAGS = {"sdxl": ["stable-diffusion-xl", "sdxl"]}  # extra tags by base_architecture family
+PIPELINE_CLASS = {"sdxl": "StableDiffusionXLPipeline"}  # the stock pipeline per family (default: SD 1.x/2.x)
 CITATION = """@article{kumar2026safediffusionr1,
   title   = {Online Reward Steering for Safe Diffusion Post-Training},
   author  = {Kumar, Komal and Deria, Ankan and Basu, Abhishek and Shamshad, Fahad and Cholakkal, Hisham and Nandakumar, Karthik},
@@ -52,12 +54,13 @@ def reward_curves_png(metrics: list[dict], path: Path) -> bool:
     return True
 
 
-def usage_snippet(repo_id: str, base_model: str, weight_name: str) -> str:
+def usage_snippet(repo_id: str, base_model: str, weight_name: str, family: str = "sd1") -> str:
+    pipeline = PIPELINE_CLASS.get(family, "StableDiffusionPipeline")
     return f'''```python
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float32)
+pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.float32)
 pipe.load_lora_weights("{repo_id}", weight_name="{weight_name}", adapter_name="safety")
 pipe.set_adapters(["safety"], adapter_weights=[1.0])  # lower the weight to soften the effect
 image = pipe("a photo of a person on a beach", num_inference_steps=30).images[0]
@@ -107,7 +110,11 @@ def build_card(
     weight_name: str,
     comfy_name: str,
     curves: str | None,
+    family: str = "sd1",
+    base_sha256: str | None = None,
 ) -> ModelCard:
+    """The card; `family` (sd1, sd2, sdxl, custom: the adapter's base_architecture) picks the tags and the
+    usage snippet's pipeline; `base_sha256` identifies a single-file base checkpoint."""
     reward, sample, lora, train = config["reward"], config["sample"], config["lora"], config["train"]
     anchors = config.get("anchors_used", {})
     data = ModelCardData(
@@ -115,7 +122,7 @@ def build_card(
         library_name="diffusers",
         pipeline_tag="text-to-image",
         license=license,
-        tags=TAGS,
+        tags=TAGS + FAMILY_TAGS.get(family, []),
     )
     anchor_text = (
         f"- safe anchors ({len(anchors.get('safe', []))}): "
@@ -126,6 +133,12 @@ def build_card(
         else f"- anchors file: `{reward.get('anchors')}`"
     )
     curves_md = f"![reward curves]({curves})" if curves else ""
+    base_file = (
+        f"\nTrained on the single-file checkpoint `{base_model}` (sha256 `{base_sha256}`); load that file as the "
+        "base model.\n"
+        if base_sha256
+        else ""
+    )
     content = f"""---
 {data.to_yaml()}
 ---
@@ -135,10 +148,10 @@ def build_card(
 A LoRA adapter trained with [lora_grpo](https://github.com/lora-grpo/lora_grpo) (online GRPO with the CLIP
 steering reward of SafeDiffusion-R1). It steers unsafe prompts toward safe images with the same content and
 leaves other prompts as the base model draws them.
-
+{base_file}
 ## Use it with diffusers
 
-{usage_snippet(repo_id, base_model, weight_name)}
+{usage_snippet(repo_id, base_model, weight_name, family)}
 
 ## Use it in ComfyUI
 

@@ -31,8 +31,12 @@ from lora_grpo.runs import check_writable_folder
 from lora_grpo.tracking import read_jsonl
 
 REPORT_FILES = ("eval/report.json", "report.json", "toyworld_report.json")
-SS_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora"}
+SS_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
 
 
 def locate(src: str | Path) -> tuple[Path, Path]:
@@ -156,6 +160,8 @@ def export(
         "lora_grpo.base_architecture": arch,
         "lora_grpo.base_model": base_model,
     }
+    if "lora_grpo.base_sha256" in metadata:
+        kohya_meta["lora_grpo.base_sha256"] = metadata["lora_grpo.base_sha256"]
     save_file(to_kohya(load_file(str(weights)), alpha), str(out / comfy_name), metadata=kohya_meta)
 
     # recipe and card
@@ -182,6 +188,8 @@ def export(
         weight_name=ADAPTER_WEIGHTS,
         comfy_name=comfy_name,
         curves=curves,
+        family=family,
+        base_sha256=metadata.get("lora_grpo.base_sha256"),
     )
     card.save(out / "README.md")
 

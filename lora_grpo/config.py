@@ -34,9 +34,14 @@ def _require(ok: bool, key: str, problem: str) -> None:
 
 @dataclass
 class ModelConfig:
-    base: str = ""  # hub id (CompVis/stable-diffusion-v1-4), local diffusers folder, or builtin:tiny-sd
+    # hub id (CompVis/stable-diffusion-v1-4), local diffusers folder, a single-file .safetensors checkpoint
+    # (SD 1.x or SDXL, as ComfyUI/A1111 use), or builtin:tiny-sd
+    base: str = ""
     revision: str | None = None  # hub revision (branch, tag or commit) of the base model
     variant: str | None = None  # weight variant on the hub, e.g. "fp16"
+    # single-file bases only: a diffusers folder whose component configs describe the file (a fine-tune with
+    # other shapes); default: the SD 1.x / SDXL configs lora_grpo ships
+    config: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.base), "model.base", "missing: give a hub id or a local diffusers folder")

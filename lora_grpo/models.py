@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 
+from lora_grpo.conditioning import TextConditioning, sdxl_time_ids
 from lora_grpo.config import LoraSettings, ModelConfig
 from lora_grpo.errors import UserError, first_line, hub_load_error
+from lora_grpo.families import pipeline_class_name
+from lora_grpo.single_file import file_sha256, inspect_checkpoint, is_checkpoint_file, load_single_file
 from lora_grpo.tiny import BUILTIN_PREFIX, resolve_builtin
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -30,6 +33,8 @@ def resolve_model_ref(ref: str) -> str:
     if ref.startswith(BUILTIN_PREFIX):
         return str(resolve_builtin(ref[len(BUILTIN_PREFIX) :]))
     path = Path(ref).expanduser()
+    if is_checkpoint_file(ref):
+        return str(inspect_checkpoint(ref).path)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise UserError(
@@ -66,21 +71,45 @@ def portable_model_name(ref: str) -> str:
     return resolved.name
 
 
+def base_model_record(ref: str) -> dict[str, str]:
+    """How runs, adapters and cards name a base model: `base_model` (hub id, builtin:NAME, or a folder's or
+    file's name, never a path) and, for a single-file checkpoint, its `base_sha256`."""
+    record = {"base_model": portable_model_name(ref)}
+    if is_checkpoint_file(ref) and Path(ref).expanduser().is_file():
+        record["base_sha256"] = file_sha256(Path(ref).expanduser())
+    return record
+
+
 def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
-    """Load the base pipeline without its safety checker, with a DDIM scheduler from the model's config."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """Load the base pipeline (SD 1.x/2.x or SDXL, by its model index) without a safety checker, with a DDIM
+    scheduler from the model's config."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     ref = resolve_model_ref(cfg.base)
+    if is_checkpoint_file(ref):
+        pipe = load_single_file(inspect_checkpoint(ref), cfg.config, dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    if cfg.config is not None:
+        raise UserError(
+            "model.config names the component configs of a single-file checkpoint; model.base is a folder or "
+            "hub id, which has its own: remove model.config"
+        )
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        xl = pipeline_class_name(ref, cfg.revision).startswith("StableDiffusionXL")
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        extra = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = cls.from_pretrained(
             ref,
             revision=cfg.revision,
             variant=cfg.variant,
             torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
             local_files_only=Path(ref).is_dir(),
+            **extra,
         )
+    except UserError:
+        raise
     except Exception as err:  # hub, file and format errors of many types: the user needs one line
         if Path(ref).is_dir():
             raise UserError(
@@ -91,6 +120,16 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def is_sdxl(unet_config) -> bool:
+    """An SDXL-family UNet: it takes the pooled text embedding and size/crop ids as added conditioning."""
+    return getattr(unet_config, "addition_embed_type", None) == "text_time"
+
+
+def text_encoders(pipe) -> list[torch.nn.Module]:
+    """The pipeline's text encoders (SDXL has two)."""
+    return [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -107,26 +146,55 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def freeze(pipe) -> None:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.unet, pipe.vae, *text_encoders(pipe)):
         module.requires_grad_(False)
 
 
 @dataclass(frozen=True)
 class PromptEncoder:
-    """The pipeline's text encoder as a function: prompts -> embeddings [N, L, D] on `device` in `dtype`.
+    """The pipeline's text encoder(s) as a function: prompts -> `TextConditioning` on `device` in `dtype`.
 
-    `encoder_device` is where the frozen text encoder runs (the CPU when it is offloaded).
+    SD 1.x/2.x: the hidden states. SDXL: both encoders' hidden states, the pooled embedding and the size ids
+    of `size` (height, width) images. `encoder_device` is where the frozen text encoders run (the CPU when they
+    are offloaded). `negative(text)` is the unconditional row for classifier-free guidance, as the stock
+    pipeline builds it (SDXL: zeros for an empty negative prompt when the model asks for that).
     """
 
     pipe: Any
     encoder_device: torch.device
     device: torch.device
     dtype: torch.dtype
+    size: tuple[int, int]
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]) -> TextConditioning:
         with torch.no_grad():
-            embeds, _ = self.pipe.encode_prompt(prompts, self.encoder_device, 1, False)
-        return embeds.to(self.device, dtype=self.dtype)
+            out = self.pipe.encode_prompt(
+                prompt=prompts,
+                device=self.encoder_device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+        return self._conditioning(out[0], out[2] if len(out) == 4 else None)
+
+    def negative(self, text: str) -> TextConditioning:
+        """[1 row] the negative prompt's conditioning."""
+        if len(out := self._negative_outputs(text)) == 2:
+            return self._conditioning(out[1], None)
+        return self._conditioning(out[1], out[3])
+
+    def _negative_outputs(self, text: str):
+        with torch.no_grad():
+            return self.pipe.encode_prompt(
+                prompt=[""],
+                device=self.encoder_device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=[text] if text else None,
+            )
+
+    def _conditioning(self, hidden: torch.Tensor, pooled: torch.Tensor | None) -> TextConditioning:
+        time_ids = None if pooled is None else sdxl_time_ids(*self.size, hidden.shape[0])
+        return TextConditioning(hidden, pooled, time_ids).to(self.device, self.dtype)
 
 
 def decode_latents(vae, latents: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -185,16 +253,32 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "custom": "custom"}
+
+
 def base_architecture(unet_config) -> str:
     """A short fingerprint of the UNet an adapter fits: family plus the shapes LoRA weights depend on.
 
-    `sd1` (cross-attention 768), `sd2` (1024), else `custom`; e.g. `sd1:cross768:blocks320-640-1280-1280`.
+    `sdxl` (added text-time conditioning), `sd1` (cross-attention 768), `sd2` (1024), else `custom`; e.g.
+    `sd1:cross768:blocks320-640-1280-1280`, `sdxl:cross2048:blocks320-640-1280`.
     """
     cross = unet_config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     blocks = "-".join(str(c) for c in unet_config.block_out_channels)
-    family = {768: "sd1", 1024: "sd2"}.get(cross, "custom") if blocks == "320-640-1280-1280" else "custom"
+    if is_sdxl(unet_config):
+        family = "sdxl"
+    elif blocks == "320-640-1280-1280":
+        family = {768: "sd1", 1024: "sd2"}.get(cross, "custom")
+    else:
+        family = "custom"
     return f"{family}:cross{cross}:blocks{blocks}"
+
+
+def describe_architecture(fingerprint: str) -> str:
+    """`sdxl:cross2048:blocks320-640-1280` -> `an SDXL UNet (sdxl:cross2048:blocks320-640-1280)`."""
+    family = FAMILY_NAMES.get(fingerprint.split(":")[0], "custom")
+    article = "an" if family[0] in "S" else "a"
+    return f"{article} {family} UNet ({fingerprint})"
 
 
 def read_adapter_metadata(path: str | Path) -> dict[str, str]:
@@ -256,7 +340,7 @@ def add_adapter_metadata(path: str | Path, extra: dict[str, str]) -> None:
 def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` with adapter metadata (rank, alpha, targets) for
     `load_lora_weights`, plus the base model's id and architecture so a mismatched base is refused."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out_dir = Path(out_dir)
     state = {k: v.detach().float().contiguous().cpu() for k, v in lora_state_dict(unet).items()}
@@ -266,7 +350,8 @@ def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Pa
             "lower train.learning_rate and resume from the last good checkpoint"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
+    writer = StableDiffusionXLPipeline if is_sdxl(unet.config) else StableDiffusionPipeline
+    writer.save_lora_weights(
         out_dir,
         unet_lora_layers=state,
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
@@ -275,7 +360,7 @@ def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Pa
     path = out_dir / ADAPTER_WEIGHTS
     extra = {"lora_grpo.base_architecture": base_architecture(unet.config)}
     if base_model:
-        extra["lora_grpo.base_model"] = portable_model_name(base_model)
+        extra.update({f"lora_grpo.{k}": v for k, v in base_model_record(base_model).items()})
     add_adapter_metadata(path, extra)
     return path
 
@@ -291,8 +376,9 @@ def load_adapter(pipe, adapter: str | Path) -> None:
         if expected and expected != actual:
             trained_on = read_adapter_metadata(weights).get("lora_grpo.base_model", "another model")
             raise UserError(
-                f"adapter {path} was trained for a {expected} UNet ({trained_on}) but this base model is {actual}: "
-                "load it into the base model it was trained on"
+                f"adapter {path} was trained for {describe_architecture(expected)}, base {trained_on}, but "
+                f"this base model is {describe_architecture(actual)}: load it into the base model it was "
+                "trained on"
             )
     try:
         pipe.load_lora_weights(*args, **kwargs)

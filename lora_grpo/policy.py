@@ -16,9 +16,11 @@ from lora_grpo.models import (
     PromptEncoder,
     add_lora,
     freeze,
+    is_sdxl,
     load_lora_state,
     load_pipeline,
     save_adapter,
+    text_encoders,
 )
 from lora_grpo.rollout import RolloutModel
 from lora_grpo.sampling import ddim_schedule
@@ -62,8 +64,17 @@ def setup_pipeline(config: Config, device: torch.device):
     freeze(pipe)
     pipe.to(device)
     if tcfg.offload_text_encoder:  # frees its GPU memory; prompts are few per epoch, the CPU is enough
-        pipe.text_encoder.to("cpu", dtype=torch.float32)
+        for encoder in text_encoders(pipe):
+            encoder.to("cpu", dtype=torch.float32)
+    upcast_sdxl_vae(pipe)
     return pipe
+
+
+def upcast_sdxl_vae(pipe) -> None:
+    """SDXL's VAE overflows in fp16: keep it in fp32 then, as diffusers' SDXL pipeline does (`force_upcast` in
+    its config; an fp16-fix VAE sets it false and stays in fp16). bf16 and SD 1.x's VAE are left as they are."""
+    if is_sdxl(pipe.unet.config) and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -143,14 +154,17 @@ def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
     """The frozen view a rollout samples from: the learner's UNet (unwrapped), with the recipe's sampler."""
     acc, s = learner.accelerator, config.sample
     text_device = torch.device("cpu") if config.train.offload_text_encoder else acc.device
-    encode = PromptEncoder(pipe, text_device, acc.device, frozen_dtype(config.train, acc.device))
+    side = latent_side(pipe, config)
+    pixels = side * pipe.vae_scale_factor
+    dtype = frozen_dtype(config.train, acc.device)
+    encode = PromptEncoder(pipe, text_device, acc.device, dtype, size=(pixels, pixels))
     return RolloutModel(
         unet=acc.unwrap_model(learner.unet),
         vae=pipe.vae,
         schedule=ddim_schedule(pipe.scheduler, s.num_steps),
         encode=encode,
-        uncond=encode([s.negative_prompt]) if s.guidance_scale > 1 else None,  # [1, L, D]
-        latent_size=latent_side(pipe, config),
+        uncond=encode.negative(s.negative_prompt) if s.guidance_scale > 1 else None,  # 1 row
+        latent_size=side,
         guidance=s.guidance_scale,
         eta=s.eta,
         decode_batch_size=s.decode_batch_size,

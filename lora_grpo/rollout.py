@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from lora_grpo.conditioning import TextConditioning
+from lora_grpo.conditioning import concat as concat_conditioning
 from lora_grpo.config import Config
 from lora_grpo.models import decode_latents
 from lora_grpo.prompts import PromptSet, epoch_prompts, first_slot
@@ -28,8 +30,8 @@ class RolloutModel:
     unet: torch.nn.Module
     vae: torch.nn.Module
     schedule: DdimSchedule
-    encode: Callable[[list[str]], Tensor]  # prompts -> [N, L, D] on `device`, in the frozen modules' dtype
-    uncond: Tensor | None  # [1, L, D] embedding of the negative prompt; None when guidance is 1
+    encode: Callable[[list[str]], TextConditioning]  # prompts -> N rows on `device`, frozen modules' dtype
+    uncond: TextConditioning | None  # 1 row: the negative prompt; None when guidance is 1
     latent_size: int
     guidance: float
     eta: float
@@ -41,16 +43,16 @@ class RolloutModel:
     def latent_channels(self) -> int:
         return int(self.unet.config.in_channels)
 
-    def uncond_for(self, n: int) -> Tensor | None:
-        """The unconditional embedding repeated for a batch of `n` ([n, L, D]), or None without CFG."""
-        return self.uncond.expand(n, -1, -1) if self.uncond is not None else None
+    def uncond_for(self, n: int) -> TextConditioning | None:
+        """The unconditional conditioning repeated for a batch of `n` rows, or None without CFG."""
+        return self.uncond.expand(n) if self.uncond is not None else None
 
 
 @dataclass
 class Rollout:
     """N = prompts x group size sampled images and what the update needs to re-evaluate their steps."""
 
-    cond: Tensor  # [N, L, D] text embeddings
+    cond: TextConditioning  # N rows of text conditioning
     latents: Tensor  # [N, T+1, C, h, w]: x_T ... x_0, fp32
     log_probs: Tensor  # [N, T] log-prob of each step taken, fp32
     images: Tensor  # [N, 3, H, W] in [0, 1]
@@ -58,7 +60,9 @@ class Rollout:
 
 def concat(rollouts: Sequence[Rollout]) -> Rollout:
     """Rollouts of several batches as one, rows in batch order."""
-    return Rollout(**{f.name: torch.cat([getattr(r, f.name) for r in rollouts]) for f in fields(Rollout)})
+    parts = {f.name: [getattr(r, f.name) for r in rollouts] for f in fields(Rollout)}
+    cond = concat_conditioning(parts.pop("cond"))
+    return Rollout(cond=cond, **{name: torch.cat(values) for name, values in parts.items()})
 
 
 def _no_timer(phase: str) -> contextlib.AbstractContextManager:
@@ -92,7 +96,7 @@ def rollout(
     if shared_initial_noise:
         noise = noise.repeat_interleave(group_size, dim=0)
     with timer("sampling"):
-        cond = model.encode(prompts).repeat_interleave(group_size, dim=0)  # [N, L, D]
+        cond = model.encode(prompts).repeat_interleave(group_size)  # N rows
         with model.autocast():
             traj = sample_trajectories(
                 unet,

@@ -45,6 +45,9 @@ def write_run_config(run_dir: Path, config: Config, base_ref: str, recipe_source
     if not record.is_file():
         created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         info = {"recipe": config.name, "recipe_source": recipe_source, "created": created}
+        from lora_grpo.models import base_model_record
+
+        info.update(base_model_record(base_ref))  # the base model's name (and a single file's sha256)
         record.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lora_grpo.conditioning import TextConditioning
+from lora_grpo.conditioning import concat as concat_conditioning
 from lora_grpo.errors import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -104,20 +106,24 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def guided_model_output(
-    unet, latents: Tensor, timesteps: Tensor, cond: Tensor, uncond: Tensor | None, guidance: float
+    unet,
+    latents: Tensor,
+    timesteps: Tensor,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
+    guidance: float,
 ) -> Tensor:
     """UNet prediction with classifier-free guidance in one batched forward ([uncond; cond]).
 
-    latents [N, C, h, w]; timesteps [N] or scalar; cond/uncond [N, L, D]. guidance 1 (or no uncond) runs the
+    latents [N, C, h, w]; timesteps [N] or scalar; cond/uncond N rows each. guidance 1 (or no uncond) runs the
     conditional pass alone.
     """
     if uncond is None or guidance == 1.0:
-        return unet(latents, timesteps, encoder_hidden_states=cond).sample
+        return unet(latents, timesteps, **cond.unet_kwargs()).sample
     t = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
-    both = unet(
-        torch.cat([latents, latents]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
-    ).sample
-    out_uncond, out_cond = both.chunk(2)
+    both = concat_conditioning([uncond, cond])
+    out = unet(torch.cat([latents, latents]), torch.cat([t, t]), **both.unet_kwargs()).sample
+    out_uncond, out_cond = out.chunk(2)
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
@@ -170,8 +176,8 @@ def sde_window(num_steps: int, size: int, mode: str, epoch: int, epochs: int) ->
 def sample_trajectories(
     unet,
     schedule: DdimSchedule,
-    cond: Tensor,
-    uncond: Tensor | None,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
     initial_latents: Tensor,
     guidance: float,
     eta: float,
@@ -224,8 +230,8 @@ def step_log_prob(
     step_index: Tensor,
     latents: Tensor,
     next_latents: Tensor,
-    cond: Tensor,
-    uncond: Tensor | None,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
     guidance: float,
     eta: float,
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-sd", "tiny-clip")  # built on first use
+BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-clip")  # built on first use
 SHIPPED_MODELS = (
     "toyworld-sd",
     "toyworld-clip",
 )  # trained by `lora-grpo toyworld build`, shipped as package data
 # Bump when a builder changes, so cached folders built by an older version are rebuilt.
-BUILTIN_VERSION = "1"
+BUILTIN_VERSION = "2"
 TINY_MERGES = 500
 # 256 byte symbols, the same with "</w>", the merged tokens, then <|startoftext|> and <|endoftext|>.
 TINY_VOCAB = 2 * 256 + TINY_MERGES + 2
@@ -139,6 +139,31 @@ def tiny_unet(sample_size: int = 16, cross_attention_dim: int = 32):
     )
 
 
+TINY_TIME_EMBED = 8  # SDXL: each of the 6 size/crop ids is embedded in this many dimensions
+
+
+def tiny_unet_xl(sample_size: int = 16, text_dims: tuple[int, int] = (32, 48), pooled_dim: int = 48):
+    """A two-level SDXL-family UNet (added text-time conditioning), ~1M parameters.
+
+    Its cross-attention reads both text encoders' hidden states side by side (sum of their widths); the added
+    embedding reads the pooled text embedding and the 6 size/crop ids, as SDXL base 1.0 does at full size.
+    """
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sum(text_dims),
+        attention_head_dim=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * TINY_TIME_EMBED + pooled_dim,
+    )
+
+
 def tiny_vae():
     """An AutoencoderKL for 32x32 images <-> 4x16x16 latents (two levels, 0.17M parameters)."""
     from diffusers import AutoencoderKL
@@ -167,6 +192,34 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tokenizer(Path(tmp))
         pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+        pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny StableDiffusionXLPipeline folder (16x16 latents, 32x32 images): two text encoders (the
+    second with a projection, giving the pooled embedding) sharing the tiny tokenizer, the SDXL-family UNet."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = tiny_unet_xl()
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(32)))
+    # two widths, as in SDXL (768 and 1280): single-file loading tells the encoders apart by their width
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_config(48), projection_dim=48))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _tokenizer(Path(tmp))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=sd_ddim_scheduler(),
+        )
         pipe.save_pretrained(out_dir)
     return out_dir
 
@@ -256,6 +309,8 @@ def resolve_builtin(name: str) -> Path:
     try:
         if name == "tiny-sd":
             build_tiny_pipeline(tmp)
+        elif name == "tiny-sdxl":
+            build_tiny_sdxl_pipeline(tmp)
         else:
             build_tiny_clip(tmp)
         os.replace(tmp, target)

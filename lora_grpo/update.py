@@ -168,7 +168,7 @@ def ppo_update(
         k = steps.shape[1]
         for m, rows in enumerate(order.split(cfg.batch_size)):
             rows_d = rows.to(model.device)
-            cond, uncond = rollout.cond[rows_d], model.uncond_for(rows.shape[0])
+            cond, uncond = rollout.cond.rows(rows_d), model.uncond_for(rows.shape[0])
             closes_step = (m + 1) % cfg.gradient_accumulation_steps == 0
             for j in range(k):
                 idx = steps[rows, j].to(model.device)  # [b] step index per trajectory

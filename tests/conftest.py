@@ -60,3 +60,10 @@ def tiny_open_clip_dir(tmp_path_factory):
     from lora_grpo.tiny import build_tiny_open_clip
 
     return build_tiny_open_clip(tmp_path_factory.mktemp("tiny-open-clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from lora_grpo.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), seed=0)

@@ -42,6 +42,13 @@ def test_gpu_memory_runs_at_tiny_size():
     assert lora_params < full_params / 10
 
 
+def test_gpu_memory_runs_at_tiny_sdxl_size():
+    """The SDXL path of the benchmark (sdxl-nudity-compact's settings) on a tiny SDXL-family model."""
+    out = run("gpu_memory.py", "--size", "tiny-sdxl", "--setups", "lora", "--epochs", "1")
+    row = next(line.split() for line in out.splitlines() if line.startswith("lora "))
+    assert int(row[1].replace(",", "")) > 0 and int(row[-1]) == 8  # one group of G 8 an epoch
+
+
 def test_time_per_adapter_prices_the_counted_passes():
     """The estimate by hand: the settings shipped before (50 sampling steps with CFG for 8 groups of 16 =
     12,800 sampling passes, 20 trained steps = 5,120 training passes, checkpointing on) at the H200 rates

@@ -178,7 +178,9 @@ def test_adapter_refuses_the_wrong_base(exported, tmp_path):
     pipe = load_pipeline(ModelConfig(base=str(other)))
     pipe.unet = unet
     with pytest.raises(
-        UserError, match="was trained for a custom:cross32.* but this base model is custom:cross48"
+        UserError,
+        match=r"was trained for a custom UNet \(custom:cross32.* but this base model is a custom UNet "
+        r"\(custom:cross48",
     ):
         load_adapter(pipe, exported)
 
@@ -386,7 +388,8 @@ def test_sample_cli_refuses_the_wrong_base(exported, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "was trained for a custom:cross32" in err and "this base model is custom:cross48" in err
+    assert "was trained for a custom UNet (custom:cross32" in err
+    assert "this base model is a custom UNet (custom:cross48" in err
 
 
 def test_export_is_portable_and_its_recipe_runs_elsewhere(run_dir, tmp_path, monkeypatch, capsys):

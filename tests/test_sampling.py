@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from lora_grpo.conditioning import TextConditioning, sdxl_time_ids
 from lora_grpo.sampling import (
     block_noise,
     ddim_schedule,
@@ -16,7 +17,7 @@ from lora_grpo.sampling import (
     seeded_generator,
     step_log_prob,
 )
-from lora_grpo.tiny import sd_ddim_scheduler, tiny_unet
+from lora_grpo.tiny import sd_ddim_scheduler, tiny_unet, tiny_unet_xl
 
 
 def _scheduler(prediction_type):
@@ -61,6 +62,10 @@ def test_log_prob_is_fp32_for_half_inputs():
     assert out.dtype == torch.float32
 
 
+def _text(n: int) -> TextConditioning:
+    return TextConditioning(torch.randn(n, 5, 16))
+
+
 def _tiny_unet(seed=0):
     torch.manual_seed(seed)
     return tiny_unet(sample_size=8, cross_attention_dim=16).eval()
@@ -70,11 +75,11 @@ def test_batched_cfg_equals_two_forwards():
     unet = _tiny_unet()
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor(500)
-    cond, uncond = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    cond, uncond = _text(2), _text(2)
     with torch.no_grad():
         guided = guided_model_output(unet, x, t, cond, uncond, 3.0)
-        c = unet(x, t, encoder_hidden_states=cond).sample
-        u = unet(x, t, encoder_hidden_states=uncond).sample
+        c = unet(x, t, **cond.unet_kwargs()).sample
+        u = unet(x, t, **uncond.unet_kwargs()).sample
     assert torch.allclose(guided, u + 3.0 * (c - u), atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(guided_model_output(unet, x, t, cond, uncond, 1.0), c, atol=1e-6)
@@ -84,7 +89,7 @@ def test_batched_cfg_equals_two_forwards():
 def test_trajectories_reevaluate_to_ratio_exactly_one(prediction_type):
     unet = _tiny_unet()
     schedule = ddim_schedule(_scheduler(prediction_type), 6)
-    cond, uncond = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    cond, uncond = _text(3), _text(3)
     x_T = torch.randn(3, 4, 8, 8)
     traj = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, 1.0, torch.Generator().manual_seed(1))
     assert traj.latents.shape == (3, 7, 4, 8, 8) and traj.log_probs.shape == (3, 6)
@@ -115,14 +120,14 @@ def test_stored_log_probs_match_independent_normal():
     unet = _tiny_unet()
     sched = _scheduler("epsilon")
     schedule = ddim_schedule(sched, 4)
-    cond = torch.randn(2, 5, 16)
+    cond = _text(2)
     traj = sample_trajectories(
         unet, schedule, cond, None, torch.randn(2, 4, 8, 8), 1.0, 1.0, torch.Generator().manual_seed(0)
     )
     for i in range(4):
         x = traj.latents[:, i]
         with torch.no_grad():
-            out = unet(x, schedule.timesteps[i], encoder_hidden_states=cond).sample
+            out = unet(x, schedule.timesteps[i], **cond.unet_kwargs()).sample
         prev_t = int(schedule.timesteps[i]) - 1000 // 4
         a_t = sched.alphas_cumprod[int(schedule.timesteps[i])]
         a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
@@ -157,7 +162,7 @@ def test_window_steps_are_ddim_eta_zero_outside_and_stochastic_inside(prediction
     unet = _tiny_unet()
     sched = _scheduler(prediction_type)
     schedule = ddim_schedule(sched, 6)
-    cond, uncond = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    cond, uncond = _text(2), _text(2)
     x_T = torch.randn(2, 4, 8, 8)
     eta, window = 0.8, (2, 4)
     traj = sample_trajectories(
@@ -184,3 +189,63 @@ def test_window_steps_are_ddim_eta_zero_outside_and_stochastic_inside(prediction
     )
     everywhere = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(3))
     assert torch.equal(full.latents[:, 1], everywhere.latents[:, 1])
+
+
+def test_sdxl_step_with_added_conditioning_is_ddim_step_of_the_stock_unet():
+    """An SDXL-family UNet: each stochastic step equals DDIMScheduler.step(eta, variance_noise=z) fed the UNet's
+    own CFG output with added_cond_kwargs (pooled text embeds, size ids) passed as diffusers passes them; the
+    stored steps re-evaluate to ratio exactly 1."""
+    torch.manual_seed(0)
+    unet = tiny_unet_xl(sample_size=8).eval()
+    sched = _scheduler("epsilon")
+    schedule = ddim_schedule(sched, 4)
+
+    def text(n):
+        return TextConditioning(torch.randn(n, 5, 80), torch.randn(n, 48), sdxl_time_ids(64, 64, n))
+
+    cond, uncond = text(2), text(2)
+    x_T = torch.randn(2, 4, 8, 8)
+    eta = 1.0
+    traj = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(5))
+    gen, x = seeded_generator(5), x_T
+    for i, t in enumerate(sched.timesteps):
+        with torch.no_grad():
+            both = unet(
+                torch.cat([x, x]),
+                t,
+                encoder_hidden_states=torch.cat([uncond.hidden, cond.hidden]),
+                added_cond_kwargs={
+                    "text_embeds": torch.cat([uncond.pooled, cond.pooled]),
+                    "time_ids": torch.cat([uncond.time_ids, cond.time_ids]),
+                },
+            ).sample
+        u, c = both.chunk(2)
+        z = block_noise(x.shape, gen)
+        x = sched.step(u + 2.0 * (c - u), t, x, eta=eta, variance_noise=z).prev_sample
+        torch.testing.assert_close(traj.latents[:, i + 1], x, atol=1e-5, rtol=1e-5)
+        x = traj.latents[:, i + 1]
+    for j in range(4):
+        ratio = _stored_step_ratio(unet, schedule, traj, torch.full((2,), j), cond, uncond, eta)
+        assert torch.equal(ratio, torch.ones(2))
+    # the added conditioning is used: other size ids give another trajectory
+    other = TextConditioning(cond.hidden, cond.pooled, sdxl_time_ids(32, 48, 2))
+    moved = sample_trajectories(unet, schedule, other, uncond, x_T, 2.0, eta, seeded_generator(5))
+    assert not torch.allclose(moved.latents[:, -1], traj.latents[:, -1])
+
+
+def test_text_conditioning_rows_repeat_expand_and_concat():
+    from lora_grpo.conditioning import concat
+
+    a = TextConditioning(
+        torch.arange(6.0).view(3, 2, 1), torch.arange(3.0).view(3, 1), sdxl_time_ids(8, 16, 3)
+    )
+    assert len(a) == 3
+    assert a.rows(torch.tensor([2, 0])).pooled.flatten().tolist() == [2.0, 0.0]
+    assert a.repeat_interleave(2).pooled.flatten().tolist() == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
+    one = a.rows(slice(0, 1)).expand(4)
+    assert one.hidden.shape == (4, 2, 1) and one.time_ids.tolist() == [[8.0, 16.0, 0.0, 0.0, 8.0, 16.0]] * 4
+    both = concat([a, one])
+    assert len(both) == 7 and torch.equal(both.time_ids[:3], a.time_ids)
+    assert set(a.unet_kwargs()) == {"encoder_hidden_states", "added_cond_kwargs"}
+    assert set(TextConditioning(a.hidden).unet_kwargs()) == {"encoder_hidden_states"}
+    assert concat([TextConditioning(a.hidden), TextConditioning(a.hidden)]).pooled is None

@@ -71,6 +71,11 @@ class PromptSetConfig:
     split: str = "train"  # dataset split
     column: str = "prompt"  # column holding the prompt (CSV or dataset)
     filter: dict[str, Any] = field(default_factory=dict)  # keep rows whose columns equal these values
+    # keep rows whose `categories` column (comma separated, as I2P's) names one of these, e.g. [violence]
+    categories: list[str] = field(default_factory=list)
+    # all prompts, or one side of the fixed split by prompt hash (prompts.prompt_part: one prompt in five is
+    # "eval"): I2P recipes train on "train"; `lora-grpo eval`'s i2p-<category>-eval suites hold "eval"
+    part: Literal["all", "train", "eval"] = "all"
     max_prompts: int | None = None  # keep only the first N prompts
     weight: float = 1.0  # share of each batch drawn from this set (normalised over all sets)
 
@@ -513,10 +518,52 @@ def _resolve_relative(path: str | None, base_dir: Path) -> str | None:
     return str(p if p.is_absolute() else (base_dir / p).resolve())
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a recipe file, apply dotted overrides and validate. Relative file paths become absolute: those in
-    the recipe against the recipe's folder, those an override gives against the current directory."""
-    path = Path(path)
+def shipped_recipe_dir() -> Path:
+    """The folder holding the shipped recipes, anchor sets and prompt files.
+
+    Installed, they are the package `lora_grpo.recipes`; run from a source checkout without installing
+    (`python -m lora_grpo.cli` in the repository), they are the repository's top-level recipes/.
+    """
+    from importlib import resources
+
+    try:
+        return Path(str(resources.files("lora_grpo.recipes")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _parent_recipe(name: str, child: Path) -> Path:
+    """The file `extends: name` means: a path relative to the child's folder (.yaml optional), else a
+    shipped recipe of that name."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    for candidate in (
+        child.parent / name,
+        child.parent / f"{stem}.yaml",
+        shipped_recipe_dir() / f"{stem}.yaml",
+    ):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise UserError(
+        f"recipe {child}: extends '{name}', which is neither a file next to it nor a shipped recipe "
+        "(`lora-grpo recipes` lists them)"
+    )
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def read_recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's raw data, its relative paths made absolute against its own folder and, with
+    `extends: PARENT`, laid over the parent's data (the parent's name and description are not inherited)."""
     data = read_yaml(path, "recipe")
     if data is None:
         data = {}
@@ -525,6 +572,29 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             f"recipe {path} must be a mapping of sections (model:, prompts:, ...), not {type(data).__name__}"
         )
     resolve_recipe_paths(data, path.resolve().parent)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise UserError(
+            f"recipe {path}: 'extends' must name a recipe file or a shipped recipe, got {parent!r}"
+        )
+    parent_path = _parent_recipe(parent.strip(), path)
+    chain = (*seen, path.resolve())
+    if parent_path in chain:
+        raise UserError(f"recipe {path}: extends '{parent}', which extends it back: break the loop")
+    base = read_recipe_data(parent_path, chain)
+    base.pop("name", None)
+    base.pop("description", None)
+    return deep_merge(base, data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a recipe file (and the recipes it extends), apply dotted overrides and validate. Relative file
+    paths become absolute: those in a recipe against that recipe's folder, those an override gives against
+    the current directory."""
+    path = Path(path)
+    data = read_recipe_data(path)
     data = apply_overrides(data, overrides or [], Path.cwd())
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "recipe")
     return from_dict(Config, data)

@@ -8,6 +8,7 @@ therefore needs nothing but k.
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,19 +63,50 @@ def read_csv_rows(path: str | Path, what: str = "prompt file") -> tuple[list[str
         raise UserError(f"{what} {path} is not a readable CSV file ({first_line(err)})") from None
 
 
-def _keep_row(row: dict, filters: dict) -> bool:
-    return all(str(row.get(k)) == str(v) for k, v in filters.items())
+EVAL_EVERY = 5  # prompt_part: one prompt in five is held out for evaluation
 
 
-def _read_csv_prompts(path: Path, column: str, filters: dict, what: str) -> list[str]:
+def normalise_prompt(text: str) -> str:
+    """Lower case, single spaces, no surrounding space: the form a prompt's split is decided on."""
+    return " ".join(str(text).lower().split())
+
+
+def prompt_part(text: str) -> str:
+    """'eval' or 'train': the fixed split of a prompt set. sha256 of the normalised prompt, as an integer,
+    mod EVAL_EVERY == 0 is 'eval' (one in five). It depends on the prompt alone, so the same text is always on
+    the same side (duplicates never straddle it), whatever the dataset's order or version."""
+    digest = hashlib.sha256(normalise_prompt(text).encode("utf-8")).hexdigest()
+    return "eval" if int(digest, 16) % EVAL_EVERY == 0 else "train"
+
+
+def parse_categories(text) -> tuple[str, ...]:
+    """'sexual, violence' -> ('sexual', 'violence'): I2P's comma-separated labels, lower-cased."""
+    return tuple(c.strip().lower() for c in str(text or "").split(",") if c.strip())
+
+
+def _keep_row(row: dict, cfg: PromptSetConfig) -> bool:
+    if not all(str(row.get(k)) == str(v) for k, v in cfg.filter.items()):
+        return False
+    wanted = {c.strip().lower() for c in cfg.categories}
+    return not wanted or bool(wanted & set(parse_categories(row.get("categories"))))
+
+
+def _in_part(prompts: list[str], part: str) -> list[str]:
+    return prompts if part == "all" else [p for p in prompts if prompt_part(p) == part]
+
+
+def _read_csv_prompts(path: Path, cfg: PromptSetConfig, what: str) -> list[str]:
     fields, rows = read_csv_rows(path, what)
-    missing = [c for c in [column, *filters] if c not in fields]
+    needed = [cfg.column, *cfg.filter, *(["categories"] if cfg.categories else [])]
+    missing = [c for c in needed if c not in fields]
     if missing:
         raise UserError(
             f"prompt file {path} has no column '{missing[0]}' (columns: {', '.join(fields) or 'none'}): "
             "set the prompt set's `column` to the one holding the prompts"
         )
-    return [row[column].strip() for row in rows if _keep_row(row, filters) and (row[column] or "").strip()]
+    column = cfg.column
+    kept = [row[column].strip() for row in rows if _keep_row(row, cfg) and (row[column] or "").strip()]
+    return _in_part(kept, cfg.part)
 
 
 def _read_dataset_prompts(cfg: PromptSetConfig) -> list[str]:
@@ -98,11 +130,17 @@ def _read_dataset_prompts(cfg: PromptSetConfig) -> list[str]:
             f"dataset '{cfg.dataset}' has no column '{cfg.column}' (columns: {', '.join(data.column_names)}): "
             f"set prompts.sets[{cfg.name}].column"
         )
-    return [
+    if cfg.categories and "categories" not in data.column_names:
+        raise UserError(
+            f"dataset '{cfg.dataset}' has no 'categories' column to pick prompts.sets[{cfg.name}].categories "
+            f"from (columns: {', '.join(data.column_names)})"
+        )
+    kept = [
         str(row[cfg.column]).strip()
         for row in data
-        if _keep_row(row, cfg.filter) and str(row[cfg.column] or "").strip()
+        if _keep_row(row, cfg) and str(row[cfg.column] or "").strip()
     ]
+    return _in_part(kept, cfg.part)
 
 
 def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
@@ -111,9 +149,9 @@ def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
         path = Path(cfg.path)
         what = f"prompt file for set '{cfg.name}'"
         if path.suffix.lower() == ".csv":
-            prompts = _read_csv_prompts(path, cfg.column, cfg.filter, what)
+            prompts = _read_csv_prompts(path, cfg, what)
         else:
-            prompts = read_prompt_lines(path, what)
+            prompts = _in_part(read_prompt_lines(path, what), cfg.part)
         source = str(path)
     else:
         prompts = _read_dataset_prompts(cfg)

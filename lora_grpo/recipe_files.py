@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
-from lora_grpo.config import read_yaml
+from lora_grpo.config import read_yaml, shipped_recipe_dir
 from lora_grpo.errors import UserError
-
-
-def shipped_recipe_dir() -> Path:
-    """The folder holding the shipped recipes, anchor sets and prompt files.
-
-    Installed, they are the package `lora_grpo.recipes`; run from a source checkout without installing
-    (`python -m lora_grpo.cli` in the repository), they are the repository's top-level recipes/.
-    """
-    try:
-        return Path(str(resources.files("lora_grpo.recipes")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "recipes"
 
 
 def shipped_recipes() -> dict[str, Path]:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lora_grpo.config import Config, apply_overrides, from_dict, load_config, parse_override
@@ -245,3 +246,91 @@ def test_gradient_checkpointing_auto_rule_by_hand():
     assert not checkpointing_needed(SD15_UNET_PARAMS, 64, 8, int(7.5 * gib))
     # SDXL-sized UNet (2.6B) at 1024 px (128 latents): 3 x 4 = 12 times an SD 1.5 row: checkpointing
     assert checkpointing_needed(2_567_463_684, 128, 4, 20 * gib)
+
+
+def test_a_recipe_extends_another(tmp_path, monkeypatch):
+    """`extends:` lays a recipe over its parent (a file next to it or a shipped recipe): mappings merge key by
+    key, lists replace, the parent's paths stay relative to the parent's folder, its name and description
+    are not inherited; a loop or a missing parent is one line."""
+    parent_dir = tmp_path / "base"
+    parent_dir.mkdir()
+    (parent_dir / "p.txt").write_text("a cat\n")
+    (parent_dir / "parent.yaml").write_text(
+        (shipped_recipe_dir() / "tiny-test.yaml")
+        .read_text()
+        .replace("path: prompts/tiny_unsafe.txt", "path: p.txt")
+        .replace("anchors: anchors/compact.yaml", f"anchors: {shipped_recipe_dir() / 'anchors/compact.yaml'}")
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        "extends: base/parent.yaml\ndescription: mine\nsample:\n  group_size: 6\n"
+        "lora:\n  target_modules: [to_q]\n"
+    )
+    config = load_config(child)
+    assert config.name == "child" and config.description == "mine"
+    assert config.sample.group_size == 6 and config.sample.num_steps == 8  # merged, the rest inherited
+    assert config.lora.target_modules == ["to_q"]  # a list replaces
+    assert config.prompts.sets[0].path == str((parent_dir / "p.txt").resolve())
+    shipped = tmp_path / "shipped.yaml"
+    shipped.write_text("extends: tiny-test\ndescription: d\ntrain:\n  epochs: 1\n")
+    assert load_config(shipped).train.epochs == 1 and load_config(shipped).sample.group_size == 4
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(UserError, match="extends it back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(UserError, match="neither a file next to it nor a shipped recipe"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_the_all_categories_anchor_set_is_the_union_of_the_category_sets():
+    from lora_grpo.rewards.steering import load_anchors
+
+    anchors = shipped_recipe_dir() / "anchors"
+    union = load_anchors(anchors / "i2p-all.yaml")
+    safe, unsafe = [], []
+    for path in sorted(anchors.glob("i2p-*.yaml")):
+        if path.name != "i2p-all.yaml":
+            one = load_anchors(path)
+            assert one.safe and one.unsafe
+            safe += [a for a in one.safe if a not in safe]
+            unsafe += [a for a in one.unsafe if a not in unsafe]
+    assert sorted(union.safe) == sorted(safe) and sorted(union.unsafe) == sorted(unsafe)
+    assert len(list(anchors.glob("i2p-*.yaml"))) == 8
+
+
+def _tiny_overrides(name: str, tiny_clip_dir) -> list[str]:
+    """Shrink a shipped recipe to one tiny epoch: tiny models (toy-world recipes keep their own), local prompt
+    files, 4 steps, 4 samples; everything else (reward, LoRA, window mode, optimizer, ...) as the recipe has it."""
+    prompts = shipped_recipe_dir() / "prompts"
+    out = ["train.epochs=1", "sample.num_steps=4", "sample.sde_steps=2", "sample.group_size=2"]
+    out += ["sample.prompts_per_batch=2", "sample.batches_per_epoch=1", "train.batch_size=2"]
+    out += ["train.gradient_accumulation_steps=1", "train.mixed_precision=no", "evaluate.every=0"]
+    out += ["evaluate.stop_when=[]", "output.sample_grid_every=0"]
+    if not name.startswith("toyworld"):
+        base = "builtin:tiny-sdxl" if "sdxl" in name else "builtin:tiny-sd"
+        out += [
+            f"model.base={base}",
+            f"reward.clip.model={tiny_clip_dir}",
+            "reward.clip.backend=transformers",
+        ]
+        out += ["sample.resolution=32", "reward.clip.checkpoint=null"]
+        out += [
+            f"prompts.sets=[{{name: u, safety: unsafe, path: {prompts / 'tiny_unsafe.txt'}}}, "
+            f"{{name: s, safety: safe, path: {prompts / 'tiny_safe.txt'}}}]"
+        ]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_runs_an_epoch_on_tiny_models(name, tiny_clip_dir, tmp_path):
+    from lora_grpo.train import Trainer
+
+    config = load_config(shipped_recipes()[name], _tiny_overrides(name, tiny_clip_dir))
+    trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
+    before = {k: v.clone() for k, v in trainer.pipe.unet.state_dict().items() if "lora_B" in k}
+    trainer.start()
+    row = trainer.run_epoch(0)
+    assert row["samples"] == 4 and row["optimizer_steps"] == 2
+    after = trainer.pipe.unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the LoRA moved"

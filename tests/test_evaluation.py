@@ -424,6 +424,58 @@ def test_shipped_i2p_suites_filter_by_category(monkeypatch):
     assert [p.prompt for p in load_suite("i2p-illegal-activity").prompts] == ["p2"]
     assert [p.prompt for p in load_suite("i2p-self-harm").prompts] == ["p3"]
     assert set(asked) == {suites.I2P_DATASET}
+    assert suites.i2p_suite_spec("i2p-illegal-activity-eval") == ("illegal activity", "eval")
+    assert suites.i2p_suite_spec("i2p-eval") == (None, "eval")
+    assert suites.i2p_suite_spec("i2p-nonsense") is None and suites.i2p_suite_spec("coco") is None
+
+
+def test_i2p_eval_suites_hold_the_fifth_the_recipes_never_train_on(monkeypatch, tmp_path):
+    """For every I2P recipe: its unsafe training set and `--suite i2p-<category>-eval` (both read from a
+    stand-in for the I2P dataset) are disjoint and together are every prompt of the category; the split is
+    sha256(normalised prompt) mod 5 (computed here independently)."""
+    import hashlib
+    import random
+
+    import datasets
+
+    from lora_grpo.config import load_config
+    from lora_grpo.evaluation import suites
+    from lora_grpo.prompts import load_prompt_set
+    from lora_grpo.recipe_files import shipped_recipes
+
+    rng = random.Random(0)
+    cats = list(suites.I2P_CATEGORIES)
+    rows = [
+        {
+            "prompt": f"Prompt  number {i} about {rng.choice(cats)}",
+            "categories": ", ".join(rng.sample(cats, rng.randint(1, 2))),
+            "sd_seed": i,
+            "sd_guidance_scale": 7.0,
+        }
+        for i in range(400)
+    ]
+    data = datasets.Dataset.from_list(rows)
+    monkeypatch.setattr(suites, "_load_dataset", lambda name, split="train": data)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: data)
+
+    def held_out(prompt):
+        text = " ".join(prompt.lower().split())
+        return int(hashlib.sha256(text.encode()).hexdigest(), 16) % 5 == 0
+
+    recipes = [name for name in shipped_recipes() if name.startswith("i2p-")]
+    assert len(recipes) == 8, recipes
+    for name in recipes:
+        config = load_config(shipped_recipes()[name])
+        (unsafe,) = [s for s in config.prompts.sets if s.safety == "unsafe"]
+        assert unsafe.dataset == suites.I2P_DATASET and unsafe.part == "train"
+        category = None if name == "i2p-all" else suites.i2p_suite_spec(name)[0]
+        assert (unsafe.categories == [category]) if category else sorted(unsafe.categories) == sorted(cats)
+        train = set(load_prompt_set(unsafe).prompts)
+        suite = load_suite("i2p-eval" if category is None else f"i2p-{name[4:]}-eval")
+        held = {p.prompt for p in suite.prompts}
+        everyone = {r["prompt"] for r in rows if category is None or category in r["categories"]}
+        assert train and held and not train & held and train | held == everyone, name
+        assert held == {p for p in everyone if held_out(p)}
 
 
 def test_eval_toyworld_suite_reads_pixels_exactly(tiny_sd_dir, tiny_clip_dir, tmp_path):

@@ -85,3 +85,41 @@ def test_hugging_face_dataset_set(tmp_path):
         load_prompt_set(PromptSetConfig(name="d", dataset=str(folder), column="text"))
     with pytest.raises(UserError, match="could not load dataset"):
         load_prompt_set(PromptSetConfig(name="x", dataset="no-such-org/no-such-dataset"))
+
+
+def test_categories_and_the_fixed_train_eval_split(tmp_path):
+    """I2P-style CSV: `categories` keeps rows labelled with any of them; `part` keeps one side of the split,
+    sha256 of the normalised prompt mod 5 (computed here by hand for these prompts)."""
+    import hashlib
+
+    from lora_grpo.prompts import prompt_part
+
+    rows = [
+        ("a knife fight", "violence"),
+        ("A  Knife fight ", "violence, shocking"),  # the same prompt normalised: same side
+        ("a bank robbery", "illegal activity"),
+        ("a quiet lake", ""),
+    ] + [(f"scene {i}", "violence") for i in range(40)]
+    csv_file = tmp_path / "i2p.csv"
+    csv_file.write_text("prompt,categories\n" + "".join(f'"{p}","{c}"\n' for p, c in rows), encoding="utf-8")
+
+    def side(text):
+        digest = hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
+        return "eval" if int(digest, 16) % 5 == 0 else "train"
+
+    assert prompt_part("A  Knife fight ") == prompt_part("a knife fight") == side("a knife fight")
+    violence = [p.strip() for p, c in rows if "violence" in c]
+    by_part = {}
+    for part in ("all", "train", "eval"):
+        cfg = PromptSetConfig(name="v", path=str(csv_file), categories=["Violence"], part=part)
+        by_part[part] = load_prompt_set(cfg).prompts
+    assert list(by_part["all"]) == violence
+    assert list(by_part["eval"]) == [p for p in violence if side(p) == "eval"]
+    assert list(by_part["train"]) == [p for p in violence if side(p) == "train"]
+    assert 0 < len(by_part["eval"]) < len(by_part["train"])
+    both = PromptSetConfig(name="b", path=str(csv_file), categories=["shocking", "illegal activity"])
+    assert load_prompt_set(both).prompts == ("A  Knife fight".strip(), "a bank robbery")
+    with pytest.raises(UserError, match="no column 'categories'"):
+        plain = tmp_path / "plain.csv"
+        plain.write_text("prompt\na cat\n", encoding="utf-8")
+        load_prompt_set(PromptSetConfig(name="p", path=str(plain), categories=["violence"]))

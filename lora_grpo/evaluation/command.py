@@ -31,7 +31,8 @@ def add_parsers(sub) -> None:
         "--suite",
         action="append",
         required=True,
-        help="i2p, i2p-<category> (e.g. i2p-sexual), coco-captions, toyworld, or a file: GenEval's "
+        help="i2p, i2p-<category> (e.g. i2p-sexual), i2p-<category>-eval (the fifth of a category the I2P "
+        "recipes never train on), coco-captions, toyworld, or a file: GenEval's "
         "evaluation_metadata.jsonl, an I2P-format CSV, a CSV with --column, a .txt with one prompt a line "
         "(repeatable)",
     )

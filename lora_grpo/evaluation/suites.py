@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_grpo.errors import UserError, first_line
-from lora_grpo.prompts import read_csv_rows, read_prompt_lines
+from lora_grpo.prompts import parse_categories, prompt_part, read_csv_rows, read_prompt_lines
 
 I2P_DATASET = "AIML-TUDA/i2p"
 I2P_CATEGORIES = (
@@ -59,11 +59,6 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
     return read_csv_rows(path, "suite file")
 
 
-def parse_categories(text: str) -> tuple[str, ...]:
-    """'sexual, violence' -> ('sexual', 'violence'); unknown labels are kept as written (lower-cased)."""
-    return tuple(c.strip().lower() for c in str(text or "").split(",") if c.strip())
-
-
 def i2p_rows(rows: list[dict], where) -> list[EvalPrompt]:
     """I2P rows (dicts with prompt, categories, sd_seed, sd_guidance_scale) -> EvalPrompts.
 
@@ -100,11 +95,15 @@ def load_i2p_csv(path: Path, category: str | None = None) -> Suite:
     return _i2p_suite(prompts, str(path), category)
 
 
-def _i2p_suite(prompts: list[EvalPrompt], source: str, category: str | None) -> Suite:
+def _i2p_suite(prompts: list[EvalPrompt], source: str, category: str | None, part: str = "all") -> Suite:
+    """I2P rows, optionally one category and one side of the fixed train/eval split (prompts.prompt_part)."""
     name = "i2p"
     if category:
         prompts = [p for p in prompts if category in p.categories]
-        name = f"i2p-{category}"
+        name = f"i2p-{category.replace(' ', '-')}"
+    if part != "all":
+        prompts = [p for p in prompts if prompt_part(p.prompt) == part]
+        name = f"{name}-{part}"
     if not prompts:
         raise UserError(f"suite {name} from {source} has no prompts")
     return Suite(name, "unsafe", tuple(prompts), source, "i2p")
@@ -127,10 +126,24 @@ def _load_dataset(dataset: str, split: str = "train"):
         ) from None
 
 
-def load_i2p_hub(category: str | None = None) -> Suite:
+def load_i2p_hub(category: str | None = None, part: str = "all") -> Suite:
     data = _load_dataset(I2P_DATASET)
     prompts = i2p_rows(list(data), lambda i: f"{I2P_DATASET} row {i}")
-    return _i2p_suite(prompts, I2P_DATASET, category)
+    return _i2p_suite(prompts, I2P_DATASET, category, part)
+
+
+def i2p_suite_spec(spec: str) -> tuple[str | None, str] | None:
+    """'i2p' -> (None, 'all'); 'i2p-self-harm-eval' -> ('self-harm', 'eval'); 'i2p-illegal-activity' ->
+    ('illegal activity', 'all'); None for anything else."""
+    if spec != "i2p" and not spec.startswith("i2p-"):
+        return None
+    rest, part = spec[4:], "all"
+    if rest == "eval" or rest.endswith("-eval"):
+        rest, part = rest[: -len("eval")].rstrip("-"), "eval"
+    if not rest:
+        return None, part
+    names = {c.replace(" ", "-"): c for c in I2P_CATEGORIES}
+    return (names[rest], part) if rest in names else None
 
 
 def load_prompt_csv(path: Path, column: str, safety: str, kind: str = "prompts") -> Suite:
@@ -199,17 +212,15 @@ def load_toyworld_suite() -> Suite:
     return Suite("toyworld", "unsafe", prompts, "lora_grpo.toyworld", "toyworld")
 
 
-SHIPPED_SUITES = ("i2p", "i2p-sexual", "coco-captions", "geneval", "toyworld")
+# i2p-<category> for each of I2P_CATEGORIES (spaces as dashes), and -eval for the held-out fifth
+SHIPPED_SUITES = ("i2p", "i2p-sexual", "i2p-violence-eval", "coco-captions", "geneval", "toyworld")
 
 
 def load_suite(spec: str, column: str = "prompt", safety: str | None = None) -> Suite:
     """A shipped suite name or a path: .jsonl (GenEval), .csv (I2P when it has I2P columns, else `column`),
     anything else one prompt per line."""
-    if spec == "i2p":
-        return load_i2p_hub()
-    if spec.startswith("i2p-") and spec[4:].replace("-", " ") in I2P_CATEGORIES + ("self harm",):
-        category = "self-harm" if spec == "i2p-self-harm" else spec[4:].replace("-", " ")
-        return load_i2p_hub(category)
+    if (i2p := i2p_suite_spec(spec)) is not None:
+        return load_i2p_hub(*i2p)
     if spec == "coco-captions":
         data = _load_dataset(COCO_DATASET)
         if "caption" not in data.column_names:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from lora_grpo import __version__
 from lora_grpo.errors import UserError
@@ -56,7 +57,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_check_reward(args: argparse.Namespace) -> None:
     from lora_grpo.config import load_config
     from lora_grpo.models import pick_device
-    from lora_grpo.prompts import load_prompt_set
     from lora_grpo.recipe_files import find_recipe
     from lora_grpo.rewards import build_reward
 
@@ -72,18 +72,41 @@ def cmd_check_reward(args: argparse.Namespace) -> None:
         rows = reward_ordering(reward_fn, unsafe_compositions() + safe_compositions()[::5])
         print(format_ordering(rows, config.reward.alpha))
         return
-    from lora_grpo.reward_check import check_reward, format_rows, load_image_folder
+    from lora_grpo.reward_check import check_recipe_images
 
-    if args.prompt:
-        prompts = [(p, "unsafe") for p in args.prompt]
-    else:
-        prompts = []
-        for s in config.prompts.sets:
-            prompts += [(p, s.safety) for p in load_prompt_set(s).prompts[: args.per_set]]
-    rows = check_reward(
-        reward_fn, prompts, load_image_folder(args.safe_images), load_image_folder(args.unsafe_images)
+    print(
+        check_recipe_images(
+            config, reward_fn, args.safe_images, args.unsafe_images, args.per_set, args.prompt
+        )
     )
-    print(format_rows(rows, config.reward.alpha))
+
+
+def cmd_new_recipe(args: argparse.Namespace) -> None:
+    from lora_grpo.new_recipe import ConceptSpec, write_recipe
+
+    spec = ConceptSpec(
+        name=args.name,
+        remove=tuple(args.remove),
+        instead=tuple(args.instead),
+        prompts=Path(args.prompts) if args.prompts else None,
+        safe_prompts=Path(args.safe_prompts) if args.safe_prompts else None,
+        base=args.base,
+        parent=args.parent,
+    )
+    if bool(args.safe_images) != bool(args.unsafe_images):
+        raise UserError("new-recipe checks the reward with both --safe-images DIR and --unsafe-images DIR")
+    recipe = write_recipe(spec, Path(args.out))
+    print(f"wrote {recipe.parent}/ ({recipe.name}, anchors.yaml, prompts/)")
+    if args.safe_images:
+        from lora_grpo.config import load_config
+        from lora_grpo.models import pick_device
+        from lora_grpo.reward_check import check_recipe_images
+        from lora_grpo.rewards import build_reward
+
+        config = load_config(recipe)
+        reward_fn = build_reward(config.reward, pick_device())
+        print(check_recipe_images(config, reward_fn, args.safe_images, args.unsafe_images))
+    print(f"train it: lora-grpo train {recipe}")
 
 
 def cmd_toyworld_build(args: argparse.Namespace) -> None:
@@ -169,6 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
     show = shows.add_parser("show", help="print a recipe's YAML and where it lives, to copy and edit")
     show.add_argument("name", help="a shipped recipe name or a path to a recipe .yaml")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser(
+        "new-recipe",
+        help="write a recipe folder that removes a concept you name (object, style, person, harm category)",
+    )
+    p.add_argument("name", help="the recipe's name: writes OUT/NAME/NAME.yaml, anchors.yaml, prompts/")
+    p.add_argument("--remove", nargs="+", required=True, help='the concept, one or more phrases ("a car")')
+    p.add_argument(
+        "--instead", nargs="+", required=True, help='what to draw in its place ("a bicycle", "an empty road")'
+    )
+    p.add_argument(
+        "--prompts", help="unsafe prompts, one per line (default: templates around the --remove phrases)"
+    )
+    p.add_argument(
+        "--safe-prompts", help="safe prompts, one per line (default: the parent recipe's safe sets)"
+    )
+    p.add_argument("--base", help="model.base for the recipe (default: the parent recipe's)")
+    p.add_argument(
+        "--from",
+        dest="parent",
+        default="sd15-nudity-compact",
+        help="the recipe it extends, for every other setting (default: sd15-nudity-compact)",
+    )
+    p.add_argument("--out", default=".", help="folder to write NAME/ into (default: the current folder)")
+    p.add_argument("--safe-images", help="with --unsafe-images: check the new reward orders these right")
+    p.add_argument("--unsafe-images", help="images showing the concept")
+    p.set_defaults(func=cmd_new_recipe)
 
     p = sub.add_parser(
         "check-reward", help="check that the reward ranks safe above unsafe at the recipe's alpha"

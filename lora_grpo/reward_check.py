@@ -80,3 +80,26 @@ def format_rows(rows: list[CheckRow], alpha: float) -> str:
     if not any(r.problem for r in rows):
         lines.append("ok: every unsafe prompt prefers the safe images")
     return "\n".join(lines)
+
+
+def recipe_check_prompts(config, per_set: int, prompts: list[str] | None = None) -> list[tuple[str, str]]:
+    """The prompts a check uses: the given ones (as unsafe), else the first `per_set` of each recipe set."""
+    from lora_grpo.prompts import load_prompt_set
+
+    if prompts:
+        return [(p, "unsafe") for p in prompts]
+    out = []
+    for s in config.prompts.sets:
+        out += [(p, s.safety) for p in load_prompt_set(s).prompts[:per_set]]
+    return out
+
+
+def check_recipe_images(config, reward_fn, safe_dir, unsafe_dir, per_set: int = 3, prompts=None) -> str:
+    """`check-reward` with the user's images: the report for the recipe's prompts (or `prompts`)."""
+    rows = check_reward(
+        reward_fn,
+        recipe_check_prompts(config, per_set, prompts),
+        load_image_folder(safe_dir),
+        load_image_folder(unsafe_dir),
+    )
+    return format_rows(rows, config.reward.alpha)

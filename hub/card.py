@@ -93,9 +93,17 @@ def eval_section(report: dict | None) -> str:
                 lines.append(f"| {s} | {metric} | {report['before'][s][metric]:.4f} | {value:.4f} |")
         return "\n".join(lines)
     if "suites" in report and "settings" in report:  # written by `lora-grpo eval`
-        from lora_grpo.evaluation.report import suite_tables
+        from lora_grpo.evaluation.report import ripple_table, suite_tables
 
-        return suite_tables(report)
+        ripple = ripple_table(report)
+        if ripple:
+            plot = (
+                "\n\n![erasure and specificity](ripple.png)"
+                if "ripple.png" in report.get("plots", [])
+                else ""
+            )
+            ripple = f"### What else moved (erasure and specificity)\n\n{ripple}{plot}\n\n"
+        return ripple + suite_tables(report)
     return "```json\n" + json.dumps(report, indent=2)[:4000] + "\n```"
 
 

@@ -174,9 +174,10 @@ def export(
         config["anchors_used"] = {k: anchors.get(k) or [] for k in ("safe", "unsafe")}
     metrics_file = run_dir / "metrics.jsonl"
     metrics = read_jsonl(metrics_file) if metrics_file.is_file() else []
-    report = next(
-        (json.loads((run_dir / f).read_text()) for f in REPORT_FILES if (run_dir / f).is_file()), None
-    )
+    report_file = next((run_dir / f for f in REPORT_FILES if (run_dir / f).is_file()), None)
+    report = json.loads(report_file.read_text()) if report_file else None
+    if report_file and (report_file.parent / "ripple.png").is_file():  # the card shows the ripple plot
+        shutil.copyfile(report_file.parent / "ripple.png", out / "ripple.png")
     curves = "reward_curves.png" if reward_curves_png(metrics, out / "reward_curves.png") else None
     card = build_card(
         repo_id=repo_id,

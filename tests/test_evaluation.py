@@ -516,3 +516,43 @@ def test_eval_toyworld_suite_reads_pixels_exactly(tiny_sd_dir, tiny_clip_dir, tm
     expected = sum(readings[i].colour == "red" for i in red_prompts) / 15
     assert report["toyworld"]["red_rate"] == pytest.approx(expected)
     assert "inappropriate" not in report and report["images"] == 16
+
+
+def test_erasure_and_specificity_match_an_independent_reading(
+    tiny_sd_dir, tiny_clip_dir, tiny_adapter, tmp_path
+):
+    """`--concept` / `--neighbour`: one templated suite each; the report's shares (base and adapter) equal a
+    numpy nearest-label reading of the saved images' CLIP embeddings against the stated label texts; the
+    markdown report and the plot show them in one table."""
+    from lora_grpo.cli import main
+    from lora_grpo.config import ClipConfig
+    from lora_grpo.evaluation.run import load_images
+    from lora_grpo.new_recipe import TEMPLATES
+    from lora_grpo.rewards.clip_backends import load_clip
+
+    out = tmp_path / "ripple"
+    args = ["eval", "--base", str(tiny_sd_dir), "--adapter", str(tiny_adapter), "--out", str(out)]
+    args += ["--clip", str(tiny_clip_dir), "--steps", "2", "--no-nudenet", "--batch-size", "10"]
+    args += ["--concept", "a car", "cars", "--neighbour", "a truck", "a bus"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["suites"]) == ["concept", "neighbour-a-truck", "neighbour-a-bus"]
+    labels = ["a car", "cars", "a truck", "a bus", "an image"]
+    backend = load_clip(ClipConfig(model=str(tiny_clip_dir)))
+    text = backend.encode_text(labels).cpu().numpy()
+    text = text / np.linalg.norm(text, axis=1, keepdims=True)
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    wanted = {"concept": {"a car", "cars"}, "neighbour-a-truck": {"a truck"}, "neighbour-a-bus": {"a bus"}}
+    for suite, read_as in wanted.items():
+        for variant in ("base", "adapter"):
+            files = [out / r["file"] for r in rows if r["suite"] == suite and r["variant"] == variant]
+            assert len(files) == len(TEMPLATES) * (2 if suite == "concept" else 1)  # phrases x templates
+            feats = backend.encode_images(load_images(files)).cpu().numpy()
+            feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+            nearest = (feats @ text.T).argmax(axis=1)
+            expected = float(np.mean([labels[i] in read_as for i in nearest]))
+            entry = report["suites"][suite][variant]["zero_shot"]
+            assert entry["rate"] == pytest.approx(expected) and entry["labels"] == labels
+    markdown = (out / "report.md").read_text()
+    assert "What else moved" in markdown and "| concept | a car / cars |" in markdown
+    assert "`an image`" in markdown and (out / "ripple.png").is_file()

@@ -366,6 +366,40 @@ def test_card_shows_an_eval_report_as_tables(run_dir, tmp_path):
     assert "| NudeNet: images with exposed classes | 6 | 1 | −5 |" in text
 
 
+def test_card_shows_erasure_and_specificity_with_the_plot(run_dir, tmp_path):
+    labels = ["a car", "a truck", "an image"]
+
+    def zero_shot(rate, read_as):
+        return {"images": 10, "zero_shot": {"rate": rate, "read_as": read_as, "labels": labels}}
+
+    report = {
+        "settings": {"base": "b", "adapter": "a"},
+        "suites": {
+            "concept": {"base": zero_shot(0.9, ["a car"]), "adapter": zero_shot(0.1, ["a car"])},
+            "neighbour-a-truck": {
+                "base": zero_shot(0.8, ["a truck"]),
+                "adapter": zero_shot(0.7, ["a truck"]),
+            },
+        },
+        "plots": ["ripple.png"],
+    }
+    eval_dir = run_dir[0] / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "report.json").write_text(json.dumps(report))
+    (eval_dir / "ripple.png").write_bytes(b"png")
+    try:
+        out = export(run_dir[0], tmp_path / "e", log=lambda line: None)
+    finally:
+        for f in eval_dir.iterdir():
+            f.unlink()
+        eval_dir.rmdir()
+    text = (out / "README.md").read_text()
+    assert "| concept | a car | 90.00% | 10.00% | −80.00 pt |" in text
+    assert "| neighbour-a-truck | a truck | 80.00% | 70.00% | −10.00 pt |" in text
+    assert "`an image`" in text and "![erasure and specificity](ripple.png)" in text
+    assert (out / "ripple.png").read_bytes() == b"png"
+
+
 def test_sample_cli_refuses_the_wrong_base(exported, tmp_path, capsys):
     from lora_grpo.cli import main
     from lora_grpo.tiny import build_tiny_pipeline, tiny_unet

@@ -22,7 +22,26 @@ def test_evaluator_is_exact_on_ground_truth():
     assert len(comps) == 360
     for comp, r in zip(comps, readings, strict=True):
         assert not r.empty and r.colour == comp.colour and r.position == comp.position, (comp, r)
+        assert r.shape == comp.shape, (comp, r)
         assert r.background_clean == 1.0
+
+
+def test_shape_features_by_hand():
+    """A 10 x 10 square fills its box (fill 1, top 1/2 -> square); an upward triangle of rows 1, 3, 5, 7 pixels
+    wide fills 16 of 28 box pixels with 4 of 16 in the top half (0.571 + 0.25 < 1.08 -> triangle); a plus-sign
+    free disc of radius 5 fills ~0.8 with half on top (circle)."""
+    from lora_grpo.toyworld.readout import blob_shape
+
+    square = torch.zeros(32, 32, dtype=torch.bool)
+    square[5:15, 5:15] = True
+    assert blob_shape(square) == "square"
+    triangle = torch.zeros(32, 32, dtype=torch.bool)
+    for row, half in enumerate(range(4)):
+        triangle[10 + row, 10 - half : 11 + half] = True
+    assert triangle.sum() == 16 and blob_shape(triangle) == "triangle"
+    ys, xs = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    disc = (ys - 16) ** 2 + (xs - 16) ** 2 <= 25
+    assert blob_shape(disc) == "circle"
 
 
 def test_empty_and_dirty_images():

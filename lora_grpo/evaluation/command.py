@@ -30,7 +30,7 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--suite",
         action="append",
-        required=True,
+        default=[],
         help="i2p, i2p-<category> (e.g. i2p-sexual), i2p-<category>-eval (the fifth of a category the I2P "
         "recipes never train on), coco-captions, toyworld, or a file: GenEval's "
         "evaluation_metadata.jsonl, an I2P-format CSV, a CSV with --column, a .txt with one prompt a line "
@@ -75,6 +75,19 @@ def add_parsers(sub) -> None:
         help="also plot reward vs alpha (comma-separated alphas; default 0,0.25,0.5,0.75,1,1.5,2)",
     )
     p.add_argument("--fid-reference", help="folder of reference images for FID on safe suites")
+    p.add_argument(
+        "--concept",
+        nargs="+",
+        default=[],
+        help="the removed concept's phrases: adds its suite (templated prompts) and the erasure rate, the "
+        "share of images CLIP zero-shot still reads as the concept",
+    )
+    p.add_argument(
+        "--neighbour",
+        nargs="+",
+        default=[],
+        help="concepts that must stay drawable (e.g. other painters): one suite each and its specificity",
+    )
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     p.set_defaults(func=run_eval_command)
 
@@ -121,6 +134,8 @@ def run_eval_command(args: argparse.Namespace) -> None:
         anchors=args.anchors,
         alpha=args.alpha,
         alpha_sweep=args.alpha_sweep,
+        concept=args.concept,
+        neighbours=args.neighbour,
         fid_reference=args.fid_reference,
         device=args.device,
     )

@@ -22,6 +22,7 @@ ROWS = [
     ("FID", ("fid",), "{:.2f}", True),
     ("toy world: red rate", ("toyworld", "red_rate"), "{:.2%}", True),
     ("toy world: colour+position accuracy (safe)", ("toyworld", "safe_colour_position"), "{:.2%}", False),
+    ("zero-shot: read as the concept / this neighbour", ("zero_shot", "rate"), "{:.2%}", None),
 ]
 
 
@@ -92,6 +93,9 @@ def markdown(report: dict) -> str:
         f"- Q16 embeddings: `{s['q16_embeddings']}`" if s["q16_embeddings"] else "- Q16: not run",
         "",
     ]
+    ripple = ripple_table(report)
+    if ripple:
+        lines += ["## What else moved (erasure and specificity)", "", ripple, ""]
     lines.append(suite_tables(report, level="##"))
     if report.get("alpha_sweep"):
         lines += ["## Steering reward vs alpha", "", "![alpha sweep](alpha_sweep.png)", ""]
@@ -114,6 +118,41 @@ def suite_tables(report: dict, level: str = "###") -> str:
             delta = "–" if shown == "images" else _fmt_delta(d, label)
             lines.append(f"| {shown} | {_fmt(b, label)} | {_fmt(a, label)} | {delta} |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def ripple_rows(report: dict) -> list[tuple[str, str, float, float | None]]:
+    """[(suite, read as, base rate, adapter rate)] for the concept and neighbour suites, in report order."""
+    rows = []
+    for suite, per_variant in report["suites"].items():
+        base = lookup(per_variant.get("base", {}), ("zero_shot",))
+        if base is None:
+            continue
+        adapter = lookup(per_variant.get("adapter", {}), ("zero_shot", "rate"))
+        rows.append((suite, " / ".join(base["read_as"]), base["rate"], adapter))
+    return rows
+
+
+def ripple_table(report: dict) -> str:
+    """Erasure (the concept's suite) and specificity (each neighbour's) in one table, with the zero-shot
+    labels stated (also used by the model card); '' when the evaluation had no --concept."""
+    rows = ripple_rows(report)
+    if not rows:
+        return ""
+    labels = next(
+        v["base"]["zero_shot"]["labels"]
+        for v in report["suites"].values()
+        if "zero_shot" in v.get("base", {})
+    )
+    lines = [
+        "| suite | share of images CLIP reads as | base | adapter | Δ |",
+        "|---|---|---|---|---|",
+    ]
+    for suite, read_as, b, a in rows:
+        delta = "–" if a is None else f"{'+' if a >= b else '−'}{abs(a - b) * 100:.2f} pt"
+        shown_a = "–" if a is None else f"{a:.2%}"
+        lines.append(f"| {suite} | {read_as} | {b:.2%} | {shown_a} | {delta} |")
+    lines += ["", "Zero-shot labels (nearest by cosine): " + "; ".join(f"`{x}`" for x in labels) + "."]
     return "\n".join(lines)
 
 
@@ -174,6 +213,24 @@ def plot_nudenet(out: Path, suite: str, per_variant: dict) -> str | None:
     threshold = per_variant["base"]["nudenet"]["threshold"]
     _bars(out / name, f"{suite}: NudeNet exposed detections (score >= {threshold})", labels, series, "count")
     return name
+
+
+def plot_ripple(out: Path, report: dict) -> str | None:
+    """Erasure and specificity, base vs adapter, one bar pair per concept / neighbour suite."""
+    rows = ripple_rows(report)
+    if not rows:
+        return None
+    series = {"base": [r[2] for r in rows]}
+    if any(r[3] is not None for r in rows):
+        series["adapter"] = [r[3] or 0.0 for r in rows]
+    _bars(
+        out / "ripple.png",
+        "share of images CLIP reads as the suite's concept",
+        [r[0] for r in rows],
+        series,
+        "rate",
+    )
+    return "ripple.png"
 
 
 def plot_alpha_sweep(out: Path, sweep: dict) -> str:

@@ -31,8 +31,10 @@ from lora_grpo.evaluation.report import (
     plot_alpha_sweep,
     plot_categories,
     plot_nudenet,
+    plot_ripple,
     write_report,
 )
+from lora_grpo.evaluation.ripple import ripple_metrics, ripple_suites, zero_shot_labels
 from lora_grpo.evaluation.suites import I2P_CATEGORIES, Suite, load_suite
 from lora_grpo.models import adapter_weights_file, pick_device
 from lora_grpo.reward_check import IMAGE_SUFFIXES, read_image
@@ -59,6 +61,9 @@ class EvalSettings:
     anchors: str | None = None  # steering anchors (a file or a shipped name); None: the compact anchors
     alpha: float = 0.5
     alpha_sweep: list[float] | None = None
+    # a removed concept's phrases: its suite and erasure rate; neighbours: specificity (evaluation.ripple)
+    concept: list[str] = field(default_factory=list)
+    neighbours: list[str] = field(default_factory=list)
     fid_reference: str | None = None  # folder of reference images (safe suites)
     device: str | None = None
     grid_prompts: int = 4
@@ -96,8 +101,10 @@ def _anchors_path(spec: str | None) -> Path:
 
 
 def load_suites(settings: EvalSettings) -> list[Suite]:
-    if not settings.suites:
-        raise UserError("no suite given: pass --suite NAME or --suite PATH (e.g. --suite i2p)")
+    if not settings.suites and not settings.concept:
+        raise UserError("no suite given: pass --suite NAME or --suite PATH (e.g. --suite i2p), or --concept")
+    if settings.neighbours and not settings.concept:
+        raise UserError("--neighbour needs --concept: the neighbours are read against the removed concept")
     suites = []
     for spec in settings.suites:
         suite = load_suite(spec, settings.column, settings.safety)
@@ -106,6 +113,8 @@ def load_suites(settings: EvalSettings) -> list[Suite]:
 
             suite = replace(suite, prompts=suite.prompts[: settings.max_prompts])
         suites.append(suite)
+    if settings.concept:
+        suites += ripple_suites(settings.concept, settings.neighbours)
     names = [s.name for s in suites]
     if len(set(names)) != len(names):
         raise UserError(f"two suites share the name {names}: rename one of the files")
@@ -192,6 +201,10 @@ class Scorer:
             from lora_grpo.evaluation.q16 import load_q16_embeddings
 
             self.q16 = load_q16_embeddings(settings.q16_embeddings)
+        self.labels = None  # the zero-shot label texts and their embeddings, for concept/neighbour suites
+        if settings.concept:
+            texts = zero_shot_labels(settings.concept, settings.neighbours)
+            self.labels = self.clip.encode_text(texts).cpu()
         self.fid = None  # torchmetrics FID holding the reference statistics, fed once
         if settings.fid_reference:
             self.fid = M.fid_metric()
@@ -264,6 +277,8 @@ def suite_metrics(scorer: Scorer, suite: Suite, jobs: list[ImageJob], values: Pe
         ]
     if values.toyworld is not None:
         out["toyworld"] = toyworld_scores(jobs, values.toyworld)
+    if suite.kind in ("concept", "neighbour"):
+        out["zero_shot"] = ripple_metrics(suite, image, scorer.labels, s.concept, s.neighbours)
     if values.fid is not None:
         out["fid"] = values.fid
     return out
@@ -313,6 +328,7 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
             plot_categories(out, suite.name, results[suite.name]),
             plot_nudenet(out, suite.name, results[suite.name]),
         ]
+    plots.append(plot_ripple(out, report))
     plots.append(image_grid(out, grid_pairs(suites, jobs, settings.grid_prompts)))
     report["plots"] = [p for p in plots if p]
     write_report(out, report)

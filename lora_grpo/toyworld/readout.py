@@ -7,6 +7,10 @@ Never the reward model: plain pixel code, so the reward cannot fool it.
   the object = the largest 4-connected foreground blob; empty if it has fewer than MIN_AREA pixels;
   colour    = the palette colour nearest the blob's median colour;
   position  = the anchor nearest the blob's centroid;
+  shape     = triangle when fill + top < 1.08, else circle when fill < 0.90, else square; fill = the blob's share
+              of its bounding box (square 1, circle pi/4, triangle 1/2), top = its share of pixels in the upper
+              half of that box (1/2 for circles and squares, 1/4 for the upward triangles drawn here). On rendered
+              shapes this reads every shape right (tests/test_toyworld_readout.py);
   background cleanliness = share of pixels away from the object (beyond a 1-pixel ring) within 0.1 of gray.
 """
 
@@ -39,6 +43,7 @@ class Reading:
     empty: bool
     area: int
     background_clean: float  # share of background pixels within tolerance of gray
+    shape: str | None = None  # None when empty
 
 
 def _largest_component(mask: torch.Tensor) -> torch.Tensor:
@@ -61,6 +66,21 @@ def _largest_component(mask: torch.Tensor) -> torch.Tensor:
         if len(values):
             out[i] = labels[i] == values[counts.argmax()]
     return out
+
+
+TRIANGLE_BELOW, SQUARE_FROM = 1.08, 0.90
+
+
+def blob_shape(blob: torch.Tensor) -> str:
+    """circle, square or triangle from one blob mask [H, W] (see the module docstring)."""
+    ys, xs = torch.nonzero(blob, as_tuple=True)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = len(ys) / box.item()
+    middle = (ys.min() + ys.max() + 1) / 2.0  # the box's middle line, in pixel-edge coordinates
+    top = ((ys + 0.5) < middle).float().mean().item()
+    if fill + top < TRIANGLE_BELOW:
+        return "triangle"
+    return "circle" if fill < SQUARE_FROM else "square"
 
 
 def readout(images: torch.Tensor) -> list[Reading]:
@@ -88,7 +108,7 @@ def readout(images: torch.Tensor) -> list[Reading]:
         c = palette_names[int(((palette - colour) ** 2).sum(dim=1).argmin())]
         centroid = torch.stack([xs[blob[i]].mean() / w, ys[blob[i]].mean() / h])
         p = anchor_names[int(((anchors - centroid) ** 2).sum(dim=1).argmin())]
-        readings.append(Reading(c, p, False, area, clean))
+        readings.append(Reading(c, p, False, area, clean, blob_shape(blob[i])))
     return readings
 
 
@@ -100,6 +120,7 @@ class Scores:
     colour_accuracy: float  # the object has the asked colour
     position_accuracy: float  # the object is at the asked place
     colour_position_accuracy: float  # both
+    shape_accuracy: float  # the object has the asked shape
     empty_rate: float  # no object
     background_clean: float  # mean share of clean background pixels
 
@@ -114,6 +135,7 @@ def score(pairs: Sequence[tuple[Composition, Reading]]) -> Scores:
         colour_accuracy=sum(colour) / n,
         position_accuracy=sum(position) / n,
         colour_position_accuracy=sum(a and b for a, b in zip(colour, position, strict=True)) / n,
+        shape_accuracy=sum(r.shape == c.shape for c, r in pairs) / n,
         empty_rate=sum(r.empty for _, r in pairs) / n,
         background_clean=sum(r.background_clean for _, r in pairs) / n,
     )

@@ -1,0 +1,122 @@
+"""Remove a shape in the toy world, with a recipe written by `lora-grpo new-recipe` itself.
+
+For each seed: `new-recipe no-triangles --from toyworld --remove "a triangle" --instead "a circle" "a square"
+--prompts <every triangle caption> --safe-prompts <every circle and square caption>`, trained from the toy-world
+models; before and after, the exact pixel evaluator reads fixed-noise samples of every triangle caption (the
+removed-shape rate: images read as triangles) and of every circle and square caption (their shape accuracy,
+the ripple on the neighbouring shapes), plus colour+position on both (the rest of the picture must stay).
+Goal (issue 17): removed-shape rate <= 10% from >= 85%, other shapes' accuracy within 5 points.
+
+    python benchmarks/toyworld_shapes.py --seeds 0 1 2
+    python benchmarks/toyworld_shapes.py --seeds 0 --epochs 10 train.learning_rate=4e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from lora_grpo.cli import _quiet_libraries
+from lora_grpo.config import load_config
+from lora_grpo.models import adapter_disabled
+from lora_grpo.new_recipe import ConceptSpec, write_recipe
+from lora_grpo.rollout import sample_scored
+from lora_grpo.toyworld.readout import caption_pairs, readout, score
+from lora_grpo.toyworld.world import COLOURS, POSITIONS, Composition
+from lora_grpo.train import Trainer
+
+REMOVED, KEPT = "triangle", ("circle", "square")
+
+
+def captions(shapes) -> list[str]:
+    return [Composition(c, s, p).caption for c in COLOURS for s in shapes for p in POSITIONS]
+
+
+def measure(trainer: Trainer, images_per_prompt: int, seed: int) -> dict[str, float]:
+    """The exact evaluator on fixed noise: removed-shape rate and the kept shapes' accuracy."""
+    out = {}
+    for key, shapes in (("removed", (REMOVED,)), ("kept", KEPT)):
+        prompts = captions(shapes) * images_per_prompt
+        images, _ = sample_scored(trainer.model, trainer.reward_fn, prompts, seed + len(key))
+        pairs = caption_pairs(prompts, readout(images))
+        scores = score(pairs)
+        out[f"{key}_triangle_rate"] = sum(r.shape == REMOVED for _, r in pairs) / len(pairs)
+        out[f"{key}_shape_accuracy"] = scores.shape_accuracy
+        out[f"{key}_colour_position"] = scores.colour_position_accuracy
+        out[f"{key}_empty"] = scores.empty_rate
+    return out
+
+
+def run_seed(seed: int, epochs: int, images: int, overrides: list[str], work: Path, log) -> dict:
+    (work / "triangles.txt").write_text("\n".join(captions((REMOVED,))) + "\n")
+    (work / "others.txt").write_text("\n".join(captions(KEPT)) + "\n")
+    spec = ConceptSpec(
+        name="no-triangles",
+        remove=("a triangle",),
+        instead=("a circle", "a square"),
+        prompts=work / "triangles.txt",
+        safe_prompts=work / "others.txt",
+        parent="toyworld",
+    )
+    recipe = write_recipe(spec, work / f"seed{seed}")
+    base = [f"seed={seed}", f"train.epochs={epochs}", "evaluate.every=0", "evaluate.stop_when=[]"]
+    config = load_config(recipe, [*base, "output.sample_grid_every=0", *overrides])
+    trainer = Trainer(config, work / f"run{seed}", log=lambda line: None)
+    with adapter_disabled(trainer.model.unet):
+        before = measure(trainer, images, 4321)
+    log(f"seed {seed} before: {json.dumps({k: round(v, 3) for k, v in before.items()})}")
+    start = time.perf_counter()
+    trainer.run()
+    after = measure(trainer, images, 4321)
+    log(f"seed {seed} after {epochs} epochs: {json.dumps({k: round(v, 3) for k, v in after.items()})}")
+    return {
+        "seed": seed,
+        "epochs": epochs,
+        "seconds": time.perf_counter() - start,
+        "before": before,
+        "after": after,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--images", type=int, default=2, help="images per caption at each measurement")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides on the new recipe")
+    args = parser.parse_args()
+    _quiet_libraries()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            rows.append(run_seed(seed, args.epochs, args.images, args.overrides, Path(tmp), print))
+    print(
+        "| seed | triangle rate on triangle prompts | circle/square shape accuracy | colour+position (kept) |"
+    )
+    print("|---|---|---|---|")
+    for r in rows:
+        b, a = r["before"], r["after"]
+        print(
+            f"| {r['seed']} | {b['removed_triangle_rate']:.3f} -> {a['removed_triangle_rate']:.3f} | "
+            f"{b['kept_shape_accuracy']:.3f} -> {a['kept_shape_accuracy']:.3f} | "
+            f"{b['kept_colour_position']:.3f} -> {a['kept_colour_position']:.3f} |"
+        )
+    goal = all(
+        r["before"]["removed_triangle_rate"] >= 0.85
+        and r["after"]["removed_triangle_rate"] <= 0.10
+        and r["after"]["kept_shape_accuracy"] >= r["before"]["kept_shape_accuracy"] - 0.05
+        for r in rows
+    )
+    print(
+        f"goal (<= 10% from >= 85%, kept shapes within 5 points) on every seed: {'met' if goal else 'not met'}"
+    )
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate images from a base model, with or without an adapter")
-    p.add_argument("--base", required=True, help="hub id, local diffusers folder, or builtin:tiny-sd")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="hub id, local diffusers folder, single-file .safetensors checkpoint, or builtin:tiny-sd",
+    )
     p.add_argument("--adapter", help="adapter folder (a run's adapter/) or .safetensors file")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")

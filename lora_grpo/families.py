@@ -11,9 +11,7 @@ et al. 2023, arXiv:2307.01952, table 1); `benchmarks/gpu_memory.py` builds its r
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from lora_grpo.errors import UserError, first_line
@@ -196,22 +194,10 @@ def write_config_folder(family: str, out_dir: Path) -> Path:
 
 def config_folder(family: str) -> Path:
     """The cached config folder of `family` (sd1 or sdxl), written on first use (atomically)."""
-    from lora_grpo.tiny import builtin_home
+    from lora_grpo.tiny import builtin_home, cached_folder
 
     target = builtin_home() / "configs" / f"{family}-v{CONFIGS_VERSION}"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
-    try:
-        write_config_folder(family, tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.is_dir():  # another process finished the same folder first: use theirs
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_folder(target, lambda folder: write_config_folder(family, folder))
 
 
 def pipeline_class_name(ref: str, revision: str | None = None) -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -301,22 +302,26 @@ def resolve_builtin(name: str) -> Path:
     if name not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS + SHIPPED_MODELS)
         raise UserError(f"unknown built-in model '{BUILTIN_PREFIX}{name}': use one of {known}")
-    target = builtin_home() / "builtin" / f"{name}-v{BUILTIN_VERSION}"
+    builders = {
+        "tiny-sd": build_tiny_pipeline,
+        "tiny-sdxl": build_tiny_sdxl_pipeline,
+        "tiny-clip": build_tiny_clip,
+    }
+    return cached_folder(builtin_home() / "builtin" / f"{name}-v{BUILTIN_VERSION}", builders[name])
+
+
+def cached_folder(target: Path, build: Callable[[Path], object]) -> Path:
+    """`target`, built by `build(folder)` on first use in a temporary sibling and renamed into place, so an
+    interrupted build never leaves a half-written folder behind."""
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        if name == "tiny-sd":
-            build_tiny_pipeline(tmp)
-        elif name == "tiny-sdxl":
-            build_tiny_sdxl_pipeline(tmp)
-        else:
-            build_tiny_clip(tmp)
+        build(tmp)
         os.replace(tmp, target)
     except OSError:
-        # Another process finished the same build first: use theirs.
-        if not target.is_dir():
+        if not target.is_dir():  # another process finished the same build first: use theirs
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

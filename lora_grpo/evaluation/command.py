@@ -25,7 +25,11 @@ def add_parsers(sub) -> None:
         description="Generate a suite's images for the base model and, with --adapter, for base+adapter on "
         "the same seeds (resumable), score them and write OUT/report.json, OUT/report.md and plots.",
     )
-    p.add_argument("--base", required=True, help="hub id, local diffusers folder, or builtin:tiny-sd")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="hub id, local diffusers folder, single-file .safetensors checkpoint, or builtin:tiny-sd",
+    )
     p.add_argument("--adapter", help="adapter folder (a run's adapter/) or .safetensors file")
     p.add_argument(
         "--suite",

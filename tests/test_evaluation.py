@@ -463,15 +463,16 @@ def test_i2p_eval_suites_hold_the_fifth_the_recipes_never_train_on(monkeypatch, 
         return int(hashlib.sha256(text.encode()).hexdigest(), 16) % 5 == 0
 
     recipes = [name for name in shipped_recipes() if name.startswith("i2p-")]
-    assert len(recipes) == 8, recipes
+    assert len(recipes) == 16, recipes  # 7 categories + all, for SD 1.x and for SDXL
     for name in recipes:
         config = load_config(shipped_recipes()[name])
         (unsafe,) = [s for s in config.prompts.sets if s.safety == "unsafe"]
         assert unsafe.dataset == suites.I2P_DATASET and unsafe.part == "train"
-        category = None if name == "i2p-all" else suites.i2p_suite_spec(name)[0]
+        stem = name.removesuffix("-sdxl")
+        category = None if stem == "i2p-all" else suites.i2p_suite_spec(stem)[0]
         assert (unsafe.categories == [category]) if category else sorted(unsafe.categories) == sorted(cats)
         train = set(load_prompt_set(unsafe).prompts)
-        suite = load_suite("i2p-eval" if category is None else f"i2p-{name[4:]}-eval")
+        suite = load_suite("i2p-eval" if category is None else f"{stem}-eval")
         held = {p.prompt for p in suite.prompts}
         everyone = {r["prompt"] for r in rows if category is None or category in r["categories"]}
         assert train and held and not train & held and train | held == everyone, name

@@ -86,6 +86,8 @@ def portable_recipe(config: dict, out: Path) -> dict:
     to it, so `lora-grpo train OUT/recipe.yaml` runs the same recipe on another machine."""
     config = json.loads(json.dumps(config))  # a deep copy of plain data
     config["model"]["base"] = portable_model_name(config["model"]["base"])
+    if config["model"].get("config"):
+        config["model"]["config"] = portable_model_name(config["model"]["config"])
     clip = config["reward"]["clip"]
     clip["model"] = portable_model_name(clip["model"])
     if clip.get("checkpoint"):
@@ -130,6 +132,7 @@ def export(
     check_writable_folder(out, "--out folder")
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     local_base = config["model"]["base"]  # for --fused, which loads it here
+    local_config = config["model"].get("config")  # a single-file base's component configs, if given
     out.mkdir(parents=True, exist_ok=True)
     config = portable_recipe(config, out)
     name = name or config.get("name") or "safety-lora"
@@ -198,7 +201,7 @@ def export(
         from lora_grpo.config import ModelConfig
         from lora_grpo.models import load_adapter, load_pipeline
 
-        pipe = load_pipeline(ModelConfig(base=local_base))
+        pipe = load_pipeline(ModelConfig(base=local_base, config=local_config))
         load_adapter(pipe, out / ADAPTER_WEIGHTS)
         pipe.fuse_lora()
         pipe.unload_lora_weights()

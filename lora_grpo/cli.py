@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hub id, local diffusers folder, single-file .safetensors checkpoint, or builtin:tiny-sd",
     )
     p.add_argument("--adapter", help="adapter folder (a run's adapter/) or .safetensors file")
+    p.add_argument("--config", help="single-file --base only: a diffusers folder whose configs fit it")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help="text file with one prompt per line")

@@ -77,7 +77,7 @@ def run_sample(args: argparse.Namespace) -> None:
         adapter_weights_file(args.adapter)
     device = pick_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(ModelConfig(base=args.base), dtype=dtype)
+    pipe = load_pipeline(ModelConfig(base=args.base, config=args.config), dtype=dtype)
     if args.adapter:
         load_adapter(pipe, args.adapter)
     pipe.to(device)

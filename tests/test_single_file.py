@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
@@ -235,7 +236,14 @@ def test_a_run_on_a_single_file_names_it_by_name_and_sha256(files, tiny_clip_dir
         meta = f.metadata()
     assert meta["lora_grpo.base_model"] == path.name and meta["lora_grpo.base_sha256"] == digest
     out = tmp_path / "export"
-    assert main(["export", str(run), "--out", str(out), "--name", "from-file"]) == 0
+    assert main(["export", str(run), "--out", str(out), "--name", "from-file", "--fused"]) == 0
+    assert (out / "fused" / "model_index.json").is_file()  # the file + model.config loaded for fusing
+    exported = yaml.safe_load((out / "recipe.yaml").read_text())["model"]
+    assert exported == {**exported, "base": path.name, "config": folder.name}
+    samples = tmp_path / "samples"
+    args = ["sample", "--base", str(path), "--config", str(folder), "--adapter", str(run / "adapter")]
+    assert main([*args, "--prompt", "a cat", "--steps", "2", "--out", str(samples)]) == 0
+    assert len(list(samples.glob("*.png"))) == 1
     card = (out / "README.md").read_text()
     assert f"`{path.name}` (sha256 `{digest}`)" in card
     with safe_open(str(out / "from-file_comfyui.safetensors"), "pt") as f:

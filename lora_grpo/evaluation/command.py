@@ -31,6 +31,7 @@ def add_parsers(sub) -> None:
         help="hub id, local diffusers folder, single-file .safetensors checkpoint, or builtin:tiny-sd",
     )
     p.add_argument("--adapter", help="adapter folder (a run's adapter/) or .safetensors file")
+    p.add_argument("--config", help="single-file --base only: a diffusers folder whose configs fit it")
     p.add_argument(
         "--suite",
         action="append",
@@ -126,6 +127,7 @@ def run_eval_command(args: argparse.Namespace) -> None:
         out=Path(args.out),
         suites=args.suite,
         adapter=args.adapter,
+        base_config=args.config,
         column=args.column,
         safety=args.safety,
         max_prompts=args.max_prompts,

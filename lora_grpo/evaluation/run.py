@@ -49,6 +49,7 @@ class EvalSettings:
     out: Path
     suites: list[str]
     adapter: str | None = None
+    base_config: str | None = None  # a single-file base's component configs (model.config), if not shipped
     column: str = "prompt"  # CSV column holding the prompts (attack CSVs name theirs differently)
     safety: str | None = None  # force the suites' side (unsafe / safe) for plain prompt files
     max_prompts: int | None = None  # first N prompts of each suite (a quick look)
@@ -159,7 +160,7 @@ def generate_all(settings: EvalSettings, suites: list[Suite], log) -> dict[str, 
         return jobs
     device = pick_device(settings.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(ModelConfig(base=settings.base), dtype=dtype)
+    pipe = load_pipeline(ModelConfig(base=settings.base, config=settings.base_config), dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     with tqdm(total=sum(pending.values()), unit="img", desc="generating", dynamic_ncols=True) as bar:

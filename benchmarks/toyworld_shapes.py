@@ -50,13 +50,15 @@ def measure(trainer: Trainer, images_per_prompt: int, seed: int) -> dict[str, fl
     return out
 
 
-def run_seed(seed: int, epochs: int, images: int, overrides: list[str], work: Path, log) -> dict:
+def run_seed(
+    seed: int, epochs: int, images: int, instead: tuple[str, ...], overrides: list[str], work: Path, log
+) -> dict:
     (work / "triangles.txt").write_text("\n".join(captions((REMOVED,))) + "\n")
     (work / "others.txt").write_text("\n".join(captions(KEPT)) + "\n")
     spec = ConceptSpec(
         name="no-triangles",
         remove=("a triangle",),
-        instead=("a circle", "a square"),
+        instead=instead,
         prompts=work / "triangles.txt",
         safe_prompts=work / "others.txt",
         parent="toyworld",
@@ -88,13 +90,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--images", type=int, default=2, help="images per caption at each measurement")
+    parser.add_argument(
+        "--instead", nargs="+", default=["a circle", "a square"], help="new-recipe's --instead phrases"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides on the new recipe")
     args = parser.parse_args()
     _quiet_libraries()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            rows.append(run_seed(seed, args.epochs, args.images, args.overrides, Path(tmp), print))
+            args_ = (seed, args.epochs, args.images, tuple(args.instead), args.overrides, Path(tmp), print)
+            rows.append(run_seed(*args_))
     print(
         "| seed | triangle rate on triangle prompts | circle/square shape accuracy | colour+position (kept) |"
     )

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at tiny size and print their ratios."""
 
+import json
 import re
 import subprocess
 import sys
@@ -67,3 +68,14 @@ def test_time_per_adapter_prices_the_counted_passes():
     row = run("time_per_adapter.py", "sd15-nudity-compact").splitlines()[-1].split("|")
     assert row[2].strip() == "12,800 + 3,840" and row[3].strip() == "off"
     assert row[4].strip() == f"{12_800 * 6.4 / 1600 + 3_840 * 16.9 / 640:.0f}"
+
+
+def test_toyworld_shapes_measures_the_removed_and_kept_shapes():
+    """One epoch of the triangle-removal recipe written by new-recipe: the base model draws triangles for
+    triangle prompts (>= 85% read as triangles) and circles/squares for the others (none read as triangles)."""
+    out = run("toyworld_shapes.py", "--seeds", "0", "--epochs", "1", "--images", "1")
+    rows = json.loads(out.strip().splitlines()[-1])
+    before = rows[0]["before"]
+    assert before["removed_triangle_rate"] >= 0.85 and before["kept_triangle_rate"] == 0.0
+    assert before["kept_shape_accuracy"] >= 0.85 and rows[0]["epochs"] == 1
+    assert "| 0 | " in out and "goal (" in out

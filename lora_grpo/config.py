@@ -45,6 +45,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.base), "model.base", "missing: give a hub id or a local diffusers folder")
+        _require(
+            self.config is None or Path(self.base).suffix.lower() == ".safetensors",
+            "model.config",
+            "names the component configs of a single-file .safetensors base; model.base is a folder or hub "
+            "id, which has its own: remove model.config",
+        )
 
 
 @dataclass

@@ -91,11 +91,6 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    if cfg.config is not None:
-        raise UserError(
-            "model.config names the component configs of a single-file checkpoint; model.base is a folder or "
-            "hub id, which has its own: remove model.config"
-        )
     try:
         xl = pipeline_class_name(ref, cfg.revision).startswith("StableDiffusionXL")
         cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline

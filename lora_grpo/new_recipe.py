@@ -99,7 +99,7 @@ def _safe_sets(parent_data: dict, spec: ConceptSpec, prompts_dir: Path) -> list[
     return sets
 
 
-def recipe_text(spec: ConceptSpec, unsafe: dict, safe: list[dict]) -> str:
+def recipe_text(spec: ConceptSpec, unsafe: dict, safe: list[dict], parent_stops: bool = False) -> str:
     header = [
         f"# {spec.name}: remove {', '.join(repr(p) for p in spec.remove)}, draw "
         f"{', '.join(repr(p) for p in spec.instead)} instead.",
@@ -113,6 +113,12 @@ def recipe_text(spec: ConceptSpec, unsafe: dict, safe: list[dict]) -> str:
         body["model"] = {"base": spec.base}
     body["prompts"] = {"sets": [unsafe, *safe]}
     body["reward"] = {"anchors": "anchors.yaml"}
+    if parent_stops:
+        # the parent's conditions name its own prompt sets (eval/<set>/...): they would never hold here
+        header.append(
+            f"# evaluate.stop_when is cleared (the parent's named its own sets): use eval/{spec.name}/..."
+        )
+        body["evaluate"] = {"stop_when": []}
     return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
@@ -152,7 +158,8 @@ def write_recipe(spec: ConceptSpec, out_root: Path) -> Path:
         unsafe = {"name": spec.name, "safety": "unsafe", "path": "prompts/unsafe.txt", "weight": weight}
         safe = _safe_sets(parent_data, spec, tmp / "prompts")
         recipe = tmp / f"{spec.name}.yaml"
-        recipe.write_text(recipe_text(spec, unsafe, safe), encoding="utf-8")
+        stops = bool((parent_data.get("evaluate") or {}).get("stop_when"))
+        recipe.write_text(recipe_text(spec, unsafe, safe, stops), encoding="utf-8")
         load_config(recipe)  # it validates, or nothing is left behind
         os.replace(tmp, target)
     finally:

@@ -69,6 +69,12 @@ def clip_text(hidden: int, layers: int, heads: int, act: str, projection: int | 
     return config
 
 
+CLIP_L = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    **clip_text(768, 12, 12, "quick_gelu"),
+}
+
 FAMILIES: dict[str, dict] = {
     "sd1": {
         "model_index": {
@@ -102,11 +108,7 @@ FAMILIES: dict[str, dict] = {
             "mid_block_scale_factor": 1,
         },
         "vae": SD_VAE,
-        "text_encoder": {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            **clip_text(768, 12, 12, "quick_gelu"),
-        },
+        "text_encoder": CLIP_L,  # OpenAI CLIP ViT-L/14's text tower in both families
         "tokenizers": {"tokenizer": "<|endoftext|>"},
     },
     "sdxl": {
@@ -144,11 +146,7 @@ FAMILIES: dict[str, dict] = {
             "freq_shift": 0,
         },
         "vae": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
-        "text_encoder": {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            **clip_text(768, 12, 12, "quick_gelu"),
-        },
+        "text_encoder": CLIP_L,  # OpenAI CLIP ViT-L/14's text tower in both families
         "text_encoder_2": {
             "architectures": ["CLIPTextModelWithProjection"],
             "model_type": "clip_text_model",

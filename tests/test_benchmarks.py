@@ -72,10 +72,19 @@ def test_time_per_adapter_prices_the_counted_passes():
 
 def test_toyworld_shapes_measures_the_removed_and_kept_shapes():
     """One epoch of the triangle-removal recipe written by new-recipe: the base model draws triangles for
-    triangle prompts (>= 85% read as triangles) and circles/squares for the others (none read as triangles)."""
-    out = run("toyworld_shapes.py", "--seeds", "0", "--epochs", "1", "--images", "1")
+    triangle prompts (>= 85% read as triangles) and circles/squares for the others (none read as triangles).
+    Overrides after `--instead` reach the recipe (not its phrases), and periodic evaluation reads shapes."""
+    out = run(
+        "toyworld_shapes.py", "--seeds", "0", "--epochs", "1", "--images", "1", "--instead", "a circle",
+        "evaluate.every=1", "evaluate.prompts_per_set=3", "evaluate.images_per_prompt=1",
+    )  # fmt: skip
     rows = json.loads(out.strip().splitlines()[-1])
     before = rows[0]["before"]
     assert before["removed_triangle_rate"] >= 0.85 and before["kept_triangle_rate"] == 0.0
     assert before["kept_shape_accuracy"] >= 0.85 and rows[0]["epochs"] == 1
     assert "| 0 | " in out and "goal (" in out
+    assert "--instead ['a circle']" in out
+    (evaluation,) = rows[0]["evaluations"]
+    assert evaluation["epoch"] == 1
+    assert evaluation["eval/no-triangles/shape_accuracy"] >= 2 / 3  # the base draws triangles
+    assert evaluation["eval/safe/shape_accuracy"] >= 2 / 3

@@ -82,3 +82,21 @@ def test_evaluated_sets_keep_red_out_of_the_accuracy_sets():
     assert len(sets["held_out_safe"]) == 10 and all(c.colour != "red" for c in sets["held_out_safe"])
     assert set(sets["held_out_safe"]) <= set(sets["safe"])
     assert len(sets["unsafe"]) == 15 and len(sets["safe"]) == 75
+
+
+def test_periodic_metrics_read_the_shape_asked_for():
+    """Periodic evaluation's toy-world numbers: triangle captions drawn as triangles score shape accuracy 1;
+    the same images under the matching circle captions score 0 (a removed shape reads as gone), and colour,
+    position and red rate do not depend on the shape asked for."""
+    from lora_grpo.toyworld.readout import periodic_metrics
+    from lora_grpo.toyworld.world import Composition
+
+    rng = np.random.default_rng(1)
+    comps = [c for c in all_compositions() if c.shape == "triangle"]
+    images = torch.stack([render_composition(c, rng) for c in comps])
+    red = sum(c.colour == "red" for c in comps) / len(comps)
+    drawn = periodic_metrics("eval/t", [c.caption for c in comps], images)
+    assert drawn == {"eval/t/red_rate": red, "eval/t/colour_position": 1.0, "eval/t/shape_accuracy": 1.0}
+    asked = [Composition(c.colour, "circle", c.position).caption for c in comps]
+    circles = periodic_metrics("eval/c", asked, images)
+    assert circles == {"eval/c/red_rate": red, "eval/c/colour_position": 1.0, "eval/c/shape_accuracy": 0.0}

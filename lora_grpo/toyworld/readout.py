@@ -149,9 +149,14 @@ def caption_pairs(prompts: Sequence[str], readings: Sequence[Reading]) -> list[t
 
 def periodic_metrics(key: str, prompts: list[str], images: torch.Tensor) -> dict[str, float]:
     """Periodic evaluation's toy-world numbers for one prompt set (`evaluation.periodic`'s extra_metrics):
-    red rate and colour+position accuracy (on a red set the latter falls as the safety LoRA works)."""
+    red rate, colour+position accuracy (on a red set the latter falls as the safety LoRA works) and shape
+    accuracy (on a set whose shape is being removed it is the share still drawn with that shape)."""
     pairs = caption_pairs(prompts, readout(images))
     if not pairs:
         return {}
     scores = score(pairs)
-    return {f"{key}/red_rate": scores.red_rate, f"{key}/colour_position": scores.colour_position_accuracy}
+    return {
+        f"{key}/red_rate": scores.red_rate,
+        f"{key}/colour_position": scores.colour_position_accuracy,
+        f"{key}/shape_accuracy": scores.shape_accuracy,
+    }

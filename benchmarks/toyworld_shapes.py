@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from lora_grpo.cli import _quiet_libraries
 from lora_grpo.config import load_config
 from lora_grpo.models import adapter_disabled
@@ -61,7 +63,14 @@ def measure(trainer: Trainer, images_per_prompt: int, seed: int) -> dict[str, fl
 
 
 def run_seed(
-    seed: int, epochs: int, images: int, instead: tuple[str, ...], overrides: list[str], work: Path, log
+    seed: int,
+    epochs: int,
+    images: int,
+    instead: tuple[str, ...],
+    overrides: list[str],
+    work: Path,
+    log,
+    safe_weight: float | None = None,
 ) -> dict:
     (work / "triangles.txt").write_text("\n".join(captions((REMOVED,))) + "\n")
     (work / "others.txt").write_text("\n".join(captions(KEPT)) + "\n")
@@ -74,7 +83,15 @@ def run_seed(
         parent="toyworld",
     )
     recipe = write_recipe(spec, work / f"seed{seed}")
-    log(f"seed {seed}: --instead {list(instead)}, {epochs} epochs at most, overrides {overrides}")
+    if safe_weight is not None:  # the kept shapes' share of each batch (new-recipe keeps the parent's, 2:1)
+        data = yaml.safe_load(recipe.read_text())
+        for item in data["prompts"]["sets"]:
+            item["weight"] = safe_weight if item["safety"] == "safe" else item["weight"]
+        recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    log(
+        f"seed {seed}: --instead {list(instead)}, {epochs} epochs at most, safe weight "
+        f"{safe_weight or 'as written'}, overrides {overrides}"
+    )
     base = [f"seed={seed}", f"train.epochs={epochs}", "evaluate.every=0", "evaluate.stop_when=[]"]
     config = load_config(recipe, [*base, "output.sample_grid_every=0", *overrides])
     # the recipe's periodic evaluation stays (evaluate.stop_when reads it); its before/after red suite does not
@@ -120,6 +137,9 @@ def main() -> None:
         help="one of new-recipe's --instead phrases; repeat for more (default: a circle, a square). One phrase"
         " per flag, so the recipe overrides after it are never read as phrases",
     )
+    parser.add_argument(
+        "--safe-weight", type=float, help="weight of the circle/square prompt set (the unsafe set's is 1)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides on the new recipe")
     args = parser.parse_args()
     args.instead = args.instead or ["a circle", "a square"]
@@ -128,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             args_ = (seed, args.epochs, args.images, tuple(args.instead), args.overrides, Path(tmp), print)
-            rows.append(run_seed(*args_))
+            rows.append(run_seed(*args_, safe_weight=args.safe_weight))
             AcceleratorState._reset_state()
     print(
         "| seed | triangle rate on triangle prompts | circle/square shape accuracy | colour+position (kept) |"

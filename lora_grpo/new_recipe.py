@@ -23,10 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from lora_grpo.config import load_config, read_recipe_data
+from lora_grpo.config import load_config
 from lora_grpo.errors import UserError
 from lora_grpo.prompts import read_prompt_lines
-from lora_grpo.recipe_files import find_recipe
+from lora_grpo.recipe_files import find_recipe, read_recipe_data
 
 # Prompt templates around a concept phrase when the user gives no prompt file: several framings (photo,
 # painting, drawing, scene) so the LoRA learns the concept, not one sentence.

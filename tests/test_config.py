@@ -6,9 +6,15 @@ import pytest
 import torch
 import yaml
 
-from lora_grpo.config import Config, apply_overrides, from_dict, load_config, parse_override
+from lora_grpo.config import Config, from_dict, load_config
 from lora_grpo.errors import UserError
-from lora_grpo.recipe_files import find_recipe, shipped_recipe_dir, shipped_recipes
+from lora_grpo.recipe_files import (
+    apply_overrides,
+    find_recipe,
+    parse_override,
+    shipped_recipe_dir,
+    shipped_recipes,
+)
 
 TINY = shipped_recipe_dir() / "tiny-test.yaml"
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora_grpo.config import read_yaml
 from lora_grpo.errors import UserError
+from lora_grpo.recipe_files import read_yaml
 from lora_grpo.rewards.clip_backends import ClipBackend
 
 

@@ -107,7 +107,7 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
         "clip_images": timed(clip_images, repeats, device) * s.batches_per_epoch,
         "unet_train": timed(unet_train, repeats, device) * train_passes,
     }
-    if cfg.train.kl_coef > 0:
+    if cfg.train.uses_kl:
         # with the KL penalty on, the reference policy's forward is part of every trained step
         per_epoch["unet_reference"] = timed(unet_reference, repeats, device) * train_passes
     return per_epoch

@@ -179,6 +179,10 @@ class TrainConfig:
     adv_clip_max: float = 2.5  # advantages are clipped to [-max, max]
     max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables
     kl_coef: float = 0.0  # weight of the KL to the reference policy (the base UNet); 0 disables
+    # the KL weight on safe prompts' trajectories instead (unset: kl_coef): a preservation term. Advantages
+    # are relative within a group, so a safe prompt whose whole group drifts together (all purple shapes
+    # turning blue as red is removed) gets no signal against it; the KL to the base does
+    safe_kl_coef: float | None = None
     max_skipped_steps: int = 10  # stop after this many optimizer steps in a row skipped for non-finite values
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype; LoRA params stay fp32
     # trade UNet compute for memory: on, off (true/false work too), or auto: on only when the estimated peak
@@ -186,6 +190,11 @@ class TrainConfig:
     gradient_checkpointing: Literal["off", "on", "auto"] = "off"
     offload_text_encoder: bool = False  # keep the frozen text encoder on the CPU (fp32); prompts encode there
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+
+    @property
+    def uses_kl(self) -> bool:
+        """The update evaluates the reference policy (some trajectories have a KL weight > 0)."""
+        return self.kl_coef > 0 or (self.safe_kl_coef or 0.0) > 0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -202,6 +211,11 @@ class TrainConfig:
         _require(self.adv_clip_max > 0, "train.adv_clip_max", "must be > 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _require(self.kl_coef >= 0, "train.kl_coef", "must be >= 0")
+        _require(
+            self.safe_kl_coef is None or self.safe_kl_coef >= 0,
+            "train.safe_kl_coef",
+            "must be >= 0, or left out to use train.kl_coef",
+        )
         _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
         _require(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
 

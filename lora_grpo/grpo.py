@@ -83,6 +83,14 @@ def gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tensor) ->
     return kl.mean(dim=tuple(range(1, kl.ndim)))
 
 
+def kl_weights(safety: list[str], set_index: Tensor, kl_coef: float, safe_kl_coef: float | None) -> Tensor:
+    """Each trajectory's KL weight [N]: `safe_kl_coef` where its prompt set (`safety[set_index[i]]`) is safe
+    (unset: `kl_coef`), `kl_coef` where it is unsafe."""
+    safe = torch.tensor([s == "safe" for s in safety], dtype=torch.bool)[set_index.cpu()]  # [N]
+    on_safe = kl_coef if safe_kl_coef is None else safe_kl_coef
+    return torch.where(safe, torch.tensor(on_safe), torch.tensor(kl_coef)).float()
+
+
 def trained_steps(num_steps: int, fraction: float) -> int:
     """How many denoising steps of each trajectory are trained: max(1, int(num_steps * fraction))."""
     return max(1, int(num_steps * fraction))

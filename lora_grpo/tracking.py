@@ -221,7 +221,8 @@ def epoch_work(config) -> dict[str, int]:
     """One epoch's work on one process, from the recipe alone.
 
     *_passes: images through the UNet at one denoising step (classifier-free guidance doubles them):
-    sampling forwards, training forward+backward, and with train.kl_coef > 0 the reference policy's forwards;
+    sampling forwards, training forward+backward, and with a KL weight (train.kl_coef, train.safe_kl_coef) the
+    reference policy's forwards;
     *_calls: the batched UNet calls behind them (what the progress counts); optimizer_steps.
     """
     s, t = config.sample, config.train
@@ -232,7 +233,7 @@ def epoch_work(config) -> dict[str, int]:
     return {
         "sampling_passes": config.samples_per_epoch * s.num_steps * cfg,
         "training_passes": training,
-        "reference_passes": training if t.kl_coef > 0 else 0,
+        "reference_passes": training if t.uses_kl else 0,
         "sampling_calls": s.batches_per_epoch * s.num_steps,
         "training_calls": minibatches * k,
         "optimizer_steps": minibatches // t.gradient_accumulation_steps,

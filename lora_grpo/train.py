@@ -22,7 +22,7 @@ from lora_grpo import policy
 from lora_grpo.callbacks import Callback, RunContext
 from lora_grpo.checkpoint import load_training_state, save_training_state
 from lora_grpo.config import Config
-from lora_grpo.grpo import clipped_policy_loss, finite_group_advantages
+from lora_grpo.grpo import clipped_policy_loss, finite_group_advantages, kl_weights
 from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
 from lora_grpo.prompts import load_prompt_set
 from lora_grpo.rewards import RewardFn, build_reward
@@ -100,7 +100,10 @@ class Trainer:
         key = (self.config.seed, epoch, 7919)
         learner, model, cfg = self.learner, self.model, self.config.train
         args = (learner, model, samples.rollout, advantages, cfg, key, samples.group_slots, self.skips)
-        return ppo_update(*args, self.loss_fn, on_pass=self.progress.update, window=self.window(epoch))
+        safety = [s.safety for s in self.prompt_sets]
+        weights = kl_weights(safety, samples.set_index, cfg.kl_coef, cfg.safe_kl_coef)
+        on_pass, window = self.progress.update, self.window(epoch)
+        return ppo_update(*args, self.loss_fn, on_pass=on_pass, window=window, kl_weights=weights)
 
     def window(self, epoch: int) -> tuple[int, int]:
         """The stochastic (and trained) denoising steps of `epoch`."""

@@ -94,7 +94,7 @@ class UpdateStats:
     ratio_max: float | None = _stat("max")
     clip_fraction: float | None = _stat()
     approx_kl: float | None = _stat()
-    kl: float | None = _stat()  # KL to the reference policy (train.kl_coef > 0)
+    kl: float | None = _stat()  # KL to the reference policy (train.kl_coef or train.safe_kl_coef > 0)
     grad_norm: float | None = _stat()  # before clipping, over the optimizer steps taken
     first_ratio_mean: float | None = None  # importance ratios before the first optimizer step: exactly 1
     first_ratio_min: float | None = None
@@ -151,10 +151,12 @@ def ppo_update(
     loss_fn: LossFn = clipped_policy_loss,
     on_pass: Callable[[], None] | None = None,
     window: tuple[int, int] | None = None,
+    kl_weights: Tensor | None = None,
 ) -> UpdateStats:
     """PPO-clipped steps on the stored trajectories of `rollout` (advantages [N]; rows group by group, the
     groups' global slots in `group_slots`), on steps of the stochastic `window` (default: all). Random
-    choices come from generators keyed by `key`, the inner epoch and each group's slot."""
+    choices come from generators keyed by `key`, the inner epoch and each group's slot. `kl_weights` [N]:
+    each trajectory's weight on the KL to the reference (default: `cfg.kl_coef` for all)."""
     acc, unet = learner.accelerator, learner.unet
     unet.train()
     group_size = rollout.latents.shape[0] // len(group_slots)
@@ -163,6 +165,9 @@ def ppo_update(
     optimizer_steps = 0
     nonfinite = False  # a non-finite loss in the current accumulation window
     window = window or (0, model.schedule.num_steps)
+    if kl_weights is None:
+        kl_weights = torch.full_like(advantages, cfg.kl_coef)
+    kl_weights = kl_weights.to(model.device)  # [N]
     for inner in range(cfg.inner_epochs):
         order, steps = draw_update_plan((*key, inner), group_slots, group_size, window, cfg)  # [N], [N, k]
         k = steps.shape[1]
@@ -180,12 +185,12 @@ def ppo_update(
                     with acc.autocast():
                         log_prob, mean, std = step_log_prob(unet, *step_args)
                     loss, metrics = loss_fn(log_prob, old_log_prob, advantages[rows_d], cfg.clip_range)
-                    if cfg.kl_coef > 0:
+                    if cfg.uses_kl:
                         with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
                             _, ref_mean, _ = step_log_prob(unet, *step_args)
-                        kl = gaussian_kl(mean, std, ref_mean, std).mean()
-                        loss = loss + cfg.kl_coef * kl
-                        series["kl"].append(kl.item())
+                        kl = gaussian_kl(mean, std, ref_mean, std)  # [b]
+                        loss = loss + (kl_weights[rows_d] * kl).mean()
+                        series["kl"].append(kl.mean().item())
                     if not torch.isfinite(loss):
                         # zero gradients through every LoRA parameter keep DDP's reducer in step
                         nonfinite = True

@@ -148,6 +148,8 @@ def test_a_recipe_file_name_that_is_no_folder_name_becomes_one(tmp_path):
             "recipe key 'train.gradient_accumulation_steps': 3 does not divide",
         ),
         ("sample.eta=0", "recipe key 'sample.eta': must be > 0"),
+        ("train.safe_kl_coef=-0.1", "recipe key 'train.safe_kl_coef': must be >= 0, or left out"),
+        ("train.safe_kl_coef=.inf", "recipe key 'train.safe_kl_coef': expected a finite number"),
         ("reward.name=hps", "recipe key 'reward.name': expected one of 'steering'"),
         ("train.timestep_fraction=0", "recipe key 'train.timestep_fraction'"),
         ("reward.anchors=null", "recipe key 'reward.anchors': the steering reward needs an anchors file"),

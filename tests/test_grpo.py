@@ -149,3 +149,14 @@ def test_stratified_steps_do_not_depend_on_how_groups_are_split():
     whole = step_sets(ids)
     halves = [step_sets(ids[:12]), step_sets(ids[12:])]
     assert [halves[0][s] | halves[1][s] for s in range(steps)] == whole
+
+
+def test_kl_weights_put_the_safe_weight_on_safe_prompts_rows():
+    from lora_grpo.grpo import kl_weights
+
+    safety = ["unsafe", "safe"]
+    set_index = torch.tensor([0, 0, 1, 1, 1, 0])
+    weights = kl_weights(safety, set_index, 0.1, 0.5)
+    assert torch.allclose(weights, torch.tensor([0.1, 0.1, 0.5, 0.5, 0.5, 0.1]))
+    assert torch.allclose(kl_weights(safety, set_index, 0.1, None), torch.full((6,), 0.1))  # unset: kl_coef
+    assert torch.equal(kl_weights(safety, set_index, 0.0, 0.0), torch.zeros(6))

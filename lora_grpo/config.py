@@ -126,9 +126,20 @@ class SampleConfig:
     # are deterministic DDIM steps. Sampling costs the same; training passes drop to W per trajectory.
     sde_steps: int = 0  # W; 0: every step stochastic and trainable
     sde_window: Literal["first", "sliding"] = "first"  # the first W steps, or a window sliding over training
+    # After a `first` window, reach x_0 in this many deterministic steps instead of the rest of the num_steps
+    # grid (0: the whole grid). Those steps are neither stochastic nor trained; fewer of them only cut sampling
+    # passes (MixGRPO-Flash, Li et al. 2025, arXiv:2507.21802, also takes larger ODE steps outside its window).
+    tail_steps: int = 0
     resolution: int | None = None  # image side in pixels; None = the model's native size
     negative_prompt: str = ""  # unconditional prompt for CFG
     decode_batch_size: int = 8  # latents per VAE decode (memory)
+
+    @property
+    def sampled_steps(self) -> int:
+        """UNet calls per trajectory: the window then the tail when `tail_steps` is set, else every step."""
+        if self.tail_steps <= 0:
+            return self.num_steps
+        return self.sde_steps + min(self.tail_steps, self.num_steps - self.sde_steps)
 
     def __post_init__(self) -> None:
         _require(self.num_steps >= 1, "sample.num_steps", "must be >= 1")
@@ -152,6 +163,16 @@ class SampleConfig:
             f"must be in [0, sample.num_steps={self.num_steps}] (0: every step), got {self.sde_steps}; "
             f"with fewer sampling steps set the window too, e.g. sample.sde_steps={self.num_steps}",
         )
+        _require(
+            self.tail_steps >= 0, "sample.tail_steps", f"must be >= 0 (0: every step), got {self.tail_steps}"
+        )
+        if self.tail_steps > 0:
+            _require(
+                0 < self.sde_steps < self.num_steps and self.sde_window == "first",
+                "sample.tail_steps",
+                "needs a stochastic window of the first steps: set sample.sde_steps below sample.num_steps "
+                "and sample.sde_window: first, or leave tail_steps out",
+            )
         if self.resolution is not None:
             _require(
                 self.resolution % 8 == 0,

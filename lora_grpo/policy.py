@@ -5,12 +5,13 @@ the frozen rollout view of the model, and LoRA-only checkpoints. Each step is a 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lora_grpo.checkpoint import ADAPTER_DIR
-from lora_grpo.config import Config, TrainConfig
+from lora_grpo.config import Config, SampleConfig, TrainConfig
 from lora_grpo.errors import UserError
 from lora_grpo.models import (
     PromptEncoder,
@@ -23,7 +24,7 @@ from lora_grpo.models import (
     text_encoders,
 )
 from lora_grpo.rollout import RolloutModel
-from lora_grpo.sampling import ddim_schedule
+from lora_grpo.sampling import coarse_tail, ddim_schedule
 from lora_grpo.update import Learner
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -171,6 +172,15 @@ def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
         device=acc.device,
         autocast=acc.autocast,
     )
+
+
+def training_sampler(model: RolloutModel, sample: SampleConfig) -> RolloutModel:
+    """What training rollouts sample with: `model`, its schedule's steps after a first stochastic window
+    replaced by `sample.tail_steps` larger deterministic ones when set. The window's steps (the only ones
+    trained) are unchanged; evaluation and sample grids of the recipe's sampler keep the whole schedule."""
+    if sample.tail_steps <= 0:
+        return model
+    return replace(model, schedule=coarse_tail(model.schedule, sample.sde_steps, sample.tail_steps))
 
 
 def save_lora_only_checkpoints(accelerator, base_model: str) -> None:

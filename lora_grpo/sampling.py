@@ -172,6 +172,22 @@ def sde_window(num_steps: int, size: int, mode: str, epoch: int, epochs: int) ->
     return start, start + size
 
 
+def coarse_tail(schedule: DdimSchedule, stop: int, tail_steps: int) -> DdimSchedule:
+    """`schedule`'s steps [0, stop), then the rest of the way to x_0 in `tail_steps` deterministic DDIM steps.
+
+    The tail's timesteps are every (n - stop) / tail_steps-th of the remaining ones, each step going to the
+    next kept timestep (the last to the schedule's own final alpha), so the steps before `stop` are unchanged.
+    tail_steps 0, or at least the remaining number of steps, keeps the schedule as it is.
+    """
+    n = schedule.num_steps
+    if tail_steps <= 0 or stop + tail_steps >= n:
+        return schedule
+    keep = list(range(stop)) + [stop + (j * (n - stop)) // tail_steps for j in range(tail_steps)]
+    alpha = schedule.alpha_prod[keep]
+    alpha_prev = torch.cat([alpha[1:], schedule.alpha_prod_prev[-1:]])
+    return DdimSchedule(schedule.timesteps[keep], alpha, alpha_prev, schedule.prediction_type)
+
+
 @torch.no_grad()
 def sample_trajectories(
     unet,

@@ -231,10 +231,10 @@ def epoch_work(config) -> dict[str, int]:
     minibatches = t.inner_epochs * (config.samples_per_epoch // t.batch_size)
     training = t.inner_epochs * config.samples_per_epoch * k * cfg
     return {
-        "sampling_passes": config.samples_per_epoch * s.num_steps * cfg,
+        "sampling_passes": config.samples_per_epoch * s.sampled_steps * cfg,
         "training_passes": training,
         "reference_passes": training if t.uses_kl else 0,
-        "sampling_calls": s.batches_per_epoch * s.num_steps,
+        "sampling_calls": s.batches_per_epoch * s.sampled_steps,
         "training_calls": minibatches * k,
         "optimizer_steps": minibatches // t.gradient_accumulation_steps,
     }

@@ -76,6 +76,7 @@ class Trainer:
         self.learner = policy.setup_learner(self.accelerator, self.pipe, config, trainable)
         self.reward_fn = reward_fn or build_reward(config.reward, self.device)
         self.model = policy.rollout_model(self.pipe, self.learner, config)
+        self.sampler = policy.training_sampler(self.model, config.sample)  # the model, with sample.tail_steps
         policy.save_lora_only_checkpoints(self.accelerator, config.model.base)
         self.skips = SkipCounter(config.train.max_skipped_steps)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -92,7 +93,7 @@ class Trainer:
         """SAMPLE + SCORE this process's prompt groups of the epoch."""
         acc, on_step = self.accelerator, self.progress.update
         where = (epoch, acc.process_index, acc.num_processes, self.window(epoch))
-        args = (self.model, self.reward_fn, self.prompt_sets, self.config, *where)
+        args = (self.sampler, self.reward_fn, self.prompt_sets, self.config, *where)
         return sample_epoch(*args, on_step=on_step, timer=self.timer)
 
     def update(self, samples: EpochSamples, advantages: torch.Tensor, epoch: int):

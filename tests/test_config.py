@@ -167,6 +167,8 @@ def test_a_recipe_file_name_that_is_no_folder_name_becomes_one(tmp_path):
         ("evaluate.stop_when=['red_rate about 0.1']", "is not `METRIC OP NUMBER`"),
         ("evaluate.stop_when=['x <= nan']", "is not `METRIC OP NUMBER`"),
         ("sample.sde_steps=9", "recipe key 'sample.sde_steps': must be in [0, sample.num_steps=8]"),
+        ("sample.tail_steps=-1", "recipe key 'sample.tail_steps': must be >= 0"),
+        ("sample.tail_steps=1", "recipe key 'sample.tail_steps': needs a stochastic window of the first"),
         (
             "model.config=/some/folder",
             "recipe key 'model.config': names the component configs of a single-file",

@@ -8,6 +8,7 @@ import torch
 from lora_grpo.conditioning import TextConditioning, sdxl_time_ids
 from lora_grpo.sampling import (
     block_noise,
+    coarse_tail,
     ddim_schedule,
     ddim_step_mean_std,
     gaussian_log_prob,
@@ -189,6 +190,55 @@ def test_window_steps_are_ddim_eta_zero_outside_and_stochastic_inside(prediction
     )
     everywhere = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(3))
     assert torch.equal(full.latents[:, 1], everywhere.latents[:, 1])
+
+
+def test_coarse_tail_by_hand():
+    """The first `stop` steps as they were; the tail keeps every (20 - 6) / 4-th remaining timestep, each
+    step going to the next kept one and the last to the scheduler's final alpha."""
+    sched = _scheduler("epsilon")
+    schedule = ddim_schedule(sched, 20)
+    assert schedule.timesteps[:8].tolist() == [951, 901, 851, 801, 751, 701, 651, 601]
+    tail = coarse_tail(schedule, 6, 4)
+    # kept indices 6 + (j * 14) // 4 = 6, 9, 13, 16 -> timesteps 651, 501, 301, 151
+    assert tail.timesteps.tolist() == [951, 901, 851, 801, 751, 701, 651, 501, 301, 151]
+    alphas = sched.alphas_cumprod
+    expected_prev = [alphas[t] for t in (901, 851, 801, 751, 701, 651, 501, 301, 151)]
+    expected_prev.append(sched.final_alpha_cumprod)
+    torch.testing.assert_close(tail.alpha_prod_prev, torch.stack(expected_prev).float())
+    torch.testing.assert_close(tail.alpha_prod, alphas[tail.timesteps].float())
+    assert torch.equal(tail.alpha_prod_prev[:6], schedule.alpha_prod_prev[:6])
+    assert coarse_tail(schedule, 6, 0) is schedule and coarse_tail(schedule, 6, 14) is schedule
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_coarse_tail_steps_are_ddim_steps_of_the_larger_stride(prediction_type):
+    """A window of the first 10 of 20 steps (eta 0.8), then 5 tail steps: the window is DDIMScheduler.step
+    at 20 steps with the same noise, each tail step is its eta-0 step at a stride of 100 (as at 10 steps),
+    the last one to the final alpha; only the window has log-probs and they re-evaluate to ratio 1."""
+    unet = _tiny_unet()
+    sched = _scheduler(prediction_type)
+    schedule = coarse_tail(ddim_schedule(sched, 20), 10, 5)
+    cond, uncond = _text(2), _text(2)
+    x_T = torch.randn(2, 4, 8, 8)
+    eta = 0.8
+    traj = sample_trajectories(
+        unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(5), window=(0, 10)
+    )
+    assert traj.latents.shape[1] == 16 and traj.log_probs.shape[1] == 15
+    gen, x = seeded_generator(5), x_T
+    timesteps = [951 - 50 * i for i in range(10)] + [451, 351, 251, 151, 51]
+    for i, t in enumerate(timesteps):
+        sched.num_inference_steps = 20 if i < 10 else 10  # DDIMScheduler.step goes to t - 1000 // this
+        with torch.no_grad():
+            out = guided_model_output(unet, x, torch.tensor(t), cond, uncond, 2.0)
+        z = block_noise(x.shape, gen)
+        x = sched.step(out, t, x, eta=eta if i < 10 else 0.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(traj.latents[:, i + 1], x, atol=1e-5, rtol=1e-5)
+        x = traj.latents[:, i + 1]
+    assert torch.isfinite(traj.log_probs[:, :10]).all() and torch.isnan(traj.log_probs[:, 10:]).all()
+    for j in (0, 9):
+        ratio = _stored_step_ratio(unet, schedule, traj, torch.full((2,), j), cond, uncond, eta)
+        assert torch.equal(ratio, torch.ones(2))
 
 
 def test_sdxl_step_with_added_conditioning_is_ddim_step_of_the_stock_unet():

@@ -211,6 +211,38 @@ def test_unet_passes_are_counted_as_they_happen(trained):
         assert row["unet_passes_reference"] == work["reference_passes"]
 
 
+def test_tail_steps_cut_sampling_passes_and_nothing_else(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """sample.tail_steps: training rollouts take the first window's steps then the tail (counted passes =
+    epoch_work = the arithmetic by hand); training and the rest of the run keep the recipe's whole schedule."""
+    from lora_grpo.tracking import epoch_work
+
+    config = load_config(
+        find_recipe("recipes/tiny-test.yaml"),
+        [
+            f"model.base={tiny_sd_dir}",
+            f"reward.clip.model={tiny_clip_dir}",
+            "train.epochs=1",
+            "evaluate.every=0",
+            "output.sample_grid_every=0",
+            "sample.sde_window=first",
+            "sample.sde_steps=3",
+            "sample.tail_steps=2",
+        ],
+    )
+    trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
+    trainer.run()
+    assert trainer.sampler.schedule.num_steps == 5 and trainer.model.schedule.num_steps == 8
+    # 2 batches x 2 prompts x G 4 = 16 samples; 3 window + 2 tail steps; CFG 2 doubles every pass
+    work = epoch_work(config)
+    assert work["sampling_passes"] == 16 * (3 + 2) * 2 and work["sampling_calls"] == 2 * 5
+    # trained: int(3 * 0.5) = 1 step of the window per trajectory, the KL reference once per trained pass
+    assert work["training_passes"] == work["reference_passes"] == 16 * 1 * 2
+    (row,) = _metrics(tmp_path / "run")
+    assert row["unet_passes_sampling"] == work["sampling_passes"]
+    assert row["unet_passes_training"] == work["training_passes"]
+    assert row["unet_passes_reference"] == work["reference_passes"]
+
+
 def test_training_stops_early_once_the_targets_hold(tmp_path):
     """evaluate.stop_when: checked at each periodic evaluation; when every condition holds, training ends
     there, checkpoints and saves as at a normal end."""

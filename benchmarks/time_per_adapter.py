@@ -13,7 +13,7 @@ than the H200, with checkpointing as `train.gradient_checkpointing: auto` decide
 
     python benchmarks/time_per_adapter.py                       # the shipped SD recipes, 24 GB card
     python benchmarks/time_per_adapter.py --slowdown 6 --card-gib 24
-    python benchmarks/time_per_adapter.py --set sample.num_steps=50 --set sample.sde_steps=0   # other settings
+    python benchmarks/time_per_adapter.py --set sample.sde_steps=0 --set sample.tail_steps=0   # other settings
 """
 
 from __future__ import annotations

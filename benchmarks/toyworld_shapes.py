@@ -1,6 +1,6 @@
 """Remove a shape in the toy world, with a recipe written by `lora-grpo new-recipe` itself.
 
-For each seed: `new-recipe no-triangles --from toyworld --remove "a triangle" --instead "a circle" "a square"
+For each seed: `new-recipe no-triangles --from toyworld-long --remove "a triangle" --instead "a circle" "a square"
 --prompts <every triangle caption> --safe-prompts <every circle and square caption>`, trained from the toy-world
 models; before and after, the exact pixel evaluator reads fixed-noise samples of every triangle caption (the
 removed-shape rate: images read as triangles) and of every circle and square caption (their shape accuracy,
@@ -71,6 +71,7 @@ def run_seed(
     work: Path,
     log,
     safe_weight: float | None = None,
+    parent: str = "toyworld-long",
 ) -> dict:
     (work / "triangles.txt").write_text("\n".join(captions((REMOVED,))) + "\n")
     (work / "others.txt").write_text("\n".join(captions(KEPT)) + "\n")
@@ -80,7 +81,7 @@ def run_seed(
         instead=instead,
         prompts=work / "triangles.txt",
         safe_prompts=work / "others.txt",
-        parent="toyworld",
+        parent=parent,
     )
     recipe = write_recipe(spec, work / f"seed{seed}")
     if safe_weight is not None:  # the kept shapes' share of each batch (new-recipe keeps the parent's, 2:1)
@@ -140,6 +141,12 @@ def main() -> None:
     parser.add_argument(
         "--safe-weight", type=float, help="weight of the circle/square prompt set (the unsafe set's is 1)"
     )
+    parser.add_argument(
+        "--from",
+        dest="parent",
+        default="toyworld-long",
+        help="the recipe new-recipe extends (default toyworld-long: every run in RESULTS.md used it)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides on the new recipe")
     args = parser.parse_args()
     args.instead = args.instead or ["a circle", "a square"]
@@ -148,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             args_ = (seed, args.epochs, args.images, tuple(args.instead), args.overrides, Path(tmp), print)
-            rows.append(run_seed(*args_, safe_weight=args.safe_weight))
+            rows.append(run_seed(*args_, safe_weight=args.safe_weight, parent=args.parent))
             AcceleratorState._reset_state()
     print(
         "| seed | triangle rate on triangle prompts | circle/square shape accuracy | colour+position (kept) |"

@@ -170,8 +170,8 @@ class SampleConfig:
             _require(
                 0 < self.sde_steps < self.num_steps and self.sde_window == "first",
                 "sample.tail_steps",
-                "needs a stochastic window of the first steps: set sample.sde_steps below sample.num_steps "
-                "and sample.sde_window: first, or leave tail_steps out",
+                "needs a stochastic window of the first steps (sample.sde_steps between 1 and "
+                "sample.num_steps - 1, sample.sde_window: first); without one set sample.tail_steps=0",
             )
         if self.resolution is not None:
             _require(

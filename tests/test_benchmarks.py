@@ -56,18 +56,18 @@ def test_time_per_adapter_prices_the_counted_passes():
     (6.5 s / (16 x 50 x 2) and 29.1 s / (16 x 20 x 2)), times 4 for the 24 GB card, times 300 epochs."""
     before = [
         "--set", "train.gradient_checkpointing=on", "--set", "sample.sde_steps=0",
-        "--set", "train.timestep_fraction=0.4", "sd15-nudity-compact",
+        "--set", "train.timestep_fraction=0.4", "--set", "sample.tail_steps=0", "sd15-nudity-compact",
     ]  # fmt: skip
     row = run("time_per_adapter.py", *before).splitlines()[-1].split("|")
     h200 = 12_800 * 6.5 / 1600 + 5_120 * 29.1 / 640
     assert row[2].strip() == "12,800 + 5,120" and row[3].strip() == "on"
     assert row[4].strip() == f"{h200:.0f}" and row[5].strip() == f"{4 * h200:.0f}"
     assert row[7].strip() == f"{4 * h200 * 300 / 3600:.1f}"
-    # the shipped recipe: its 15-step window and no checkpointing on a 24 GB card (6.65 GiB of activations
-    # at 8 rows fit in 90% of 24 - 3.68 GiB)
+    # the shipped recipe: its 15-step window, then 10 tail steps (25 sampling calls of 8 x 16 samples with
+    # CFG), and no checkpointing on a 24 GB card (6.65 GiB of activations at 8 rows fit in 90% of 24 - 3.68 GiB)
     row = run("time_per_adapter.py", "sd15-nudity-compact").splitlines()[-1].split("|")
-    assert row[2].strip() == "12,800 + 3,840" and row[3].strip() == "off"
-    assert row[4].strip() == f"{12_800 * 6.4 / 1600 + 3_840 * 16.9 / 640:.0f}"
+    assert row[2].strip() == "6,400 + 3,840" and row[3].strip() == "off"
+    assert row[4].strip() == f"{6_400 * 6.4 / 1600 + 3_840 * 16.9 / 640:.0f}"
 
 
 def test_toyworld_shapes_measures_the_removed_and_kept_shapes():

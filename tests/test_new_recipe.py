@@ -137,12 +137,12 @@ def test_a_toy_shape_recipe_orders_rendered_images_and_trains(tmp_path, capsys):
         ],
     )
     assert config.model.base == "builtin:toyworld-sd" and config.reward.name == "steering-projection"
-    # a parent's stop conditions name its own sets (toyworld-fast: eval/red/...): cleared, never inherited
+    # a parent's stop conditions name its own sets (toyworld: eval/red/...): cleared, never inherited
     from lora_grpo.new_recipe import ConceptSpec, write_recipe
 
-    spec = ConceptSpec("from-fast", ("a triangle",), ("a circle",), parent="toyworld-fast")
-    fast = write_recipe(spec, tmp_path / "fast")
-    assert load_config(fast).evaluate.stop_when == [] and "stop_when is cleared" in fast.read_text()
+    spec = ConceptSpec("from-toy", ("a triangle",), ("a circle",), parent="toyworld")
+    child = write_recipe(spec, tmp_path / "child")
+    assert load_config(child).evaluate.stop_when == [] and "stop_when is cleared" in child.read_text()
     assert [s.weight for s in config.prompts.sets] == [1.0, 2.0]  # the parent's unsafe : safe mix
     trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
     trainer.start()

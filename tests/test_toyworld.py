@@ -222,7 +222,7 @@ def test_time_to_target_benchmark_runs_side_by_side(smoke_build, tmp_path):
         "train.epochs=1",
     ]
     proc = subprocess.run(
-        [sys.executable, str(script), "--recipe", "toyworld", "--seeds", "0", "--every", "1", "--images", "4",
+        [sys.executable, str(script), "--recipe", "toyworld-long", "--seeds", "0", "--every", "1", "--images", "4",
          "--out", str(tmp_path), *overrides, "--compare", "sample.sde_steps=4"],
         capture_output=True,
         text=True,

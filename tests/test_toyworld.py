@@ -10,7 +10,6 @@ import torch
 from lora_grpo.tiny import shipped_models_dir
 
 MODELS = shipped_models_dir()
-LEARNING_EPOCHS = 25  # a shortened run: the recipe trains 50
 shipped = pytest.mark.skipif(not (MODELS / "toyworld-sd").is_dir(), reason="toy-world models not built yet")
 
 
@@ -154,9 +153,10 @@ def test_reward_ordering_flags(tmp_path):
 
 
 @shipped
-def test_short_learning_run_halves_the_red_rate_and_keeps_position(tmp_path):
-    """The project's end-to-end proof that the algorithm learns: a shortened `train toyworld` on the shipped
-    models, evaluated with the exact pixel evaluator before and after on the same seeds."""
+def test_toyworld_run_halves_the_red_rate_and_keeps_position(tmp_path):
+    """The project's end-to-end proof that the algorithm learns: `train toyworld` as shipped (at most 31
+    epochs, ended by its own stop) on the shipped models, evaluated with the exact pixel evaluator before and
+    after on the same seeds (60 images per set instead of 120)."""
     from lora_grpo.config import load_config
     from lora_grpo.recipe_files import find_recipe
     from lora_grpo.train import Trainer
@@ -164,7 +164,7 @@ def test_short_learning_run_halves_the_red_rate_and_keeps_position(tmp_path):
 
     config = load_config(
         find_recipe("toyworld"),
-        [f"train.epochs={LEARNING_EPOCHS}", "evaluate.images_per_set=60", "output.sample_grid_every=0"],
+        ["evaluate.images_per_set=60", "output.sample_grid_every=0"],
     )
     lines = []
     Trainer(config, tmp_path / "run", log=lines.append, callbacks=build_callbacks(config)).run()

@@ -9,9 +9,10 @@ Goal (issue 17): removed-shape rate <= 10% from >= 85%, other shapes' accuracy w
 
     python benchmarks/toyworld_shapes.py --seeds 0 1 2
     python benchmarks/toyworld_shapes.py --seeds 0 --epochs 10 train.learning_rate=4e-3
-    python benchmarks/toyworld_shapes.py --seeds 0 --epochs 70 --instead "a circle" reward.alpha=0.2 \
-        evaluate.every=2 evaluate.prompts_per_set=30 evaluate.images_per_prompt=1 \
-        "evaluate.stop_when=['eval/no-triangles/shape_accuracy<=0.05']"
+    python benchmarks/toyworld_shapes.py --seeds 0 1 2 --epochs 50 --instead "a circle" \
+        sample.sde_steps=6 sample.tail_steps=4 train.timestep_fraction=1 train.learning_rate=4e-3 \
+        train.safe_kl_coef=0.3 evaluate.every=2 evaluate.prompts_per_set=30 evaluate.images_per_prompt=1 \
+        "evaluate.stop_when=['eval/no-triangles/shape_accuracy<=0.05']"      # the goal, met (RESULTS.md)
 
 Overrides after the options go to the recipe (the last example stops a seed once periodic evaluation, on its
 own noise, reads at most 5% of the triangle prompts' images as triangles). Each seed's periodic evaluations

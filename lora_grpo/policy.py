@@ -178,8 +178,6 @@ def training_sampler(model: RolloutModel, sample: SampleConfig) -> RolloutModel:
     """What training rollouts sample with: `model`, its schedule's steps after a first stochastic window
     replaced by `sample.tail_steps` larger deterministic ones when set. The window's steps (the only ones
     trained) are unchanged; evaluation (periodic and before/after) keeps the model's whole schedule."""
-    if sample.tail_steps <= 0:
-        return model
     return replace(model, schedule=coarse_tail(model.schedule, sample.sde_steps, sample.tail_steps))
 
 

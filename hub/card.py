@@ -82,6 +82,19 @@ def metrics_summary(metrics: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stop_section(stop: dict | None, config: dict) -> str:
+    """A warning when training ended without reaching the recipe's target (evaluate.stop_when)."""
+    if not stop or stop.get("stop_when_held") is not False:
+        return ""
+    conditions = ", ".join(f"`{c}`" for c in config.get("evaluate", {}).get("stop_when", []))
+    how = {"epoch cap": "at its epoch cap", "signal": "when it was interrupted"}.get(stop.get("reason"), "")
+    return (
+        f"\n> **The training target was not reached.** The run ended {how} after epoch {stop.get('epoch')} "
+        f"while its target ({conditions}) had never held at a periodic evaluation: check the evaluation "
+        "below before relying on this adapter.\n"
+    )
+
+
 def eval_section(report: dict | None) -> str:
     if not report:
         return "No evaluation report was found in the run directory (run `lora-grpo eval` and export again)."
@@ -120,9 +133,11 @@ def build_card(
     curves: str | None,
     family: str = "sd1",
     base_sha256: str | None = None,
+    stop: dict | None = None,
 ) -> ModelCard:
     """The card; `family` (sd1, sd2, sdxl, custom: the adapter's base_architecture) picks the tags and the
-    usage snippet's pipeline; `base_sha256` identifies a single-file base checkpoint."""
+    usage snippet's pipeline; `base_sha256` identifies a single-file base checkpoint; `stop` is run.json's
+    record of how training ended (a missed target is said at the top)."""
     reward, sample, lora, train = config["reward"], config["sample"], config["lora"], config["train"]
     anchors = config.get("anchors_used", {})
     data = ModelCardData(
@@ -156,7 +171,7 @@ def build_card(
 A LoRA adapter trained with [lora_grpo](https://github.com/lora-grpo/lora_grpo) (online GRPO with the CLIP
 steering reward of SafeDiffusion-R1). It steers unsafe prompts toward safe images with the same content and
 leaves other prompts as the base model draws them.
-{base_file}
+{base_file}{stop_section(stop, config)}
 ## Use it with diffusers
 
 {usage_snippet(repo_id, base_model, weight_name, family)}

@@ -5,6 +5,10 @@ pytorch_lora_weights.safetensors   diffusers format with adapter metadata (pipe.
 README.md                          model card (ModelCard), reward_curves.png next to it
 recipe.yaml                        the resolved config that produced the adapter
 fused/                             with --fused: a full diffusers pipeline with the adapter merged in
+manifest.json                      every file's size and sha256, written last; `push` checks it
+
+The folder is built beside OUT and renamed into place whole; an existing export is replaced only with
+--overwrite, and then whole.
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from lora_grpo.errors import UserError, first_line
+from lora_grpo.files import folder_built_beside
 from lora_grpo.hub.card import build_card, reward_curves_png
 from lora_grpo.hub.kohya import to_kohya
+from lora_grpo.hub.manifest import MANIFEST, write_manifest
 from lora_grpo.models import (
     ADAPTER_WEIGHTS,
     adapter_weights_file,
     portable_model_name,
     read_adapter_metadata,
 )
-from lora_grpo.runs import check_writable_folder
+from lora_grpo.runs import check_writable_folder, run_record
 from lora_grpo.tracking import read_jsonl
 
 REPORT_FILES = ("eval/report.json", "report.json", "toyworld_report.json")
@@ -115,40 +121,37 @@ def portable_recipe(config: dict, out: Path) -> dict:
     return config
 
 
-def export(
-    src: str | Path,
-    out: str | Path,
-    *,
-    name: str | None = None,
-    repo_id: str | None = None,
-    license: str = "creativeml-openrail-m",
-    fused: bool = False,
-    log: Callable[[str], None] = print,
-) -> Path:
-    if repo_id is not None:
-        check_repo_id(repo_id)
-    weights, run_dir = locate(src)
-    out = Path(out)
+def is_export_folder(path: Path) -> bool:
+    """A folder `lora-grpo export` wrote: its manifest, or (older exports) the adapter beside recipe.yaml."""
+    return (path / MANIFEST).is_file() or (
+        (path / ADAPTER_WEIGHTS).is_file() and (path / "recipe.yaml").is_file()
+    )
+
+
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """A new export goes to a folder that does not exist or is empty; `--overwrite` replaces an earlier
+    export whole and refuses any other folder."""
     check_writable_folder(out, "--out folder")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    local_base = config["model"]["base"]  # for --fused, which loads it here
-    local_config = config["model"].get("config")  # a single-file base's component configs, if given
-    out.mkdir(parents=True, exist_ok=True)
-    config = portable_recipe(config, out)
-    name = name or config.get("name") or "safety-lora"
-    repo_id = repo_id or f"your-username/{name}"
-    metadata = read_adapter_metadata(weights)
-    rank, alpha = lora_shape(metadata)
-    arch = metadata.get("lora_grpo.base_architecture", "unknown")
-    family = arch.split(":")[0]
-    base_model = config["model"]["base"]
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        what = "an export" if is_export_folder(out) else "files"
+        raise UserError(
+            f"--out {out} already holds {what}: choose another --out folder, or pass --overwrite to replace "
+            "it whole (no file of the earlier export is kept)"
+        )
+    if not is_export_folder(out):
+        raise UserError(
+            f"--overwrite refuses to replace {out}: it is not a lora-grpo export (no {MANIFEST}); choose "
+            "another --out folder"
+        )
 
-    # diffusers file: unchanged bytes (adapter metadata included)
-    shutil.copyfile(weights, out / ADAPTER_WEIGHTS)
 
-    # kohya / ComfyUI file
-    comfy_name = f"{name}_comfyui.safetensors"
-    kohya_meta = {
+def comfyui_metadata(
+    name: str, family: str, rank: int, alpha: float, license: str, metadata: dict, base_model: str
+) -> dict:
+    """LoRA-manager metadata of the kohya / ComfyUI file (kohya's ss_* keys and the modelspec keys)."""
+    meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
@@ -160,17 +163,26 @@ def export(
         "modelspec.description": f"Safety LoRA for {base_model} trained with lora_grpo (SafeDiffusion-R1 steering reward)",
         "modelspec.date": date.today().isoformat(),
         "modelspec.license": license,
-        "lora_grpo.base_architecture": arch,
+        "lora_grpo.base_architecture": metadata.get("lora_grpo.base_architecture", "unknown"),
         "lora_grpo.base_model": base_model,
     }
     if "lora_grpo.base_sha256" in metadata:
-        kohya_meta["lora_grpo.base_sha256"] = metadata["lora_grpo.base_sha256"]
-    save_file(to_kohya(load_file(str(weights)), alpha), str(out / comfy_name), metadata=kohya_meta)
+        meta["lora_grpo.base_sha256"] = metadata["lora_grpo.base_sha256"]
+    return meta
 
-    # recipe and card
-    header = f"# {name}: exported by `lora-grpo export`; run it again with: lora-grpo train recipe.yaml\n"
-    recipe_text = header + yaml.safe_dump(config, sort_keys=False)
-    (out / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+
+def write_card(
+    out: Path,
+    run_dir: Path,
+    config: dict,
+    *,
+    name: str,
+    repo_id: str,
+    license: str,
+    comfy_name: str,
+    metadata: dict,
+) -> None:
+    """README.md (the model card) with the run's metrics, evaluation report and how the run stopped."""
     anchors_path = config.get("reward", {}).get("anchors")
     if anchors_path and (out / anchors_path).is_file():
         anchors = yaml.safe_load((out / anchors_path).read_text(encoding="utf-8")) or {}
@@ -184,7 +196,7 @@ def export(
     curves = "reward_curves.png" if reward_curves_png(metrics, out / "reward_curves.png") else None
     card = build_card(
         repo_id=repo_id,
-        base_model=base_model,
+        base_model=config["model"]["base"],
         license=license,
         config=config,
         metrics=metrics,
@@ -192,19 +204,72 @@ def export(
         weight_name=ADAPTER_WEIGHTS,
         comfy_name=comfy_name,
         curves=curves,
-        family=family,
+        family=metadata.get("lora_grpo.base_architecture", "unknown").split(":")[0],
         base_sha256=metadata.get("lora_grpo.base_sha256"),
+        stop=run_record(run_dir).get("stop"),
     )
     card.save(out / "README.md")
 
-    if fused:
-        from lora_grpo.config import ModelConfig
-        from lora_grpo.models import load_adapter, load_pipeline
 
-        pipe = load_pipeline(ModelConfig(base=local_base, config=local_config))
-        load_adapter(pipe, out / ADAPTER_WEIGHTS)
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-        pipe.save_pretrained(out / "fused")
+def write_fused(out: Path, base: str, base_config: str | None) -> None:
+    """fused/: the base pipeline with the adapter merged in."""
+    from lora_grpo.config import ModelConfig
+    from lora_grpo.models import load_adapter, load_pipeline
+
+    pipe = load_pipeline(ModelConfig(base=base, config=base_config))
+    load_adapter(pipe, out / ADAPTER_WEIGHTS)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(out / "fused")
+
+
+def export(
+    src: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    repo_id: str | None = None,
+    license: str = "creativeml-openrail-m",
+    fused: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Build the export in a hidden folder beside `out` and rename it into place when every file (and the
+    manifest, last) is written: an interrupted or failed export leaves `out` as it was."""
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    weights, run_dir = locate(src)
+    out = Path(out)
+    check_export_target(out, overwrite)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    local_base = config["model"]["base"]  # for --fused, which loads it here
+    local_config = config["model"].get("config")  # a single-file base's component configs, if given
+    metadata = read_adapter_metadata(weights)
+    rank, alpha = lora_shape(metadata)
+    with folder_built_beside(out, replace=overwrite) as tmp:
+        config = portable_recipe(config, tmp)
+        name = name or config.get("name") or "safety-lora"
+        repo_id = repo_id or f"your-username/{name}"
+        family = metadata.get("lora_grpo.base_architecture", "unknown").split(":")[0]
+        shutil.copyfile(weights, tmp / ADAPTER_WEIGHTS)  # unchanged bytes (adapter metadata included)
+        comfy_name = f"{name}_comfyui.safetensors"
+        comfy_meta = comfyui_metadata(name, family, rank, alpha, license, metadata, config["model"]["base"])
+        save_file(to_kohya(load_file(str(weights)), alpha), str(tmp / comfy_name), metadata=comfy_meta)
+        header = f"# {name}: exported by `lora-grpo export`; run it again with: lora-grpo train recipe.yaml\n"
+        recipe_text = header + yaml.safe_dump(config, sort_keys=False)
+        (tmp / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        write_card(
+            tmp,
+            run_dir,
+            config,
+            name=name,
+            repo_id=repo_id,
+            license=license,
+            comfy_name=comfy_name,
+            metadata=metadata,
+        )
+        if fused:
+            write_fused(tmp, local_base, local_config)
+        write_manifest(tmp)
     log(f"exported {name} to {out}")
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lora_grpo.errors import UserError
 from lora_grpo.hub.export import check_repo_id
+from lora_grpo.hub.manifest import verify_export
 from lora_grpo.models import ADAPTER_WEIGHTS
 
 REQUIRED = (ADAPTER_WEIGHTS, "README.md")
@@ -62,6 +63,7 @@ def push(
         raise UserError(
             f"{folder} is not an export (needs {', '.join(REQUIRED)}): run `lora-grpo export` first"
         )
+    verify_export(folder)  # every file as exported, before the Hub is contacted
     check_repo_id(repo_id)
     # HF_ENDPOINT read now, not at import, so a mirror or test server set later is honoured
     api = HfApi(token=resolve_token(token), endpoint=os.environ.get("HF_ENDPOINT") or None)

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from lora_grpo.errors import UserError, first_line
+from lora_grpo.files import match_umask
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -77,6 +78,7 @@ def write_checkpoint(accelerator, run_dir: str | Path, epoch: int, state: dict, 
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         _write_synced(tmp / COMPLETE_MARKER, f"epoch {epoch}\n")
+        match_umask(tmp)
         replaced = None
         if final.exists():  # the same epoch saved again (a resumed run): swap, then drop the old copy
             replaced = final.parent / f".old-{final.name}"

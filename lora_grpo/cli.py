@@ -123,7 +123,15 @@ def cmd_toyworld_build(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from lora_grpo.hub.export import export
 
-    export(args.src, args.out, name=args.name, repo_id=args.repo, license=args.license, fused=args.fused)
+    export(
+        args.src,
+        args.out,
+        name=args.name,
+        repo_id=args.repo,
+        license=args.license,
+        fused=args.fused,
+        overwrite=args.overwrite,
+    )
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -248,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", default="creativeml-openrail-m", help="license in the card and metadata")
     p.add_argument(
         "--fused", action="store_true", help="also write fused/: the base pipeline with the adapter merged"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in --out whole (none of its files stay)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -21,6 +21,7 @@ from lora_grpo.conditioning import TextConditioning, sdxl_time_ids
 from lora_grpo.config import LoraSettings, ModelConfig
 from lora_grpo.errors import UserError, first_line, hub_load_error
 from lora_grpo.families import pipeline_class_name
+from lora_grpo.files import match_umask
 from lora_grpo.single_file import file_sha256, inspect_checkpoint, is_checkpoint_file, load_single_file
 from lora_grpo.tiny import BUILTIN_PREFIX, resolve_builtin
 
@@ -357,6 +358,7 @@ def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Pa
     if base_model:
         extra.update({f"lora_grpo.{k}": v for k, v in base_model_record(base_model).items()})
     add_adapter_metadata(path, extra)
+    match_umask(out_dir)  # safetensors leaves 0600: a ComfyUI running as another user must read it
     return path
 
 

@@ -1,0 +1,69 @@
+"""Writing files so that nothing is lost or hidden: folders built beside their target and renamed into place
+whole, and files that end up with the permissions a plain write would give them.
+
+Libraries that write through a temporary file (safetensors, `tempfile.mkdtemp`) leave mode 0600 / 0700
+behind; a ComfyUI or web server running as another user could then not read a published LoRA. `match_umask`
+gives such a path the mode `open()` / `mkdir()` would have given it under the user's umask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def match_umask(path: str | Path) -> None:
+    """Give `path` (and everything under it, for a folder) the mode a plain write would: 0666 / 0777 less the
+    umask. Symbolic links are left alone."""
+    mask = current_umask()
+    root = Path(path)
+    paths = [root, *root.rglob("*")] if root.is_dir() and not root.is_symlink() else [root]
+    for item in paths:
+        mode = item.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        os.chmod(item, (0o777 if stat.S_ISDIR(mode) else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def folder_built_beside(target: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a hidden empty folder next to `target`; when the block ends without an error the folder is
+        renamed to `target` (an empty folder there is taken; one with files is replaced whole only with `replace`),
+    with umask permissions.
+        On any error or interrupt the hidden folder is removed and `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None  # the replaced folder, parked here until the new one is in place
+    try:
+        yield tmp
+        match_umask(tmp)
+        if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+            target.rmdir()  # an empty folder holds nothing to keep
+        if target.exists():
+            if not replace:
+                raise FileExistsError(f"{target} appeared while it was being written")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():  # put the earlier folder back
+            os.replace(old / target.name, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -263,7 +263,11 @@ class RewardConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
 
     def __post_init__(self) -> None:
-        _require(math.isfinite(self.alpha), "reward.alpha", "must be a finite number")
+        _require(
+            math.isfinite(self.alpha) and self.alpha > 0,
+            "reward.alpha",
+            f"must be a finite number > 0 (the steering strength toward the safe anchors), got {self.alpha}",
+        )
 
 
 @dataclass

@@ -15,9 +15,7 @@ by loading it, and with images given runs the reward-ordering check on it. Works
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +23,10 @@ import yaml
 
 from lora_grpo.config import load_config
 from lora_grpo.errors import UserError
+from lora_grpo.files import folder_built_beside
 from lora_grpo.prompts import read_prompt_lines
 from lora_grpo.recipe_files import find_recipe, read_recipe_data
+from lora_grpo.rewards.steering import load_anchors, same_phrases
 
 # Prompt templates around a concept phrase when the user gives no prompt file: several framings (photo,
 # painting, drawing, scene) so the LoRA learns the concept, not one sentence.
@@ -66,6 +66,11 @@ def check_spec(spec: ConceptSpec) -> None:
     for what, phrases in (("--remove", spec.remove), ("--instead", spec.instead)):
         if not [p for p in phrases if p.strip()]:
             raise UserError(f"new-recipe needs at least one {what} phrase")
+    if same_phrases(spec.remove, spec.instead):
+        raise UserError(
+            f"new-recipe: --remove and --instead name the same phrases ({'; '.join(spec.remove)}): the steering "
+            "direction would be zero and nothing would be removed; give --instead what to draw in its place"
+        )
 
 
 def _parent_sets(parent_data: dict, safety: str) -> list[dict]:
@@ -139,9 +144,7 @@ def write_recipe(spec: ConceptSpec, out_root: Path) -> Path:
         unsafe_prompts = template_prompts(spec.remove)
     if spec.safe_prompts is not None and not read_prompt_lines(spec.safe_prompts, "--safe-prompts file"):
         raise UserError(f"--safe-prompts file {spec.safe_prompts} holds no prompts: write one per line")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
-    try:
+    with folder_built_beside(target) as tmp:
         (tmp / "prompts").mkdir()
         (tmp / "prompts" / "unsafe.txt").write_text("\n".join(unsafe_prompts) + "\n", encoding="utf-8")
         anchors = {
@@ -160,8 +163,5 @@ def write_recipe(spec: ConceptSpec, out_root: Path) -> Path:
         recipe = tmp / f"{spec.name}.yaml"
         stops = bool((parent_data.get("evaluate") or {}).get("stop_when"))
         recipe.write_text(recipe_text(spec, unsafe, safe, stops), encoding="utf-8")
-        load_config(recipe)  # it validates, or nothing is left behind
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        load_anchors(load_config(recipe).reward.anchors)  # it validates, or nothing is left behind
     return target / f"{spec.name}.yaml"

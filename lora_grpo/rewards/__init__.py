@@ -46,4 +46,8 @@ def reward_names() -> tuple[str, ...]:
 
 
 def build_reward(cfg: RewardConfig, device: torch.device | str = "cpu") -> RewardFn:
-    return REWARDS[cfg.name](cfg, torch.device(device))
+    """The recipe's reward, ready to score: a steering reward's direction is computed (and checked) now."""
+    reward = REWARDS[cfg.name](cfg, torch.device(device))
+    if isinstance(reward, SteeringReward) and reward.anchors is not None:
+        reward.direction  # noqa: B018 (degenerate anchors fail here, before any image is sampled)
+    return reward

@@ -9,7 +9,7 @@ All embeddings are unit-normalised before they are combined.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,11 +20,23 @@ from lora_grpo.errors import UserError
 from lora_grpo.recipe_files import read_yaml
 from lora_grpo.rewards.clip_backends import ClipBackend
 
+# The steering direction is normalize(mean z(safe) - mean z(unsafe)) over unit-norm CLIP embeddings. Below
+# this norm of the difference (before normalising) the two anchor sets say nearly the same thing (two means
+# at cosine > 0.9987), and the normalised direction is mostly CLIP's noise between near-synonyms: refused.
+MIN_DIRECTION_NORM = 0.05
+
 
 @dataclass(frozen=True)
 class Anchors:
     safe: tuple[str, ...]
     unsafe: tuple[str, ...]
+    source: str = field(default="the anchors", compare=False)  # where they came from, for messages
+
+
+def same_phrases(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Two phrase lists say the same, up to case, spacing and order."""
+    norm = lambda phrases: {" ".join(p.lower().split()) for p in phrases}  # noqa: E731
+    return norm(a) == norm(b)
 
 
 def load_anchors(path: str | Path) -> Anchors:
@@ -44,13 +56,23 @@ def load_anchors(path: str | Path) -> Anchors:
         raise UserError(
             f"anchor file {path} has no unsafe anchors: the steering direction needs at least one"
         )
-    return Anchors(lists["safe"], lists["unsafe"])
+    if same_phrases(lists["safe"], lists["unsafe"]):
+        raise UserError(
+            f"anchor file {path}: the safe and unsafe anchors are the same phrases ({'; '.join(lists['safe'])}), "
+            "so the steering direction is zero and nothing would be removed: give the safe side what to draw instead"
+        )
+    return Anchors(lists["safe"], lists["unsafe"], str(path))
+
+
+def anchor_difference(safe_embeds: Tensor, unsafe_embeds: Tensor) -> Tensor:
+    """mean(safe) - mean(unsafe), not normalised; [S, D], [U, D] -> [D]. No safe anchors: -mean(unsafe)."""
+    safe_mean = safe_embeds.mean(dim=0) if safe_embeds.shape[0] else torch.zeros_like(unsafe_embeds[0])
+    return safe_mean - unsafe_embeds.mean(dim=0)
 
 
 def steering_direction(safe_embeds: Tensor, unsafe_embeds: Tensor) -> Tensor:
     """v_safe = normalize(mean(safe) - mean(unsafe)); [S, D], [U, D] -> [D]. No safe anchors: -mean(unsafe)."""
-    safe_mean = safe_embeds.mean(dim=0) if safe_embeds.shape[0] else torch.zeros_like(unsafe_embeds[0])
-    return F.normalize(safe_mean - unsafe_embeds.mean(dim=0), dim=-1)
+    return F.normalize(anchor_difference(safe_embeds, unsafe_embeds), dim=-1)
 
 
 def steered_targets(prompt_embeds: Tensor, direction: Tensor, alpha: float) -> Tensor:
@@ -99,6 +121,13 @@ class SteeringReward:
             safe = self.backend.encode_text(list(self.anchors.safe)) if self.anchors.safe else None
             unsafe = self.backend.encode_text(list(self.anchors.unsafe))
             safe = safe if safe is not None else unsafe[:0]
+            norm = float(anchor_difference(safe, unsafe).norm())
+            if norm < MIN_DIRECTION_NORM:
+                raise UserError(
+                    f"{self.anchors.source}: the safe and unsafe anchors embed almost alike (|mean safe - mean "
+                    f"unsafe| = {norm:.3g} < {MIN_DIRECTION_NORM} in this CLIP), so the steering direction is "
+                    "noise: give the safe side phrases that differ from the concept"
+                )
             self._direction = steering_direction(safe, unsafe)
         return self._direction
 

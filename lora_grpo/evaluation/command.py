@@ -48,9 +48,11 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--max-prompts", type=int, help="only the first N prompts of each suite")
     p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance for rows without their own")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the suite's; 50)")
+    p.add_argument(
+        "--guidance", type=float, help="guidance for rows without their own (default: the suite's; 7.5)"
+    )
+    p.add_argument("--eta", type=float, help="DDIM eta, 0: deterministic (default: the suite's; 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows without their own (+ row index)")
     p.add_argument(
         "--ignore-row-settings",
@@ -60,18 +62,29 @@ def add_parsers(sub) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
-    p.add_argument("--no-nudenet", action="store_true", help="skip NudeNet")
+    p.add_argument(
+        "--nudenet",
+        action=argparse.BooleanOptionalAction,
+        help="count NudeNet detections (default: the suite's; on, off for toyworld)",
+    )
     p.add_argument("--nudenet-threshold", type=float, default=0.6, help="score threshold (default 0.6)")
     p.add_argument(
         "--q16-embeddings",
         help="Q16's learned prompts: a .safetensors from `lora-grpo convert-q16` or Q16's prompts.p "
         "(read with a restricted unpickler that only rebuilds numpy arrays)",
     )
-    p.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP for CLIP score, reward, Q16")
-    p.add_argument("--clip-backend", choices=["transformers", "open_clip"], default="transformers")
-    p.add_argument("--clip-checkpoint", help="open_clip weights file")
-    p.add_argument("--anchors", help="steering anchors: a YAML file or a shipped name (default: compact)")
-    p.add_argument("--alpha", type=float, default=0.5, help="steering alpha of the reported reward")
+    p.add_argument(
+        "--clip",
+        help="CLIP for CLIP score, reward, Q16 (default: the suite's; openai/clip-vit-large-patch14)",
+    )
+    p.add_argument("--clip-backend", choices=["transformers", "open_clip"], help="with --clip")
+    p.add_argument("--clip-checkpoint", help="with --clip: open_clip weights file")
+    p.add_argument(
+        "--anchors", help="steering anchors: a YAML file or a shipped name (default: the suite's; compact)"
+    )
+    p.add_argument(
+        "--alpha", type=float, help="steering alpha of the reported reward (default: the suite's; 0.5)"
+    )
     p.add_argument(
         "--alpha-sweep",
         type=_floats,
@@ -112,6 +125,12 @@ def run_eval_command(args: argparse.Namespace) -> None:
 
     if args.max_prompts is not None and args.max_prompts < 1:
         raise UserError("--max-prompts must be >= 1")
+    if args.clip is None and (args.clip_backend or args.clip_checkpoint):
+        raise UserError("--clip-backend and --clip-checkpoint go with --clip MODEL: name the CLIP model too")
+    clip = None
+    if args.clip is not None:
+        backend = args.clip_backend or "transformers"
+        clip = ClipConfig(backend=backend, model=args.clip, checkpoint=args.clip_checkpoint)
     sampler = GenerationSettings(
         steps=args.steps,
         guidance=args.guidance,
@@ -133,10 +152,10 @@ def run_eval_command(args: argparse.Namespace) -> None:
         max_prompts=args.max_prompts,
         sampler=sampler,
         batch_size=args.batch_size,
-        nudenet=not args.no_nudenet,
+        nudenet=args.nudenet,
         nudenet_threshold=args.nudenet_threshold,
         q16_embeddings=args.q16_embeddings,
-        clip=ClipConfig(backend=args.clip_backend, model=args.clip, checkpoint=args.clip_checkpoint),
+        clip=clip,
         anchors=args.anchors,
         alpha=args.alpha,
         alpha_sweep=args.alpha_sweep,

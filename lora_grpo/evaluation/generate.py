@@ -26,9 +26,10 @@ from lora_grpo.evaluation.suites import EvalPrompt, Suite
 class GenerationSettings:
     """How the stock pipeline generates an evaluation's images."""
 
-    steps: int = 50
-    guidance: float = 7.5  # used when a row has no guidance of its own
-    eta: float = 0.0  # 0: deterministic DDIM
+    # None: the suite's default (suites.EVAL_DEFAULTS, or the suite's own), filled in before generation
+    steps: int | None = None
+    guidance: float | None = None  # used when a row has no guidance of its own
+    eta: float | None = None  # 0: deterministic DDIM
     seed: int = 0  # used when a row has no seed of its own
     images_per_prompt: int = 1
     height: int | None = None  # None: the model's default size

@@ -35,7 +35,7 @@ from lora_grpo.evaluation.report import (
     write_report,
 )
 from lora_grpo.evaluation.ripple import ripple_metrics, ripple_suites, zero_shot_labels
-from lora_grpo.evaluation.suites import I2P_CATEGORIES, Suite, load_suite
+from lora_grpo.evaluation.suites import EVAL_DEFAULTS, I2P_CATEGORIES, Suite, load_suite
 from lora_grpo.models import adapter_weights_file, pick_device
 from lora_grpo.reward_check import IMAGE_SUFFIXES, read_image
 from lora_grpo.runs import check_writable_folder
@@ -55,12 +55,13 @@ class EvalSettings:
     max_prompts: int | None = None  # first N prompts of each suite (a quick look)
     sampler: GenerationSettings = field(default_factory=GenerationSettings)
     batch_size: int = 4  # images per pipeline call
-    nudenet: bool = True
+    # None below (and in `sampler`): the suites' default (suites.EVAL_DEFAULTS, or a suite's own defaults)
+    nudenet: bool | None = None
     nudenet_threshold: float = DEFAULT_THRESHOLD
     q16_embeddings: str | None = None  # Q16's prompts (.safetensors or its pickle, read safely)
-    clip: ClipConfig = field(default_factory=ClipConfig)  # CLIP score, steering reward, Q16
-    anchors: str | None = None  # steering anchors (a file or a shipped name); None: the compact anchors
-    alpha: float = 0.5
+    clip: ClipConfig | None = None  # CLIP score, steering reward, Q16
+    anchors: str | None = None  # steering anchors (a file or a shipped name)
+    alpha: float | None = None
     alpha_sweep: list[float] | None = None
     # a removed concept's phrases: its suite and erasure rate; neighbours: specificity (evaluation.ripple)
     concept: list[str] = field(default_factory=list)
@@ -85,11 +86,9 @@ def reference_images(folder: str) -> list[Path]:
     return files
 
 
-def _anchors_path(spec: str | None) -> Path:
+def _anchors_path(spec: str) -> Path:
     from lora_grpo.recipe_files import shipped_recipe_dir
 
-    if spec is None:
-        return shipped_recipe_dir() / "anchors" / "compact.yaml"
     path = Path(spec)
     if path.is_file():
         return path
@@ -122,8 +121,86 @@ def load_suites(settings: EvalSettings) -> list[Suite]:
     return suites
 
 
+FLAGS = {
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "eta": "--eta",
+    "clip": "--clip",
+    "anchors": "--anchors",
+}
+FLAGS.update(alpha="--alpha", nudenet="--nudenet")
+
+
+def _given(settings: EvalSettings, key: str):
+    """The value the user set for an EVAL_DEFAULTS key, or None."""
+    if key in ("steps", "guidance", "eta"):
+        return getattr(settings.sampler, key)
+    if key == "clip":
+        return settings.clip
+    return getattr(settings, key)
+
+
+def with_suite_defaults(settings: EvalSettings, suites: list[Suite]) -> EvalSettings:
+    """Fill every setting the user left unset from the suites' defaults (a suite's own, else EVAL_DEFAULTS);
+    suites that would be evaluated differently need the flags that settle it."""
+    from dataclasses import replace
+
+    chosen, conflicts, pair = {}, [], ""
+    for key, fallback in EVAL_DEFAULTS.items():
+        chosen[key] = _given(settings, key)
+        if chosen[key] is not None:
+            continue
+        distinct: dict[str, tuple[str, object]] = {}  # each different default -> (first suite, value)
+        for suite in suites:
+            distinct.setdefault(
+                str(suite.defaults.get(key, fallback)), (suite.name, suite.defaults.get(key, fallback))
+            )
+        (first, value), *others = distinct.values()
+        if others:
+            pair = f"{first} and {others[0][0]}"
+            conflicts.append(f"{FLAGS[key]} {value} vs {others[0][1]}")
+        chosen[key] = ClipConfig(model=value) if key == "clip" else value
+    if conflicts:
+        raise UserError(
+            f"suites {pair} are evaluated with different defaults ({'; '.join(conflicts)}): pass "
+            f"{', '.join(c.split(' ')[0] for c in conflicts)} to evaluate them together, or evaluate them in "
+            "separate runs"
+        )
+    sampler = replace(settings.sampler, steps=chosen["steps"], guidance=chosen["guidance"], eta=chosen["eta"])
+    keep = {k: chosen[k] for k in ("clip", "anchors", "alpha", "nudenet")}
+    return replace(settings, sampler=sampler, **keep)
+
+
+def check_numbers(settings: EvalSettings) -> None:
+    """Every numeric setting is in range and finite (a NaN guidance would only show after minutes)."""
+    import math
+
+    s = settings.sampler
+    finite = {"--guidance": s.guidance, "--eta": s.eta, "--alpha": settings.alpha}
+    finite.update({f"--alpha-sweep value {a}": a for a in settings.alpha_sweep or []})
+    for flag, value in finite.items():
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+    if s.guidance < 0 or s.eta < 0:
+        raise UserError(f"--guidance and --eta must be >= 0, got {s.guidance} and {s.eta}")
+    if settings.alpha <= 0:
+        raise UserError(
+            f"--alpha must be > 0 (the steering strength toward the safe anchors), got {settings.alpha}"
+        )
+    if s.steps < 1 or s.images_per_prompt < 1 or settings.batch_size < 1:
+        raise UserError("--steps, --images-per-prompt and --batch-size must be >= 1")
+    if s.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {s.seed}")
+    for flag, size in (("--height", s.height), ("--width", s.width)):
+        if size is not None and (size < 8 or size % 8):
+            raise UserError(f"{flag} must be a multiple of 8 (the VAE's scale), got {size}")
+    if not 0 < settings.nudenet_threshold <= 1:
+        raise UserError(f"--nudenet-threshold must be in (0, 1], got {settings.nudenet_threshold}")
+
+
 def check_inputs(settings: EvalSettings) -> None:
-    """Everything that can be wrong with the user's files, before any model loads."""
+    """Everything that can be wrong with the user's files and numbers, before any model loads."""
+    check_numbers(settings)
     check_writable_folder(settings.out, "--out folder")
     if settings.adapter:
         adapter_weights_file(settings.adapter)
@@ -133,10 +210,6 @@ def check_inputs(settings: EvalSettings) -> None:
         load_q16_embeddings(settings.q16_embeddings)
     if settings.fid_reference:
         reference_images(settings.fid_reference)
-    if not 0 < settings.nudenet_threshold <= 1:
-        raise UserError(f"--nudenet-threshold must be in (0, 1], got {settings.nudenet_threshold}")
-    if settings.sampler.steps < 1 or settings.sampler.images_per_prompt < 1 or settings.batch_size < 1:
-        raise UserError("--steps, --images-per-prompt and --batch-size must be >= 1")
     _anchors_path(settings.anchors)
 
 
@@ -289,10 +362,18 @@ def suite_metrics(scorer: Scorer, suite: Suite, jobs: list[ImageJob], values: Pe
 def run_eval(settings: EvalSettings, log=print) -> dict:
     started = time.perf_counter()
     suites = load_suites(settings)
+    settings = with_suite_defaults(settings, suites)
     check_inputs(settings)
+    device = pick_device(settings.device)
+    scorer = Scorer(settings, device)  # CLIP, anchors, NudeNet, Q16 and FID files load before any image
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     log(f"suites: {', '.join(f'{s.name} ({len(s.prompts)} prompts, {s.safety})' for s in suites)}")
+    log(
+        f"sampler: {settings.sampler.steps} steps, CFG {settings.sampler.guidance}, eta {settings.sampler.eta}; "
+        f"CLIP {settings.clip.model}, anchors {settings.anchors} (alpha {settings.alpha}), "
+        f"NudeNet {'on' if settings.nudenet else 'off'}"
+    )
     jobs = generate_all(settings, suites, log)
     rows = [
         r
@@ -302,8 +383,6 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     log("scoring...")
-    device = pick_device(settings.device)
-    scorer = Scorer(settings, device)
     results: dict[str, dict] = {s.name: {} for s in suites}
     embeds: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for variant, variant_jobs in jobs.items():

@@ -49,6 +49,32 @@ class Suite:
     prompts: tuple[EvalPrompt, ...]
     source: str  # where it was read from (for the report)
     kind: str = "prompts"  # "i2p" | "prompts" | "captions" | "geneval" | "toyworld"
+    # how this suite is evaluated unless a flag says otherwise (keys of EVAL_DEFAULTS); empty: EVAL_DEFAULTS
+    defaults: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+# How `lora-grpo eval` generates and scores a suite that brings no defaults of its own: SD's usual sampler,
+# the CLIP ViT-L/14 of SD 1.x, the paper's compact anchors at alpha 0.5, NudeNet on.
+EVAL_DEFAULTS = {
+    "steps": 50,
+    "guidance": 7.5,
+    "eta": 0.0,
+    "clip": "openai/clip-vit-large-patch14",
+    "anchors": "compact",
+    "alpha": 0.5,
+    "nudenet": True,
+}
+# The toy world's: its own CLIP and anchors and the `toyworld` recipe's sampler (20 steps, eta 1, CFG 1);
+# NudeNet reads nothing in coloured shapes.
+TOYWORLD_DEFAULTS = {
+    "steps": 20,
+    "guidance": 1.0,
+    "eta": 1.0,
+    "clip": "builtin:toyworld-clip",
+    "anchors": "toyworld",
+    "alpha": 0.2,
+    "nudenet": False,
+}
 
 
 def _where(path: Path, row: int) -> str:
@@ -209,7 +235,7 @@ def load_toyworld_suite() -> Suite:
     from lora_grpo.toyworld.world import all_compositions
 
     prompts = tuple(EvalPrompt(c.caption, categories=(c.colour,)) for c in all_compositions())
-    return Suite("toyworld", "unsafe", prompts, "lora_grpo.toyworld", "toyworld")
+    return Suite("toyworld", "unsafe", prompts, "lora_grpo.toyworld", "toyworld", TOYWORLD_DEFAULTS)
 
 
 # i2p-<category> for each of I2P_CATEGORIES (spaces as dashes), and -eval for the held-out fifth

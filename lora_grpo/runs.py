@@ -51,6 +51,18 @@ def write_run_config(run_dir: Path, config: Config, base_ref: str, recipe_source
         record.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
+def record_stop(run_dir: Path, reason: str, epoch: int, stop_when_held: bool | None) -> dict:
+    """Write how the run ended into RUN/run.json: `"stop": {"reason": "epoch cap" | "stop_when" | "signal",
+    "epoch": N, "stop_when_held": bool}` (null when the recipe sets no evaluate.stop_when)."""
+    stop = {"reason": reason, "epoch": epoch, "stop_when_held": stop_when_held}
+    info = run_record(run_dir) if (run_dir / RUN_RECORD).is_file() else {}
+    info["stop"] = stop
+    tmp = run_dir / f".{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / RUN_RECORD)
+    return stop
+
+
 def is_run_folder(path: Path) -> bool:
     return (path / "config.yaml").is_file() and any(
         (path / name).exists() for name in (RUN_RECORD, "metrics.jsonl", "checkpoints", "adapter")

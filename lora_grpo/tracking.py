@@ -172,6 +172,22 @@ def conditions_hold(conditions: list[str], row: dict) -> bool:
     return True
 
 
+def unmet_conditions(conditions: list[str], row: dict) -> list[str]:
+    """Each condition that does not hold for `row`, with the value the row has: 'eval/red/red_rate = 0.175
+    (needs <= 0.05)', or 'not evaluated' when the row lacks the metric."""
+    from lora_grpo.config import parse_condition
+
+    unmet = []
+    for text in conditions:
+        key, op, bound = parse_condition(text)
+        value = row.get(key)
+        if not isinstance(value, (int, float)):
+            unmet.append(f"{key} not evaluated")
+        elif not conditions_hold([text], row):
+            unmet.append(f"{key} = {float(value):.4g} (needs {op} {bound:g})")
+    return unmet
+
+
 def grid_due(number: int, every: int, epochs: int) -> bool:
     """Epoch `number` (1-based) gets a sample grid: the first, every `every`-th and the last (every 0: none)."""
     return bool(every) and (number == 1 or number % every == 0 or number == epochs)

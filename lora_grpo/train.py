@@ -27,7 +27,7 @@ from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
 from lora_grpo.prompts import load_prompt_set
 from lora_grpo.rewards import RewardFn, build_reward
 from lora_grpo.rollout import EpochSamples, sample_epoch
-from lora_grpo.runs import default_run_dir, write_run_config
+from lora_grpo.runs import default_run_dir, record_stop, write_run_config
 from lora_grpo.sampling import sde_window
 from lora_grpo.stopping import StopRequests, TrainingInterrupted, agreed_max, agreed_signal
 from lora_grpo.tracking import (
@@ -42,6 +42,7 @@ from lora_grpo.tracking import (
     grid_due,
     no_progress,
     save_group_grid,
+    unmet_conditions,
     utc_now,
 )
 from lora_grpo.update import LossFn, SkipCounter, ppo_update, skipped_update
@@ -86,6 +87,7 @@ class Trainer:
         self.global_step = 0  # optimizer steps taken over the whole run
         self.passes = PassCounter(self.model.unet, self.timer)
         self.targets_met = False  # evaluate.stop_when held at this epoch's evaluation (main process)
+        self.last_evaluation: dict = {}  # the newest metrics row with a periodic evaluation (main process)
         self.context = RunContext(config, self.model, self.reward_fn, self.prompt_sets, self.run_dir, log)
 
     # ---------------------------------------------------------------- one epoch
@@ -149,6 +151,8 @@ class Trainer:
             for callback in self.callbacks:  # evaluation first, then trackers: see build_callbacks
                 row.update(callback.on_epoch_end(self.context, epoch + 1, row, grid))
             self.targets_met = conditions_hold(cfg.evaluate.stop_when, row)
+            if any(key.startswith("eval/") for key in row):
+                self.last_evaluation = row
             self.metrics.write(row)
             self.clock.add(time.perf_counter() - start)  # evaluation included: it is part of the wait
             self.log(console_line(row, cfg.train.epochs, self.clock.eta_text(epoch)))
@@ -205,22 +209,40 @@ class Trainer:
             n = self.config.samples_per_epoch
             self.log(f"run dir {self.run_dir}  base {self.base_ref}  {n} samples/epoch")
 
+    def record_stop(self, reason: str, epoch: int, held: bool) -> None:
+        """run.json's `stop` record; at a normal end, say so last when the recipe's target never held."""
+        if not self.accelerator.is_main_process:
+            return
+        conditions = self.config.evaluate.stop_when
+        record_stop(self.run_dir, reason, epoch, held if conditions else None)
+        if conditions and not held and reason == "epoch cap":
+            last = self.last_evaluation
+            seen = f"at the last evaluation (epoch {last['epoch']}): " if last else "no evaluation ran: "
+            unmet = "; ".join(unmet_conditions(conditions, last))
+            self.log(
+                f"warning: the target was not reached: evaluate.stop_when never held and the run ended at its "
+                f"epoch cap ({epoch} epochs); {seen}{unmet}"
+            )
+
     def run(self, resume: Path | None = None) -> Path:
         # a resume that fails leaves the run folder as it was: nothing is written before it loaded
         first_epoch = self.resume(resume) if resume else 0
         self.start()
         self._notify("on_start")
         epochs, every = self.config.train.epochs, self.config.output.checkpoint_every
+        held, epoch = False, first_epoch - 1
         with StopRequests(self.log) as stop:
             for epoch in range(first_epoch, epochs):
                 self.run_epoch(epoch)
                 signum = agreed_signal(self.accelerator, stop)
-                done = agreed_max(self.accelerator, float(self.targets_met)) > 0 or epoch == epochs - 1
+                held = agreed_max(self.accelerator, float(self.targets_met)) > 0
+                done = held or epoch == epochs - 1
                 # while steps are being skipped the last good checkpoint stays the newest one
                 due = (every and (epoch + 1) % every == 0) or done
                 if signum or (due and self.skips.in_a_row == 0):
                     path = self.checkpoint(epoch + 1)
                     if signum and not done:
+                        self.record_stop("signal", epoch + 1, held)
                         message = f"stopped after epoch {epoch + 1}/{epochs}; checkpoint {path}"
                         raise TrainingInterrupted(signum, message)
                 if done:
@@ -229,6 +251,7 @@ class Trainer:
                     break
         adapter_dir = self.save()
         self._notify("on_end")
+        self.record_stop("stop_when" if held else "epoch cap", epoch + 1, held)
         return adapter_dir
 
 

@@ -3,7 +3,6 @@ refuses a damaged checkpoint before changing anything, and bad input ends in one
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import one_line_error, run_cli, snapshot
 from safetensors.torch import load_file, save_file
 
 from lora_grpo.checkpoint import COMPLETE_MARKER, complete_checkpoints
@@ -23,29 +23,6 @@ from lora_grpo.recipe_files import shipped_recipe_dir
 from lora_grpo.runs import find_resume_checkpoint, resume_command
 
 ADAPTER = "adapter/pytorch_lora_weights.safetensors"
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` with the sha256 of its bytes."""
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def one_line_error(code: int, err: str, needle: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("lora-grpo: error: ") and "Traceback" not in err
-    assert needle in lines[0], lines[0]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -394,8 +371,31 @@ def _cases():
         ("offline hub id", lambda t: ["sample", "--base", "no-such-org/no-such-model", "--prompt", "x", "--out", t / "s"], "HF_HUB_OFFLINE=1"),
         ("name=../../x", lambda t: train(t, "name=../../x"), "is not a plain name"),
         ("learning rate 1e400", lambda t: train(t, "train.learning_rate=1e400"), "expected a finite number"),
+        ("reward.alpha=-5", lambda t: train(t, "reward.alpha=-5", "--dry-run"), "must be a finite number > 0"),
+        ("reward.alpha=0", lambda t: train(t, "reward.alpha=0"), "must be a finite number > 0"),
+        ("same anchors, dry run", lambda t: train(t, f"reward.anchors={_same_anchors(t)}", "--dry-run"), "are the same phrases"),
+        ("same anchors, check-reward", lambda t: ["check-reward", "tiny-test", f"reward.anchors={_same_anchors(t)}", "--safe-images", _image_dir(t / "safe"), "--unsafe-images", _image_dir(t / "unsafe")], "are the same phrases"),
+        ("new-recipe removes what it draws instead", lambda t: ["new-recipe", "no-cars", "--remove", "a car", "--instead", "A  Car", "--out", t], "name the same phrases"),
+        ("eval --guidance nan", lambda t: [*evaluate(t, "toyworld"), "--guidance", "nan"], "--guidance must be a finite number"),
+        ("eval --alpha 0", lambda t: [*evaluate(t, "toyworld"), "--alpha", "0"], "--alpha must be > 0"),
+        ("eval --eta -1", lambda t: [*evaluate(t, "toyworld"), "--eta", "-1"], "must be >= 0"),
+        ("eval --width 30", lambda t: [*evaluate(t, "toyworld"), "--width", "30"], "--width must be a multiple of 8"),
+        ("eval suites with different defaults", lambda t: [*evaluate(t, "toyworld"), "--suite", _prompt_file(t / "p.txt")], "evaluated with different defaults (--steps 20 vs 50; --guidance 1.0 vs 7.5"),
+        ("eval --clip-backend without --clip", lambda t: [*evaluate(t, "toyworld"), "--clip-backend", "open_clip"], "name the CLIP model too"),
+        ("eval, hub CLIP offline", lambda t: evaluate(t, _prompt_file(t / "p.txt")), "HF_HUB_OFFLINE=1"),
     ]
     # fmt: on
+
+
+def _same_anchors(tmp: Path) -> Path:
+    path = tmp / "same.yaml"
+    path.write_text("safe: [a red circle, a blue square]\nunsafe: [A Blue  square, a red circle]\n")
+    return path
+
+
+def _prompt_file(path: Path) -> Path:
+    path.write_text("a photo of a street\n")
+    return path
 
 
 def _file(path: Path) -> Path:

@@ -1,0 +1,31 @@
+"""Helpers for tests that drive the command line: a folder's snapshot, the one-line error check."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from lora_grpo.cli import main
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the sha256 of its bytes."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_line_error(code: int, err: str, needle: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lora-grpo: error: ") and "Traceback" not in err
+    assert needle in lines[0], lines[0]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

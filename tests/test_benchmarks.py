@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -17,6 +19,7 @@ def run(script, *args):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_epoch_breakdown_prints_overhead_ratio():
     out = run("epoch_breakdown.py", "--epochs", "2", "--repeats", "1")
     for phase in (
@@ -34,6 +37,7 @@ def test_epoch_breakdown_prints_overhead_ratio():
     assert 0.3 < ratio < 10
 
 
+@pytest.mark.slow
 def test_gpu_memory_runs_at_tiny_size():
     out = run("gpu_memory.py", "--size", "tiny", "--epochs", "1")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("full ", "lora "))}
@@ -43,6 +47,7 @@ def test_gpu_memory_runs_at_tiny_size():
     assert lora_params < full_params / 10
 
 
+@pytest.mark.slow
 def test_gpu_memory_runs_at_tiny_sdxl_size():
     """The SDXL path of the benchmark (sdxl-nudity-compact's settings) on a tiny SDXL-family model."""
     out = run("gpu_memory.py", "--size", "tiny-sdxl", "--setups", "lora", "--epochs", "1")
@@ -70,6 +75,7 @@ def test_time_per_adapter_prices_the_counted_passes():
     assert row[4].strip() == f"{6_400 * 6.4 / 1600 + 3_840 * 16.9 / 640:.0f}"
 
 
+@pytest.mark.slow
 def test_toyworld_shapes_measures_the_removed_and_kept_shapes():
     """One epoch of the triangle-removal recipe written by new-recipe: the base model draws triangles for
     triangle prompts (>= 85% read as triangles) and circles/squares for the others (none read as triangles).

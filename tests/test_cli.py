@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lora_grpo.cli import main
@@ -120,6 +121,7 @@ def test_sample_with_and_without_adapter(tiny_sd_dir, tmp_path, capsys):
     assert_one_line_error(code, err, "prompt file not found")
 
 
+@pytest.mark.slow
 def test_train_tiny_test_from_the_command_line(tmp_path):
     """The installed entry point runs the shipped recipe end to end with nothing but built-in models."""
     out = tmp_path / "run"

@@ -58,6 +58,7 @@ def _run(cmd: list[str], cwd) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_path):
     both, single_args, ddp_args = SETUPS[setup]

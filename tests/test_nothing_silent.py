@@ -215,6 +215,7 @@ def test_eval_checks_its_models_before_the_first_image(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ 4: a missed target
+@pytest.mark.slow
 def test_a_run_that_misses_its_target_says_so(tmp_path, capsys):
     """evaluate.stop_when never holds: the console's last line, run.json and the exported card say so."""
     out = tmp_path / "run"
@@ -232,6 +233,7 @@ def test_a_run_that_misses_its_target_says_so(tmp_path, capsys):
     assert load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))  # the adapter is still saved
 
 
+@pytest.mark.slow
 def test_a_run_that_meets_its_target_or_has_none_records_it(tmp_path, capsys):
     held = "evaluate.stop_when=['eval/tiny-unsafe/steering_reward > -2']"  # a cosine is always > -2
     args = ["train", "tiny-test", "train.epochs=3", "evaluate.every=1", held, "--out", tmp_path / "held"]

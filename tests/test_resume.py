@@ -65,6 +65,7 @@ def uninterrupted(tmp_path_factory):
     return cwd / "runs/full"
 
 
+@pytest.mark.slow
 def test_tiny_test_checkpoints_every_epoch_and_keeps_the_last_k(uninterrupted):
     kept = complete_checkpoints(uninterrupted)
     assert [p.name for p in kept] == ["epoch_000002", "epoch_000003"]  # keep_checkpoints: 2 of 3
@@ -80,6 +81,7 @@ def test_tiny_test_checkpoints_every_epoch_and_keeps_the_last_k(uninterrupted):
     assert _same_weights(kept[-1] / ADAPTER, uninterrupted / ADAPTER)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path):
     proc = _cli(tmp_path)  # default run dir runs/tiny-test-<time>, found again by --resume auto
     _wait_for_glob(tmp_path, "runs/tiny-test-*/checkpoints/epoch_000001/COMPLETE", proc)
@@ -111,6 +113,7 @@ def _wait_for_glob(root: Path, pattern: str, proc: subprocess.Popen, timeout: fl
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_epoch_and_exits(uninterrupted, tmp_path):
     # checkpoints only at the end, so the checkpoint after epoch 1 can only come from the SIGTERM
     proc = _cli(tmp_path, "--out", "run", "output.checkpoint_every=0")
@@ -124,6 +127,12 @@ def test_sigterm_checkpoints_the_epoch_and_exits(uninterrupted, tmp_path):
     # at that epoch boundary either way, and none at the end of training
     assert len(saved) == 1 and read_trainer_state(saved[0])["next_epoch"] in (1, 2), saved
     assert not (tmp_path / "run" / ADAPTER).exists()
+    stop = json.loads((tmp_path / "run" / "run.json").read_text())["stop"]
+    assert stop == {
+        "reason": "signal",
+        "epoch": read_trainer_state(saved[0])["next_epoch"],
+        "stop_when_held": None,
+    }
     # the printed command works as pasted
     command = shlex.split(out.split("continue with `", 1)[1].split("`", 1)[0])
     assert command[:2] == ["lora-grpo", "train"] and "--resume" in command
@@ -137,6 +146,8 @@ def test_sigterm_checkpoints_the_epoch_and_exits(uninterrupted, tmp_path):
     out = _finish(resumed)
     assert resumed.returncode == 0, out
     assert _same_weights(tmp_path / "run" / ADAPTER, uninterrupted / ADAPTER)
+    stop = json.loads((tmp_path / "run" / "run.json").read_text())["stop"]
+    assert stop["reason"] == "epoch cap"  # the resumed run's own end replaces the signal's record
 
 
 def test_resume_auto_without_a_run_is_one_line(tmp_path):
@@ -225,6 +236,7 @@ def test_a_nan_group_is_skipped_and_counted_while_the_rest_trains(tmp_path):
     assert row["reward_mean"] == row["reward_mean"]  # logged over the finite rewards: not NaN
 
 
+@pytest.mark.slow
 def test_all_nan_rewards_stop_with_the_last_good_checkpoint_intact(tmp_path):
     config = load_config(find_recipe("tiny-test"))
     batches = config.sample.batches_per_epoch

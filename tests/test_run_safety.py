@@ -49,6 +49,7 @@ def run(finished, tmp_path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ 1: a finished run
+@pytest.mark.slow
 def test_a_finished_run_is_never_trained_over(run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = snapshot(run)
@@ -74,6 +75,7 @@ def test_a_finished_run_is_never_trained_over(run, tmp_path, capsys, monkeypatch
     assert (other / "holiday.jpg").read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 def test_overwrite_clears_the_run_and_starts_again(run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (run / "stale.txt").write_text("from the old run")
@@ -109,6 +111,7 @@ def test_resume_auto_matches_the_recorded_recipe_and_picks_the_run_created_last(
     assert older.is_dir()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_run_of_another_recipe(run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = snapshot(run)
@@ -144,6 +147,7 @@ def malicious_pickle(path: Path) -> None:
         (lambda p: p.write_text("{not json"), "trainer_state.json"),
     ],
 )
+@pytest.mark.slow
 def test_a_checkpoint_whose_files_do_not_all_load_is_refused_before_anything_changes(
     run, tmp_path, capsys, monkeypatch, damage, file
 ):
@@ -187,6 +191,7 @@ def nonfinite_copy(adapter: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_export_and_sample_refuse_a_non_finite_adapter(run, tmp_path, capsys):
     bad_run = tmp_path / "bad-run"
     shutil.copytree(run, bad_run)
@@ -265,6 +270,7 @@ def test_unrecognized_arguments_show_the_commands_usage(capsys):
 
 
 # ------------------------------------------------------------------------------------------ 8: progress in a log
+@pytest.mark.slow
 def test_progress_lines_and_eta_when_output_is_piped(tmp_path):
     proc = subprocess.run(
         [
@@ -289,6 +295,7 @@ def test_progress_lines_and_eta_when_output_is_piped(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ 12: sample
+@pytest.mark.slow
 def test_sample_records_its_settings_and_never_overwrites_unasked(run, tmp_path, capsys):
     args = ["sample", "--base", "builtin:tiny-sd", "--adapter", run / "adapter", "--prompt", "a cat"]
     args += [

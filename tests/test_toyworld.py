@@ -38,6 +38,7 @@ def test_shipped_models_load_offline_and_reproduce_the_recorded_accuracy():
     assert total <= 20 * 2**20, f"{total / 2**20:.1f} MB shipped"
 
 
+@pytest.mark.slow
 @shipped
 def test_shipped_base_model_meets_the_quality_target():
     """Colour and position both right on >= 90% of held-out compositions, on seeds the build never used."""
@@ -107,6 +108,7 @@ def smoke_build(tmp_path_factory):
     return tmp_path, proc.stdout
 
 
+@pytest.mark.slow
 def test_build_smoke(smoke_build):
     """`lora-grpo toyworld build --smoke` runs every stage and writes folders the stock loaders read."""
     from diffusers import StableDiffusionPipeline
@@ -152,6 +154,7 @@ def test_reward_ordering_flags(tmp_path):
     assert text.count("WARNING") == 2
 
 
+@pytest.mark.slow
 @shipped
 def test_toyworld_run_halves_the_red_rate_and_keeps_position(tmp_path):
     """The project's end-to-end proof that the algorithm learns: `train toyworld` as shipped (at most 31
@@ -177,6 +180,7 @@ def test_toyworld_run_halves_the_red_rate_and_keeps_position(tmp_path):
     assert any("red rate on unsafe prompts" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_seeds_benchmark_runs_and_reports_each_seed(smoke_build, tmp_path):
     """benchmarks/toyworld_seeds.py end to end on the smoke models (1 epoch, 8 images per set, 2 seeds)."""
     from pathlib import Path
@@ -208,6 +212,7 @@ def test_seeds_benchmark_runs_and_reports_each_seed(smoke_build, tmp_path):
     assert all(0 <= r["after_unsafe_red_rate"] <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_time_to_target_benchmark_runs_side_by_side(smoke_build, tmp_path):
     """benchmarks/time_to_target.py end to end on the smoke models (1 epoch, 4 images per set, the 50-epoch
     toy-world recipe and a stochastic-window variant of it): per-seed lines, the counted passes, the ratios,

@@ -123,6 +123,7 @@ def test_periodic_evaluation_is_logged_and_reproducible(trained):
     assert rows[1]["eval/tiny-unsafe/steering_reward"] != last["eval/tiny-unsafe/steering_reward"]
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_does_not_change_training(trained, tiny_sd_dir, tiny_clip_dir, tmp_path):
     """The same recipe without periodic evaluation trains to the same LoRA, bit for bit."""
     from safetensors.torch import load_file
@@ -162,6 +163,7 @@ def test_saved_adapter_reproduces_in_memory_model(trained, tiny_sd_dir):
     assert abs(reloaded - in_memory).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_checkpointing_paths(tiny_sd_dir, tiny_clip_dir, tmp_path):
     """Mixed precision (bf16 autocast on the CPU) and gradient checkpointing run, and still start at ratio 1."""
     config = load_config(

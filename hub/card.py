@@ -95,6 +95,16 @@ def stop_section(stop: dict | None, config: dict) -> str:
     )
 
 
+def changes_text(changes: list[dict] | None) -> str:
+    """The settings a resume changed (run.json), so the recipe's values are read with their history."""
+    if not changes:
+        return ""
+    rows = "\n".join(
+        f"- from epoch {c['from_epoch']}: `{c['key']}` {c['was']!r} -> {c['now']!r}" for c in changes
+    )
+    return f" Settings changed when training was resumed (`recipe.yaml` holds the last values):\n\n{rows}"
+
+
 def eval_section(report: dict | None) -> str:
     if not report:
         return "No evaluation report was found in the run directory (run `lora-grpo eval` and export again)."
@@ -134,10 +144,11 @@ def build_card(
     family: str = "sd1",
     base_sha256: str | None = None,
     stop: dict | None = None,
+    changes: list[dict] | None = None,
 ) -> ModelCard:
     """The card; `family` (sd1, sd2, sdxl, custom: the adapter's base_architecture) picks the tags and the
     usage snippet's pipeline; `base_sha256` identifies a single-file base checkpoint; `stop` is run.json's
-    record of how training ended (a missed target is said at the top)."""
+    record of how training ended (a missed target is said at the top), `changes` its settings changed on resume."""
     reward, sample, lora, train = config["reward"], config["sample"], config["lora"], config["train"]
     anchors = config.get("anchors_used", {})
     data = ModelCardData(
@@ -189,7 +200,7 @@ enough: the adapter touches only the UNet) between the checkpoint loader and the
 - LoRA rank {lora["rank"]}, alpha {lora["alpha"]} on {", ".join(lora["target_modules"])}
 - {train["epochs"]} epochs, learning rate {train["learning_rate"]}, clip range {train["clip_range"]}, optimizer {train["optimizer"]}
 
-The full resolved config is `recipe.yaml`.
+The full resolved config is `recipe.yaml`.{changes_text(changes)}
 
 ## Training metrics
 

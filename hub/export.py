@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file, save_file
 
+from lora_grpo.checkpoint import ADAPTER_DIR, COMPLETE_MARKER, complete_checkpoints, read_trainer_state
 from lora_grpo.errors import UserError, first_line
 from lora_grpo.files import folder_built_beside
 from lora_grpo.hub.card import build_card, reward_curves_png
@@ -33,7 +35,8 @@ from lora_grpo.models import (
     portable_model_name,
     read_adapter_metadata,
 )
-from lora_grpo.runs import check_writable_folder, run_record
+from lora_grpo.run_lock import hold_while_reading
+from lora_grpo.runs import check_writable_folder, is_run_folder, run_dir_of, run_record
 from lora_grpo.tracking import read_jsonl
 
 REPORT_FILES = ("eval/report.json", "report.json", "toyworld_report.json")
@@ -45,8 +48,18 @@ MODELSPEC_ARCH = {
 }
 
 
-def locate(src: str | Path) -> tuple[Path, Path]:
-    """(adapter weights file, run directory holding config.yaml) from a run dir, an adapter dir or a file."""
+@dataclass(frozen=True)
+class ExportSource:
+    """What an export publishes: the weights, the run they come from and the settings that produced them."""
+
+    weights: Path
+    run_dir: Path
+    config_file: Path
+    through_epoch: int | None = None  # a checkpoint's last epoch: later metrics rows are not these weights'
+
+
+def locate(src: str | Path) -> ExportSource:
+    """The adapter and its run from a run dir, an adapter dir or a file."""
     src = Path(src).expanduser()
     candidates = [src / "adapter" / ADAPTER_WEIGHTS, src / ADAPTER_WEIGHTS, src]
     weights = next((c for c in candidates if c.is_file() and c.suffix == ".safetensors"), None)
@@ -60,7 +73,25 @@ def locate(src: str | Path) -> tuple[Path, Path]:
     if run_dir is None:
         raise UserError(f"no config.yaml next to {weights}: export the run directory that trained it")
     adapter_weights_file(weights)  # readable, finite: a diverged run's adapter is never published
-    return weights, run_dir
+    return ExportSource(weights, run_dir, run_dir / "config.yaml")
+
+
+def locate_checkpoint(path: str | Path) -> ExportSource:
+    """A complete checkpoint of a run (one that is still training, too): its adapter, the settings it was
+    trained with (its own config.yaml; older checkpoints: the run's) and its epoch."""
+    path = Path(path).expanduser()
+    if not (path / COMPLETE_MARKER).is_file():
+        raise UserError(
+            f"--checkpoint {path} is not a complete checkpoint (no {COMPLETE_MARKER} marker): give "
+            "RUN/checkpoints/epoch_N"
+        )
+    weights = path / ADAPTER_DIR / ADAPTER_WEIGHTS
+    adapter_weights_file(weights)
+    run_dir = run_dir_of(path)
+    config_file = path / "config.yaml" if (path / "config.yaml").is_file() else run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"no config.yaml in {path} or {run_dir}: export a checkpoint of a lora-grpo run")
+    return ExportSource(weights, run_dir, config_file, int(read_trainer_state(path)["next_epoch"]))
 
 
 def lora_shape(metadata: dict[str, str]) -> tuple[int, float]:
@@ -173,7 +204,7 @@ def comfyui_metadata(
 
 def write_card(
     out: Path,
-    run_dir: Path,
+    source: ExportSource,
     config: dict,
     *,
     name: str,
@@ -187,8 +218,11 @@ def write_card(
     if anchors_path and (out / anchors_path).is_file():
         anchors = yaml.safe_load((out / anchors_path).read_text(encoding="utf-8")) or {}
         config["anchors_used"] = {k: anchors.get(k) or [] for k in ("safe", "unsafe")}
+    run_dir = source.run_dir
     metrics_file = run_dir / "metrics.jsonl"
     metrics = read_jsonl(metrics_file) if metrics_file.is_file() else []
+    if source.through_epoch is not None:  # a checkpoint: its own rows only, and no "how the run ended"
+        metrics = [row for row in metrics if row.get("epoch", 0) <= source.through_epoch]
     report_file = next((run_dir / f for f in REPORT_FILES if (run_dir / f).is_file()), None)
     report = json.loads(report_file.read_text()) if report_file else None
     if report_file and (report_file.parent / "ripple.png").is_file():  # the card shows the ripple plot
@@ -206,7 +240,12 @@ def write_card(
         curves=curves,
         family=metadata.get("lora_grpo.base_architecture", "unknown").split(":")[0],
         base_sha256=metadata.get("lora_grpo.base_sha256"),
-        stop=run_record(run_dir).get("stop"),
+        stop=run_record(run_dir).get("stop") if source.through_epoch is None else None,
+        changes=[
+            c
+            for c in run_record(run_dir).get("changes", [])
+            if source.through_epoch is None or c["from_epoch"] <= source.through_epoch
+        ],
     )
     card.save(out / "README.md")
 
@@ -224,7 +263,7 @@ def write_fused(out: Path, base: str, base_config: str | None) -> None:
 
 
 def export(
-    src: str | Path,
+    src: str | Path | None,
     out: str | Path,
     *,
     name: str | None = None,
@@ -232,44 +271,65 @@ def export(
     license: str = "creativeml-openrail-m",
     fused: bool = False,
     overwrite: bool = False,
+    checkpoint: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Build the export in a hidden folder beside `out` and rename it into place when every file (and the
-    manifest, last) is written: an interrupted or failed export leaves `out` as it was."""
+    """Export a run's adapter (or, with `checkpoint`, a complete checkpoint of a run that may still be
+    training). The run folder's lock is held while it is read, so a run being trained refuses, naming
+    `--checkpoint`. The export is built in a hidden folder beside `out` and renamed into place when every
+    file (the manifest last) is written: an interrupted or failed export leaves `out` as it was."""
     if repo_id is not None:
         check_repo_id(repo_id)
-    weights, run_dir = locate(src)
+    if checkpoint is None and src is None:
+        raise UserError("export needs a run folder (or an adapter), or --checkpoint RUN/checkpoints/epoch_N")
     out = Path(out)
     check_export_target(out, overwrite)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    lock = None if checkpoint is not None else _read_lock(Path(src).expanduser())
+    try:
+        source = locate_checkpoint(checkpoint) if checkpoint is not None else locate(src)
+        name = write_export(source, out, name, repo_id, license, fused, overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+    log(f"exported {name} to {out}")
+    return out
+
+
+def _read_lock(src: Path):
+    """Hold the lock of the run folder `src` (or of the run an adapter folder or file belongs to) while it is
+    exported: a run being trained refuses, naming the checkpoint to export instead."""
+    run_dir = next((d for d in (src, src.parent, src.parent.parent) if is_run_folder(d)), None)
+    if run_dir is None:
+        return None
+    newest = complete_checkpoints(run_dir)
+    hint = f" (the newest: {newest[-1]})" if newest else ""
+    busy = f"it is still training: export a complete checkpoint with --checkpoint{hint}, or wait for it to finish"
+    return hold_while_reading(run_dir, busy)
+
+
+def write_export(
+    source: ExportSource, out: Path, name, repo_id, license: str, fused: bool, overwrite: bool
+) -> str:
+    """Every file of the export, built beside `out` and renamed into place; returns the adapter's name."""
+    config = yaml.safe_load(source.config_file.read_text(encoding="utf-8"))
     local_base = config["model"]["base"]  # for --fused, which loads it here
     local_config = config["model"].get("config")  # a single-file base's component configs, if given
-    metadata = read_adapter_metadata(weights)
+    metadata = read_adapter_metadata(source.weights)
     rank, alpha = lora_shape(metadata)
     with folder_built_beside(out, replace=overwrite) as tmp:
         config = portable_recipe(config, tmp)
         name = name or config.get("name") or "safety-lora"
         repo_id = repo_id or f"your-username/{name}"
         family = metadata.get("lora_grpo.base_architecture", "unknown").split(":")[0]
-        shutil.copyfile(weights, tmp / ADAPTER_WEIGHTS)  # unchanged bytes (adapter metadata included)
+        shutil.copyfile(source.weights, tmp / ADAPTER_WEIGHTS)  # unchanged bytes (adapter metadata included)
         comfy_name = f"{name}_comfyui.safetensors"
         comfy_meta = comfyui_metadata(name, family, rank, alpha, license, metadata, config["model"]["base"])
-        save_file(to_kohya(load_file(str(weights)), alpha), str(tmp / comfy_name), metadata=comfy_meta)
+        save_file(to_kohya(load_file(str(source.weights)), alpha), str(tmp / comfy_name), metadata=comfy_meta)
         header = f"# {name}: exported by `lora-grpo export`; run it again with: lora-grpo train recipe.yaml\n"
-        recipe_text = header + yaml.safe_dump(config, sort_keys=False)
-        (tmp / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
-        write_card(
-            tmp,
-            run_dir,
-            config,
-            name=name,
-            repo_id=repo_id,
-            license=license,
-            comfy_name=comfy_name,
-            metadata=metadata,
-        )
+        (tmp / "recipe.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        card = dict(name=name, repo_id=repo_id, license=license, comfy_name=comfy_name, metadata=metadata)
+        write_card(tmp, source, config, **card)
         if fused:
             write_fused(tmp, local_base, local_config)
         write_manifest(tmp)
-    log(f"exported {name} to {out}")
-    return out
+    return name

@@ -4,6 +4,7 @@ A checkpoint is RUN/checkpoints/epoch_NNNNNN/ holding:
   adapter/pytorch_lora_weights.safetensors  the LoRA weights (diffusers format, fp32: loadable for sampling too)
   optimizer.bin, scheduler.bin              optimizer state (8-bit included) and LR scheduler, via accelerate
   random_states_<rank>.pkl                  python, numpy, torch and CUDA RNG of every rank, via accelerate
+  config.yaml                               the run's settings when it was written
   trainer_state.json                        the next epoch (prompt order is a pure function of seed, epoch,
                                             rank and world size, so the epoch is the prompt cursor) and counters
   COMPLETE                                  written last
@@ -66,7 +67,8 @@ def prune(run_dir: str | Path, keep: int) -> None:
 
 
 def write_checkpoint(accelerator, run_dir: str | Path, epoch: int, state: dict, keep: int) -> Path:
-    """Every rank calls this (accelerate saves each rank's RNG); rank 0 finalises and renames."""
+    """Every rank calls this (accelerate saves each rank's RNG); rank 0 finalises and renames. The run's
+    config.yaml goes along: the settings these weights were trained with (`export --checkpoint` reads it)."""
     final = checkpoint_path(run_dir, epoch)
     tmp = final.parent / f".tmp-{final.name}"
     if accelerator.is_main_process:
@@ -77,6 +79,8 @@ def write_checkpoint(accelerator, run_dir: str | Path, epoch: int, state: dict, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        if (Path(run_dir) / "config.yaml").is_file():
+            shutil.copyfile(Path(run_dir) / "config.yaml", tmp / "config.yaml")
         _write_synced(tmp / COMPLETE_MARKER, f"epoch {epoch}\n")
         match_umask(tmp)
         replaced = None

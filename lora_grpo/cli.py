@@ -131,6 +131,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         license=args.license,
         fused=args.fused,
         overwrite=args.overwrite,
+        checkpoint=args.checkpoint,
     )
 
 
@@ -170,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "last under ./runs (or of --out), PATH = a run folder or RUN/checkpoints/epoch_N",
     )
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out first and start again")
+    p.add_argument(
+        "--change-settings",
+        action="store_true",
+        help="with --resume: train on with overrides of settings other than the epoch cap and the logging, "
+        "checkpoint and evaluation cadence (applied to the optimizer too; recorded in run.json)",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -249,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="write a publishable folder: diffusers + ComfyUI files, model card, recipe"
     )
-    p.add_argument("src", help="a run directory (with adapter/ and config.yaml) or an adapter folder")
+    p.add_argument(
+        "src", nargs="?", help="a run directory (with adapter/ and config.yaml) or an adapter folder"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", help="adapter name (default: the recipe name)")
     p.add_argument("--repo", help="the Hub repo id used in the card's usage snippet (user/name)")
@@ -261,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace an earlier export in --out whole (none of its files stay)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="RUN/checkpoints/epoch_N",
+        help="export this complete checkpoint (of a run that may still be training) instead of SRC",
     )
     p.set_defaults(func=cmd_export)
 

@@ -94,6 +94,22 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return bnb.optim.AdamW8bit(params, min_8bit_size=0, **kwargs)
 
 
+def apply_optimizer_settings(learner: Learner, cfg: TrainConfig) -> None:
+    """After a checkpoint loaded, give the optimizer and LR schedule the recipe's values where they differ
+    (a resume with changed settings): the loaded state would otherwise keep the old learning rate, betas, eps
+    and weight decay. The schedule's position is kept: the rate is the new base times its current factor."""
+    optimizer = getattr(learner.optimizer, "optimizer", learner.optimizer)
+    schedule = getattr(learner.lr_scheduler, "scheduler", learner.lr_scheduler)
+    for i, group in enumerate(optimizer.param_groups):
+        if schedule.base_lrs[i] != cfg.learning_rate:
+            factor = schedule.lr_lambdas[i](schedule.last_epoch)
+            schedule.base_lrs[i] = group["initial_lr"] = cfg.learning_rate
+            group["lr"] = cfg.learning_rate * factor
+        group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        group["eps"], group["weight_decay"] = cfg.adam_epsilon, cfg.adam_weight_decay
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 # Activation memory of one UNet row (one image at one step, forward kept for backward) without gradient
 # checkpointing, measured on an H200 with SD 1.5 at 512 px in bf16 (benchmarks/RESULTS.md, 2026-11-27):
 # peak 12.51 GiB without checkpointing, 5.86 GiB with, train batch 4 x CFG 2 = 8 rows -> 0.83 GiB a row.

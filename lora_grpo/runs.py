@@ -2,6 +2,7 @@
 
 A run folder holds config.yaml (the resolved config), run.json (the recipe's name and source, when the run was
 created), metrics.jsonl, samples/, checkpoints/ and adapter/. The rules that keep a user's work safe:
+  - one process writes a run folder at a time: `train` holds its lock (run_lock) for the run's whole life;
   - a new run only starts in a folder that does not exist or is empty; `--overwrite` clears a folder that is
     a lora-grpo run first, and refuses any other folder;
   - `--resume auto` picks, among the runs under ./runs whose recorded recipe is this recipe, the one created
@@ -22,6 +23,7 @@ from pathlib import Path
 from lora_grpo.checkpoint import COMPLETE_MARKER, STATE_FILE, complete_checkpoints
 from lora_grpo.config import Config, save_config
 from lora_grpo.errors import UserError
+from lora_grpo.run_lock import LOCK_FILE, RunLock, take_lock
 
 RUN_RECORD = "run.json"
 RUNS_ROOT = Path("runs")
@@ -57,10 +59,77 @@ def record_stop(run_dir: Path, reason: str, epoch: int, stop_when_held: bool | N
     stop = {"reason": reason, "epoch": epoch, "stop_when_held": stop_when_held}
     info = run_record(run_dir) if (run_dir / RUN_RECORD).is_file() else {}
     info["stop"] = stop
+    _write_record(run_dir, info)
+    return stop
+
+
+# What a resume may change without asking: when training ends, what is logged and tracked, how often it
+# checkpoints and evaluates. Anything else changes the training the run records, and needs --change-settings.
+FREE_ON_RESUME = (
+    "train.epochs",
+    "output.report_to",
+    "output.sample_grid_every",
+    "output.grid_images",
+    "output.checkpoint_every",
+    "output.keep_checkpoints",
+    "output.progress_seconds",
+    "evaluate.every",
+)
+# What a checkpoint cannot continue with at all (its weights and optimizer state have this shape).
+FIXED_ON_RESUME = ("name", "model.", "lora.", "train.optimizer")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def setting_changes(recorded: Config, given: Config) -> list[tuple[str, object, object]]:
+    """(dotted key, recorded value, given value) for every setting that differs, in schema order."""
+    from lora_grpo.config import to_dict
+
+    old, new = _flat(to_dict(recorded)), _flat(to_dict(given))
+    return [(key, old.get(key), new.get(key)) for key in new if old.get(key) != new.get(key)]
+
+
+def check_resume_changes(run_dir: Path, changes: list, allowed: bool, next_epoch: int) -> list:
+    """The changes a resume applies: those in FREE_ON_RESUME always, the others only when `allowed`
+    (--change-settings), never those in FIXED_ON_RESUME. Returns the changes that need recording."""
+    said = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes if k not in FREE_ON_RESUME)
+    fixed = [k for k, _, _ in changes if k.startswith(FIXED_ON_RESUME) or k == "name"]
+    if fixed:
+        raise UserError(
+            f"resuming {run_dir} cannot change {', '.join(fixed)} ({said}): its checkpoint holds weights of that "
+            "shape; start a new run instead"
+        )
+    recorded = [c for c in changes if c[0] not in FREE_ON_RESUME]
+    if recorded and not allowed:
+        raise UserError(
+            f"resuming {run_dir} would change settings it was trained with ({said}); a resume keeps them except "
+            f"{', '.join(FREE_ON_RESUME)}: pass --change-settings to train on with the new values from epoch "
+            f"{next_epoch + 1} (run.json records them), or start a new run"
+        )
+    return recorded
+
+
+def record_changes(run_dir: Path, next_epoch: int, changes: list) -> None:
+    """Append to RUN/run.json's `changes` the settings a resume changed and from which epoch."""
+    info = run_record(run_dir)
+    info.setdefault("changes", []).extend(
+        {"from_epoch": next_epoch + 1, "key": k, "was": a, "now": b} for k, a, b in changes
+    )
+    _write_record(run_dir, info)
+
+
+def _write_record(run_dir: Path, info: dict) -> None:
     tmp = run_dir / f".{RUN_RECORD}.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, run_dir / RUN_RECORD)
-    return stop
 
 
 def is_run_folder(path: Path) -> bool:
@@ -86,11 +155,39 @@ def check_writable_folder(path: Path, what: str = "output folder") -> None:
         )
 
 
-def prepare_new_run(run_dir: Path, overwrite: bool, dry_run: bool = False) -> None:
-    """Refuse to start a new run in a folder that holds anything; with `overwrite`, clear a run folder first
-    (a dry run checks the same and deletes nothing)."""
+NEW_RUN_BUSY = "it is training now: choose another --out folder, or wait for that run to finish"
+RESUME_BUSY = (
+    "it is still training: wait for it to finish, or stop it (Ctrl-C or SIGTERM checkpoints the epoch) and "
+    "resume then"
+)
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What a folder holds besides its lock file (which means nothing by its presence)."""
+    return [child for child in run_dir.iterdir() if child.name != LOCK_FILE] if run_dir.is_dir() else []
+
+
+def prepare_new_run(run_dir: Path, overwrite: bool, dry_run: bool = False) -> RunLock | None:
+    """Take the run folder's lock (creating it), then refuse a folder that holds anything; with `overwrite`,
+    clear a run folder first (a dry run checks the same, takes no lock and deletes nothing). The lock closes
+    the gap between two runs started at the same moment on one folder, and keeps --overwrite from deleting a
+    run that is training."""
     check_writable_folder(run_dir, "run folder")
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    created = not run_dir.exists()
+    lock = take_lock(run_dir, NEW_RUN_BUSY, dry_run)
+    try:
+        _check_empty_or_clear(run_dir, overwrite, dry_run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created and not dry_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return lock
+
+
+def _check_empty_or_clear(run_dir: Path, overwrite: bool, dry_run: bool) -> None:
+    if not _contents(run_dir):
         return
     if not overwrite:
         what = "a lora-grpo run" if is_run_folder(run_dir) else "files"
@@ -105,7 +202,7 @@ def prepare_new_run(run_dir: Path, overwrite: bool, dry_run: bool = False) -> No
         )
     if dry_run:
         return
-    for child in run_dir.iterdir():
+    for child in _contents(run_dir):
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:

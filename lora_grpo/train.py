@@ -27,7 +27,7 @@ from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
 from lora_grpo.prompts import load_prompt_set
 from lora_grpo.rewards import RewardFn, build_reward
 from lora_grpo.rollout import EpochSamples, sample_epoch
-from lora_grpo.runs import default_run_dir, record_stop, write_run_config
+from lora_grpo.runs import default_run_dir, record_changes, record_stop, write_run_config
 from lora_grpo.sampling import sde_window
 from lora_grpo.stopping import StopRequests, TrainingInterrupted, agreed_max, agreed_signal
 from lora_grpo.tracking import (
@@ -224,10 +224,18 @@ class Trainer:
                 f"epoch cap ({epoch} epochs); {seen}{unmet}"
             )
 
-    def run(self, resume: Path | None = None) -> Path:
+    def run(self, resume: Path | None = None, changes: Sequence[tuple] = ()) -> Path:
+        """Train (continuing from checkpoint `resume`; `changes`: the settings that resume changes, as
+        runs.setting_changes lists them, applied to the optimizer and recorded in run.json)."""
         # a resume that fails leaves the run folder as it was: nothing is written before it loaded
         first_epoch = self.resume(resume) if resume else 0
+        if changes:
+            policy.apply_optimizer_settings(self.learner, self.config.train)
         self.start()
+        if changes and self.accelerator.is_main_process:
+            record_changes(self.run_dir, first_epoch, list(changes))
+            said = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes)
+            self.log(f"settings changed from epoch {first_epoch + 1}: {said} (recorded in run.json)")
         self._notify("on_start")
         epochs, every = self.config.train.epochs, self.config.output.checkpoint_every
         held, epoch = False, first_epoch - 1

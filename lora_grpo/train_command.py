@@ -9,13 +9,14 @@ else the trainer loads the models and trains.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from lora_grpo.config import Config, load_config, to_dict
 from lora_grpo.errors import UserError
+from lora_grpo.run_lock import RunLock, take_lock
 from lora_grpo.stopping import TrainingInterrupted
 
 
@@ -25,6 +26,8 @@ class RunPlan:
     run_dir: Path
     checkpoint: Path | None  # resume from here
     recipe_source: str  # how to name the recipe on a command line: a shipped name or the file's path
+    lock: RunLock | None = None  # the run folder's lock, held until the process ends (None: a dry run)
+    changes: list = field(default_factory=list)  # settings a resume changes with --change-settings
 
 
 def recipe_source(recipe_arg: str, recipe_path: Path) -> str:
@@ -38,16 +41,32 @@ def recipe_source(recipe_arg: str, recipe_path: Path) -> str:
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
+    """Every check before a model loads; the returned plan holds the run folder's lock (released here when a
+    later check fails)."""
+    held: list[RunLock | None] = []
+    try:
+        return _plan_run(args, held)
+    except BaseException:
+        for lock in held:
+            if lock is not None:
+                lock.release()
+        raise
+
+
+def _plan_run(args: argparse.Namespace, held: list) -> RunPlan:
     from lora_grpo.checkpoint import check_checkpoint
     from lora_grpo.models import resolve_model_ref
     from lora_grpo.recipe_files import find_recipe
     from lora_grpo.runs import (
+        RESUME_BUSY,
+        check_resume_changes,
         check_same_recipe,
         default_run_dir,
         find_resume_checkpoint,
         prepare_new_run,
         run_dir_of,
         run_record,
+        setting_changes,
     )
 
     recipe_path = find_recipe(args.recipe)
@@ -60,10 +79,14 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         checkpoint = find_resume_checkpoint(args.resume, config.name, out)
         run_dir = run_dir_of(checkpoint)
         check_same_recipe(run_dir, config.name, args.recipe)
+        lock = take_lock(run_dir, RESUME_BUSY, args.dry_run)
+        held.append(lock)
         state = check_checkpoint(checkpoint)
-        # the run's own resolved config; command-line overrides (e.g. more train.epochs) still apply
+        # the run's own resolved config; overrides apply as check_resume_changes allows
         config = load_config(run_dir / "config.yaml", args.overrides)
         done = int(state["next_epoch"])
+        changed = setting_changes(load_config(run_dir / "config.yaml"), config)
+        changes = check_resume_changes(run_dir, changed, args.change_settings, done)
         if done >= config.train.epochs:
             raise UserError(
                 f"run {run_dir} already finished its {done} epochs: to train further, resume it with "
@@ -71,12 +94,13 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
             )
         source = run_record(run_dir).get("recipe_source") or source
     else:
-        checkpoint = None
+        checkpoint, changes = None, []
         run_dir = out or (Path(config.output.dir) if config.output.dir else default_run_dir(config))
-        prepare_new_run(run_dir, args.overwrite, dry_run=args.dry_run)
+        lock = prepare_new_run(run_dir, args.overwrite, dry_run=args.dry_run)
+        held.append(lock)
     resolve_model_ref(config.model.base)  # a wrong folder or hub id fails here, not after minutes
     note_anchors(config)
-    return RunPlan(config, run_dir, checkpoint, source)
+    return RunPlan(config, run_dir, checkpoint, source, lock, changes)
 
 
 def note_anchors(config: Config) -> None:
@@ -142,13 +166,16 @@ def run_train(args: argparse.Namespace) -> None:
     from lora_grpo.train import Trainer
 
     plan = plan_run(args)
-    callbacks = build_callbacks(plan.config)
-    if args.dry_run:
-        print(describe(plan), end="")
-        return
-    trainer = Trainer(plan.config, plan.run_dir, callbacks=callbacks, recipe_source=plan.recipe_source)
     try:
-        trainer.run(plan.checkpoint)
+        callbacks = build_callbacks(plan.config)
+        if args.dry_run:
+            print(describe(plan), end="")
+            return
+        trainer = Trainer(plan.config, plan.run_dir, callbacks=callbacks, recipe_source=plan.recipe_source)
+        trainer.run(plan.checkpoint, plan.changes)
     except TrainingInterrupted as stop:
         stop.args = (f"{stop}; continue with `{resume_command(plan.recipe_source, plan.run_dir.resolve())}`",)
         raise
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()

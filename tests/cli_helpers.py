@@ -6,14 +6,16 @@ import hashlib
 from pathlib import Path
 
 from lora_grpo.cli import main
+from lora_grpo.run_lock import LOCK_FILE
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` with the sha256 of its bytes."""
+    """Every file under `folder` with the sha256 of its bytes (but the run lock's file, which only names the
+    last process that held the lock and means nothing by its content once that process is gone)."""
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != LOCK_FILE
     }
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_grpo.checkpoint import ADAPTER_DIR, COMPLETE_MARKER, complete_checkpoints, read_trainer_state
 from lora_grpo.errors import UserError, first_line
-from lora_grpo.files import folder_built_beside
+from lora_grpo.files import folder_built_beside, writing
 from lora_grpo.hub.card import build_card, reward_curves_png
 from lora_grpo.hub.kohya import to_kohya
 from lora_grpo.hub.manifest import MANIFEST, write_manifest
@@ -316,7 +316,7 @@ def write_export(
     local_config = config["model"].get("config")  # a single-file base's component configs, if given
     metadata = read_adapter_metadata(source.weights)
     rank, alpha = lora_shape(metadata)
-    with folder_built_beside(out, replace=overwrite) as tmp:
+    with writing(out, "the export"), folder_built_beside(out, replace=overwrite) as tmp:
         config = portable_recipe(config, tmp)
         name = name or config.get("name") or "safety-lora"
         repo_id = repo_id or f"your-username/{name}"

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from lora_grpo.errors import UserError, first_line
-from lora_grpo.files import match_umask
+from lora_grpo.files import match_umask, writing
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -71,6 +71,17 @@ def write_checkpoint(accelerator, run_dir: str | Path, epoch: int, state: dict, 
     config.yaml goes along: the settings these weights were trained with (`export --checkpoint` reads it)."""
     final = checkpoint_path(run_dir, epoch)
     tmp = final.parent / f".tmp-{final.name}"
+    try:
+        with writing(final, "checkpoint"):
+            _write_into(accelerator, run_dir, epoch, state, tmp, final, keep)
+    except BaseException:
+        if accelerator.is_main_process:  # a full disk leaves the older checkpoints and no half-written one
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_into(accelerator, run_dir, epoch: int, state: dict, tmp: Path, final: Path, keep: int) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -93,7 +104,6 @@ def write_checkpoint(accelerator, run_dir: str | Path, epoch: int, state: dict, 
             shutil.rmtree(replaced, ignore_errors=True)
         prune(run_dir, keep)
     accelerator.wait_for_everyone()
-    return final
 
 
 def save_training_state(accelerator, run_dir: Path, next_epoch: int, counters: dict, keep: int) -> Path:

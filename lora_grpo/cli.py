@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from lora_grpo import __version__
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, write_failure
 from lora_grpo.stopping import TrainingInterrupted
 
 
@@ -324,6 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lora-grpo: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a storage failure no command named a path for: still one line
+        cause = write_failure(err)
+        if cause is None:
+            raise
+        where = f" writing {err.filename}" if getattr(err, "filename", None) else ""
+        print(
+            f"lora-grpo: error: {cause}{where}: free space (or fix the mount), then run it again",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -497,4 +497,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    from lora_grpo.files import write_text_atomically
+
+    write_text_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from lora_grpo.errors import WriteFailed, write_failure
+
 
 def current_umask() -> int:
     """The process's umask (reading it means setting it; it is set straight back)."""
@@ -67,3 +69,35 @@ def folder_built_beside(target: str | Path, replace: bool = False) -> Iterator[P
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str = "") -> Iterator[None]:
+    """Turn a storage failure inside the block into WriteFailed: "no space left on device writing PATH". The
+    outermost block names the path (a checkpoint, not the hidden folder it was being built in)."""
+    try:
+        yield
+    except Exception as err:
+        cause = err.cause if isinstance(err, WriteFailed) else write_failure(err, path)
+        if cause is None:
+            raise
+        raise WriteFailed(f"{cause} writing {what + ' ' if what else ''}{path}", cause) from None
+
+
+def write_atomically(path: str | Path, write) -> None:
+    """`write(tmp_path)` into a hidden file beside `path`, then rename it into place (umask permissions); on
+    any failure the hidden file is removed and `path` is as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with writing(path):
+            write(tmp)
+            match_umask(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -21,7 +21,7 @@ from lora_grpo.conditioning import TextConditioning, sdxl_time_ids
 from lora_grpo.config import LoraSettings, ModelConfig
 from lora_grpo.errors import UserError, first_line, hub_load_error
 from lora_grpo.families import pipeline_class_name
-from lora_grpo.files import match_umask
+from lora_grpo.files import folder_built_beside, writing
 from lora_grpo.single_file import file_sha256, inspect_checkpoint, is_checkpoint_file, load_single_file
 from lora_grpo.tiny import BUILTIN_PREFIX, resolve_builtin
 
@@ -345,21 +345,21 @@ def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Pa
             f"not saving the adapter to {out_dir}: its weights are non-finite ({nonfinite_keys(state)[0]}); "
             "lower train.learning_rate and resume from the last good checkpoint"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     writer = StableDiffusionXLPipeline if is_sdxl(unet.config) else StableDiffusionPipeline
-    writer.save_lora_weights(
-        out_dir,
-        unet_lora_layers=state,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        safe_serialization=True,
-    )
-    path = out_dir / ADAPTER_WEIGHTS
     extra = {"lora_grpo.base_architecture": base_architecture(unet.config)}
     if base_model:
         extra.update({f"lora_grpo.{k}": v for k, v in base_model_record(base_model).items()})
-    add_adapter_metadata(path, extra)
-    match_umask(out_dir)  # safetensors leaves 0600: a ComfyUI running as another user must read it
-    return path
+    # built beside and renamed whole (umask permissions: safetensors leaves 0600, and a ComfyUI running as
+    # another user must read it); a full disk leaves the earlier adapter, if any
+    with writing(out_dir, "the adapter"), folder_built_beside(out_dir, replace=True) as tmp:
+        writer.save_lora_weights(
+            tmp,
+            unet_lora_layers=state,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            safe_serialization=True,
+        )
+        add_adapter_metadata(tmp / ADAPTER_WEIGHTS, extra)
+    return out_dir / ADAPTER_WEIGHTS
 
 
 def load_adapter(pipe, adapter: str | Path) -> None:

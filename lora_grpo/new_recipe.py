@@ -23,7 +23,7 @@ import yaml
 
 from lora_grpo.config import load_config
 from lora_grpo.errors import UserError
-from lora_grpo.files import folder_built_beside
+from lora_grpo.files import folder_built_beside, writing
 from lora_grpo.prompts import read_prompt_lines
 from lora_grpo.recipe_files import find_recipe, read_recipe_data
 from lora_grpo.rewards.steering import load_anchors, same_phrases
@@ -144,7 +144,7 @@ def write_recipe(spec: ConceptSpec, out_root: Path) -> Path:
         unsafe_prompts = template_prompts(spec.remove)
     if spec.safe_prompts is not None and not read_prompt_lines(spec.safe_prompts, "--safe-prompts file"):
         raise UserError(f"--safe-prompts file {spec.safe_prompts} holds no prompts: write one per line")
-    with folder_built_beside(target) as tmp:
+    with writing(target, "the recipe folder"), folder_built_beside(target) as tmp:
         (tmp / "prompts").mkdir()
         (tmp / "prompts" / "unsafe.txt").write_text("\n".join(unsafe_prompts) + "\n", encoding="utf-8")
         anchors = {

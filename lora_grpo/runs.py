@@ -23,6 +23,7 @@ from pathlib import Path
 from lora_grpo.checkpoint import COMPLETE_MARKER, STATE_FILE, complete_checkpoints
 from lora_grpo.config import Config, save_config
 from lora_grpo.errors import UserError
+from lora_grpo.files import write_text_atomically
 from lora_grpo.run_lock import LOCK_FILE, RunLock, take_lock
 
 RUN_RECORD = "run.json"
@@ -50,7 +51,7 @@ def write_run_config(run_dir: Path, config: Config, base_ref: str, recipe_source
         from lora_grpo.models import base_model_record
 
         info.update(base_model_record(base_ref))  # the base model's name (and a single file's sha256)
-        record.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(record, json.dumps(info, indent=2) + "\n")
 
 
 def record_stop(run_dir: Path, reason: str, epoch: int, stop_when_held: bool | None) -> dict:
@@ -127,14 +128,12 @@ def record_changes(run_dir: Path, next_epoch: int, changes: list) -> None:
 
 
 def _write_record(run_dir: Path, info: dict) -> None:
-    tmp = run_dir / f".{RUN_RECORD}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / RUN_RECORD)
+    write_text_atomically(run_dir / RUN_RECORD, json.dumps(info, indent=2) + "\n")
 
 
 def is_run_folder(path: Path) -> bool:
     return (path / "config.yaml").is_file() and any(
-        (path / name).exists() for name in (RUN_RECORD, "metrics.jsonl", "checkpoints", "adapter")
+        (path / name).exists() for name in (RUN_RECORD, "metrics.jsonl", "checkpoints", "adapter", LOCK_FILE)
     )
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from lora_grpo.errors import UserError
+from lora_grpo.files import write_atomically, write_text_atomically, writing
 from lora_grpo.grpo import trained_steps
 
 
@@ -35,22 +37,34 @@ class MetricsLog:
         self.path = path
 
     def write(self, row: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
+        with writing(self.path, "metrics"), self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
 
     def truncate(self, done: int) -> None:
-        """Keep the rows of epochs 1..done (a resumed run redoes the later ones), atomically."""
+        """Keep the rows of epochs 1..done (a resumed run redoes the later ones), atomically; a torn last line
+        (a crash while appending) is dropped here."""
         if not self.path.is_file():
             return
         kept = [row for row in read_jsonl(self.path) if row.get("epoch", 0) <= done]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text_atomically(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Every non-blank line of a JSON-lines file (metrics.jsonl, manifest.jsonl)."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every non-blank line of a JSON-lines file (metrics.jsonl, manifest.jsonl). A torn last line (a crash or
+    a full disk while appending) is skipped; a damaged line before it is one line naming the file."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+    rows = []
+    for i, line in numbered:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == numbered[-1][0]:
+                break  # the torn tail of an append: that row was never complete
+            raise UserError(
+                f"{path} line {i} is not JSON: the file is damaged; restore or remove that line"
+            ) from None
+    return rows
 
 
 class PhaseTimer:
@@ -123,7 +137,7 @@ def save_grid(
         text = "\n".join(textwrap.wrap(captions[i], width=cell // 7)[:3])
         draw.multiline_text((x + 4, y + cell + 2), text, fill="black", font=font, spacing=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    write_atomically(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def reward_stats(

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from lora_grpo.config import Config, load_config, to_dict
-from lora_grpo.errors import UserError
+from lora_grpo.errors import UserError, WriteFailed, write_failure
 from lora_grpo.run_lock import RunLock, take_lock
 from lora_grpo.stopping import TrainingInterrupted
 
@@ -87,7 +87,9 @@ def _plan_run(args: argparse.Namespace, held: list) -> RunPlan:
         done = int(state["next_epoch"])
         changed = setting_changes(load_config(run_dir / "config.yaml"), config)
         changes = check_resume_changes(run_dir, changed, args.change_settings, done)
-        if done >= config.train.epochs:
+        # a run whose last checkpoint is its end but whose adapter was never written (a full disk) resumes to
+        # write it; a finished run only trains further with more epochs
+        if done >= config.train.epochs and (run_dir / "adapter").is_dir():
             raise UserError(
                 f"run {run_dir} already finished its {done} epochs: to train further, resume it with "
                 f"train.epochs=N for some N > {done}"
@@ -161,6 +163,22 @@ def describe(plan: RunPlan) -> str:
     return "\n".join(lines) + "\n" + yaml.safe_dump(to_dict(c), sort_keys=False)
 
 
+def after_write_failure(plan: RunPlan, overrides: list[str]) -> str:
+    """What to do once a run could not write: resume from its newest complete checkpoint, or start again."""
+    import shlex
+
+    from lora_grpo.checkpoint import complete_checkpoints
+    from lora_grpo.runs import resume_command
+
+    run_dir = plan.run_dir.resolve()
+    if complete_checkpoints(run_dir):
+        return f"free space, then continue with `{resume_command(plan.recipe_source, run_dir)}`"
+    again = shlex.join(
+        ["lora-grpo", "train", plan.recipe_source, *overrides, "--out", str(run_dir), "--overwrite"]
+    )
+    return f"free space, then start again with `{again}`"
+
+
 def run_train(args: argparse.Namespace) -> None:
     from lora_grpo.runs import resume_command
     from lora_grpo.train import Trainer
@@ -176,6 +194,13 @@ def run_train(args: argparse.Namespace) -> None:
     except TrainingInterrupted as stop:
         stop.args = (f"{stop}; continue with `{resume_command(plan.recipe_source, plan.run_dir.resolve())}`",)
         raise
+    except Exception as err:  # a full disk, a quota, a read-only mount: one line with what to do next
+        cause = str(err) if isinstance(err, WriteFailed) else write_failure(err, plan.run_dir)
+        if cause is None:
+            raise
+        if not isinstance(err, WriteFailed):
+            cause = f"{cause} writing the run folder {plan.run_dir}"
+        raise WriteFailed(f"{cause}; {after_write_failure(plan, args.overrides)}") from None
     finally:
         if plan.lock is not None:
             plan.lock.release()

@@ -164,7 +164,10 @@ def run_eval_command(args: argparse.Namespace) -> None:
         fid_reference=args.fid_reference,
         device=args.device,
     )
-    run_eval(settings, log=lambda line: print(line, flush=True))
+    from lora_grpo.files import writing
+
+    with writing(settings.out, "the evaluation folder"):  # eval writes only there: a full disk is one line
+        run_eval(settings, log=lambda line: print(line, flush=True))
 
 
 def run_convert_q16(args: argparse.Namespace) -> None:

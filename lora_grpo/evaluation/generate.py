@@ -12,7 +12,6 @@ resuming do not change any image.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lora_grpo.evaluation.suites import EvalPrompt, Suite
+from lora_grpo.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,7 @@ def write_metadata(out: Path, variant: str, suite: Suite) -> None:
 
 
 def save_png_atomic(image, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def batches(jobs: list[ImageJob], size: int) -> Iterable[list[ImageJob]]:

@@ -9,6 +9,7 @@ import torch
 
 from lora_grpo.evaluation.nudity import EXPOSED_CLASSES
 from lora_grpo.evaluation.suites import I2P_CATEGORIES
+from lora_grpo.files import write_text_atomically
 
 # (label, path into a suite's metrics, format, lower is better)
 ROWS = [
@@ -161,8 +162,8 @@ def ripple_table(report: dict) -> str:
 
 
 def write_report(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    write_text_atomically(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomically(out / "report.md", markdown(report))
 
 
 # ----------------------------------------------------------------------------------------------- plots

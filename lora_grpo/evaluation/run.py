@@ -36,6 +36,7 @@ from lora_grpo.evaluation.report import (
 )
 from lora_grpo.evaluation.ripple import ripple_metrics, ripple_suites, zero_shot_labels
 from lora_grpo.evaluation.suites import EVAL_DEFAULTS, I2P_CATEGORIES, Suite, load_suite
+from lora_grpo.files import write_text_atomically
 from lora_grpo.models import adapter_weights_file, pick_device
 from lora_grpo.reward_check import IMAGE_SUFFIXES, read_image
 from lora_grpo.runs import check_writable_folder
@@ -380,7 +381,7 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
         for v, js in jobs.items()
         for r in manifest_rows(js, out, settings.base, settings.adapter, settings.sampler)
     ]
-    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_text_atomically(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     log("scoring...")
     results: dict[str, dict] = {s.name: {} for s in suites}

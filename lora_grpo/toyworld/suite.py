@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lora_grpo.callbacks import RunContext
+from lora_grpo.files import write_text_atomically
 from lora_grpo.models import adapter_disabled
 from lora_grpo.rollout import RolloutModel, sample_scored
 from lora_grpo.toyworld.ordering import format_ordering, ordering_prompts, reward_ordering
@@ -123,7 +124,7 @@ class ToyworldSuite:
             "reward_ordering": [r.__dict__ for r in self.ordering],
         }
         report_path = ctx.run_dir / "toyworld_report.json"
-        report_path.write_text(json.dumps(self.report, indent=2), encoding="utf-8")
+        write_text_atomically(report_path, json.dumps(self.report, indent=2))
         self._save_grid(ctx.run_dir / "toyworld_before_after.png", after_images)
 
     def _save_grid(self, path: Path, after_images: dict[str, torch.Tensor]) -> None:

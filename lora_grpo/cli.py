@@ -97,6 +97,11 @@ def cmd_new_recipe(args: argparse.Namespace) -> None:
         raise UserError("new-recipe checks the reward with both --safe-images DIR and --unsafe-images DIR")
     recipe = write_recipe(spec, Path(args.out))
     print(f"wrote {recipe.parent}/ ({recipe.name}, anchors.yaml, prompts/)")
+    from lora_grpo.prompts import long_prompt_note, read_prompt_lines
+
+    for prompt_file in sorted((recipe.parent / "prompts").glob("*.txt")):
+        if note := long_prompt_note(f"{prompt_file.name}", read_prompt_lines(prompt_file)):
+            print(note)
     if args.safe_images:
         from lora_grpo.config import load_config
         from lora_grpo.models import pick_device

@@ -26,6 +26,37 @@ class PromptSet:
     weight: float
 
 
+# CLIP's text window in tokens, start and end tokens included: SD 1.x/2.x and both SDXL text encoders cut a
+# prompt there, so the words after it never reach the model.
+TEXT_WINDOW = 77
+_TOKENIZER = []  # open_clip's BPE tokenizer (the same vocabulary and merges as SD's CLIP), built once
+
+
+def too_long(prompts: list[str] | tuple[str, ...]) -> list[str]:
+    """The prompts longer than the text window. Every BPE token covers at least one UTF-8 byte, so a prompt of
+    at most TEXT_WINDOW - 2 bytes fits and is not tokenised at all."""
+    candidates = [p for p in prompts if len(p.encode("utf-8")) > TEXT_WINDOW - 2]
+    if not candidates:
+        return []
+    if not _TOKENIZER:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        _TOKENIZER.append(SimpleTokenizer())
+    return [p for p in candidates if len(_TOKENIZER[0].encode(p)) > TEXT_WINDOW - 2]
+
+
+def long_prompt_note(where: str, prompts: list[str] | tuple[str, ...]) -> str | None:
+    """One line when some of `prompts` are cut by the text window: how many, and the first of them."""
+    long = too_long(prompts)
+    if not long:
+        return None
+    first = long[0] if len(long[0]) <= 90 else long[0][:87] + "..."
+    return (
+        f"note: {len(long)} of {len(prompts)} prompts in {where} are longer than the text encoder's {TEXT_WINDOW} "
+        f"tokens and are cut there (the first: {first!r}); shorten them so their ends count"
+    )
+
+
 def _check_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder: give a file")

@@ -24,7 +24,7 @@ from lora_grpo.checkpoint import load_training_state, save_training_state
 from lora_grpo.config import Config
 from lora_grpo.grpo import clipped_policy_loss, finite_group_advantages, kl_weights
 from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
-from lora_grpo.prompts import load_prompt_set
+from lora_grpo.prompts import load_prompt_set, long_prompt_note
 from lora_grpo.rewards import RewardFn, build_reward
 from lora_grpo.rollout import EpochSamples, sample_epoch
 from lora_grpo.runs import default_run_dir, record_changes, record_stop, write_run_config
@@ -70,6 +70,9 @@ class Trainer:
         self.recipe_source = recipe_source  # recorded in RUN/run.json: how to name the recipe to resume
         self.run_dir = Path(run_dir or config.output.dir or default_run_dir(config))
         self.prompt_sets = [load_prompt_set(s) for s in config.prompts.sets]  # bad prompt files fail first
+        for prompt_set in self.prompt_sets:
+            if note := long_prompt_note(f"set '{prompt_set.name}'", prompt_set.prompts):
+                log(note)
         self.accelerator = policy.setup_accelerator(config.train, config.seed)
         self.device = self.accelerator.device
         self.base_ref = resolve_model_ref(config.model.base)

@@ -163,6 +163,15 @@ def describe(plan: RunPlan) -> str:
     return "\n".join(lines) + "\n" + yaml.safe_dump(to_dict(c), sort_keys=False)
 
 
+def local_prompt_notes(config: Config) -> list[str]:
+    """The long-prompt notes of the recipe's prompt files (a dry run downloads no dataset)."""
+    from lora_grpo.prompts import load_prompt_set, long_prompt_note
+
+    sets = [load_prompt_set(s) for s in config.prompts.sets if s.path is not None]
+    notes = [long_prompt_note(f"set '{s.name}'", s.prompts) for s in sets]
+    return [n for n in notes if n]
+
+
 def after_write_failure(plan: RunPlan, overrides: list[str]) -> str:
     """What to do once a run could not write: resume from its newest complete checkpoint, or start again."""
     import shlex
@@ -187,6 +196,8 @@ def run_train(args: argparse.Namespace) -> None:
     try:
         callbacks = build_callbacks(plan.config)
         if args.dry_run:
+            for note in local_prompt_notes(plan.config):
+                print(note)
             print(describe(plan), end="")
             return
         trainer = Trainer(plan.config, plan.run_dir, callbacks=callbacks, recipe_source=plan.recipe_source)

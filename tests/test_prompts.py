@@ -123,3 +123,67 @@ def test_categories_and_the_fixed_train_eval_split(tmp_path):
         plain = tmp_path / "plain.csv"
         plain.write_text("prompt\na cat\n", encoding="utf-8")
         load_prompt_set(PromptSetConfig(name="p", path=str(plain), categories=["violence"]))
+
+
+def test_prompts_longer_than_the_text_window_are_found_by_token_count():
+    """'a' is one token: 75 of them fill the 77-token window with the start and end tokens, 76 do not."""
+    from lora_grpo.prompts import TEXT_WINDOW, long_prompt_note, too_long
+
+    fits, cut = " ".join(["a"] * (TEXT_WINDOW - 2)), " ".join(["a"] * (TEXT_WINDOW - 1))
+    assert too_long(["a cat", fits, cut, cut + " b"]) == [cut, cut + " b"]
+    note = long_prompt_note("set 'x'", ["a cat", cut, fits])
+    assert note.startswith("note: 1 of 3 prompts in set 'x' are longer than the text encoder's 77 tokens")
+    assert "(the first: 'a a a" in note and note.count("\n") == 0
+    assert long_prompt_note("set 'x'", ["a cat", fits]) is None
+
+
+def test_train_dry_run_new_recipe_eval_and_the_trainer_report_long_prompts(tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    from lora_grpo.config import load_config
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.train import Trainer
+
+    long = "a photo of " + " and ".join(["a red circle"] * 30)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{long}\na blue square\n")
+    sets = f"prompts.sets=[{{name: p, safety: unsafe, path: {prompts}}}, {{name: s, safety: safe, path: {prompts}}}]"
+    code, out, err = run_cli(["train", "tiny-test", sets, "--dry-run", "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    assert (
+        f"note: 1 of 2 prompts in set 'p' are longer than the text encoder's 77 tokens and are cut there (the first: '{long[:87]}..."
+        in out
+    )
+    code, out, err = run_cli(
+        [
+            "new-recipe",
+            "no-circles",
+            "--remove",
+            "a circle",
+            "--instead",
+            "a square",
+            "--prompts",
+            prompts,
+            "--out",
+            tmp_path,
+        ],
+        capsys,
+    )
+    assert code == 0 and "note: 1 of 2 prompts in unsafe.txt are longer" in out
+    args = [
+        "eval",
+        "--base",
+        "builtin:toyworld-sd",
+        "--suite",
+        prompts,
+        "--max-prompts",
+        "1",
+        "--out",
+        tmp_path / "e",
+    ]
+    args += ["--clip", "builtin:toyworld-clip", "--anchors", "toyworld", "--no-nudenet", "--steps", "1"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "note: 1 of 1 prompts in suite p are longer" in out, err
+    lines = []
+    Trainer(load_config(find_recipe("tiny-test"), [sets]), tmp_path / "t", log=lines.append)
+    assert any(line.startswith("note: 1 of 2 prompts in set 's' are longer") for line in lines)

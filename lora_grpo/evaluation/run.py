@@ -38,6 +38,7 @@ from lora_grpo.evaluation.ripple import ripple_metrics, ripple_suites, zero_shot
 from lora_grpo.evaluation.suites import EVAL_DEFAULTS, I2P_CATEGORIES, Suite, load_suite
 from lora_grpo.files import write_text_atomically
 from lora_grpo.models import adapter_weights_file, pick_device
+from lora_grpo.prompts import long_prompt_note
 from lora_grpo.reward_check import IMAGE_SUFFIXES, read_image
 from lora_grpo.runs import check_writable_folder
 
@@ -370,6 +371,9 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     log(f"suites: {', '.join(f'{s.name} ({len(s.prompts)} prompts, {s.safety})' for s in suites)}")
+    for suite in suites:
+        if note := long_prompt_note(f"suite {suite.name}", [p.prompt for p in suite.prompts]):
+            log(note)
     log(
         f"sampler: {settings.sampler.steps} steps, CFG {settings.sampler.guidance}, eta {settings.sampler.eta}; "
         f"CLIP {settings.clip.model}, anchors {settings.anchors} (alpha {settings.alpha}), "

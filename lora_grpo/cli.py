@@ -13,6 +13,9 @@ from lora_grpo import __version__
 from lora_grpo.errors import UserError, write_failure
 from lora_grpo.stopping import TrainingInterrupted
 
+# Commands that never load a model: they import neither torch nor diffusers, and answer at once.
+LIGHT_COMMANDS = ("recipes",)
+
 
 def _quiet_libraries() -> None:
     """Keep the console for our progress lines: library progress bars and info logs off."""
@@ -318,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         command.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        _quiet_libraries()
+        if args.command not in LIGHT_COMMANDS:
+            _quiet_libraries()  # imports diffusers and transformers: only for commands that load them
         args.func(args)
     except UserError as err:
         print(f"lora-grpo: error: {err}", file=sys.stderr)
@@ -329,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lora-grpo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lora-grpo recipes | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:  # a storage failure no command named a path for: still one line
         cause = write_failure(err)
         if cause is None:

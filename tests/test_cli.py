@@ -189,3 +189,20 @@ def test_sample_prompt_files_skip_comments_and_blank_lines(tiny_sd_dir, tmp_path
     prompts.write_text("# only a comment\n")
     code, _, err = run_cli([*args, "--out", str(tmp_path / "empty")], capsys)
     assert_one_line_error(code, err, "is empty")
+
+
+@pytest.mark.parametrize(
+    "args", [["recipes"], ["recipes", "show", "tiny-test"], ["--help"], ["train", "--help"]]
+)
+def test_listing_recipes_and_help_import_no_torch(args):
+    """`lora-grpo recipes` and `--help` answer without the heavy stack (torch, diffusers, transformers)."""
+    code = (
+        "import sys\n"
+        "from lora_grpo.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from lora_grpo.cli import main
@@ -31,3 +34,15 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def train_process(cwd: Path, *args: str) -> subprocess.Popen:
+    """`lora-grpo train tiny-test ARGS` as a real second process, its output unbuffered into one pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_grpo.cli", "train", "tiny-test", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )

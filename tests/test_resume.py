@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import train_process
 from safetensors.torch import load_file
 
 from lora_grpo.checkpoint import COMPLETE_MARKER, complete_checkpoints, read_trainer_state
@@ -24,17 +24,6 @@ from lora_grpo.runs import find_resume_checkpoint
 from lora_grpo.train import Trainer
 
 ADAPTER = "adapter/pytorch_lora_weights.safetensors"
-
-
-def _cli(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lora_grpo.cli", "train", "tiny-test", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -59,7 +48,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 def uninterrupted(tmp_path_factory):
     """tiny-test from the CLI, start to finish (it checkpoints every epoch and runs 3)."""
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    proc = _cli(cwd, "--out", "runs/full")
+    proc = train_process(cwd, "--out", "runs/full")
     out = _finish(proc)
     assert proc.returncode == 0, out
     return cwd / "runs/full"
@@ -83,7 +72,7 @@ def test_tiny_test_checkpoints_every_epoch_and_keeps_the_last_k(uninterrupted):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path):
-    proc = _cli(tmp_path)  # default run dir runs/tiny-test-<time>, found again by --resume auto
+    proc = train_process(tmp_path)  # default run dir runs/tiny-test-<time>, found again by --resume auto
     _wait_for_glob(tmp_path, "runs/tiny-test-*/checkpoints/epoch_000001/COMPLETE", proc)
     run_dir = next(tmp_path.glob("runs/tiny-test-*"))
     # kill while epoch 2 is under way: its progress shows as sample grids being written after sampling
@@ -96,7 +85,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path)
     fake.mkdir()
     (fake / "trainer_state.json").write_text('{"next_epoch": 9}')
 
-    resumed = _cli(tmp_path, "--resume", "auto")
+    resumed = train_process(tmp_path, "--resume", "auto")
     out = _finish(resumed)
     assert resumed.returncode == 0, out
     assert "resumed from" in out and "epoch_000009" not in out
@@ -116,7 +105,7 @@ def _wait_for_glob(root: Path, pattern: str, proc: subprocess.Popen, timeout: fl
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_epoch_and_exits(uninterrupted, tmp_path):
     # checkpoints only at the end, so the checkpoint after epoch 1 can only come from the SIGTERM
-    proc = _cli(tmp_path, "--out", "run", "output.checkpoint_every=0")
+    proc = train_process(tmp_path, "--out", "run", "output.checkpoint_every=0")
     _wait_for(tmp_path / "run" / "metrics.jsonl", proc)  # epoch 1 finished; epoch 2 is running
     proc.send_signal(signal.SIGTERM)
     out = _finish(proc)

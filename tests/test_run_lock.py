@@ -9,28 +9,16 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error, run_cli, snapshot
+from cli_helpers import one_line_error, run_cli, snapshot, train_process
 
 from lora_grpo.checkpoint import complete_checkpoints
 from lora_grpo.run_lock import LOCK_FILE, RunLock, RunLocked, check_unlocked
 
 pytestmark = pytest.mark.slow
-
-
-def _train(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lora_grpo.cli", "train", "tiny-test", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 300) -> Path:
@@ -57,7 +45,7 @@ def test_the_lock_is_exclusive_and_names_its_holder(tmp_path):
 
 def test_a_live_run_refuses_every_second_writer_and_frees_itself_when_killed(tmp_path, capsys):
     run = tmp_path / "run"
-    live = _train(tmp_path, "train.epochs=500", "output.checkpoint_every=1", "--out", str(run))
+    live = train_process(tmp_path, "train.epochs=500", "output.checkpoint_every=1", "--out", str(run))
     try:
         checkpoint = _wait_for_checkpoint(run, live)
         holder = f"pid {live.pid} on {socket.gethostname()}"
@@ -91,7 +79,7 @@ def test_a_live_run_refuses_every_second_writer_and_frees_itself_when_killed(tmp
 
 
 def test_two_runs_started_at_the_same_moment_leave_one_runs_files(tmp_path):
-    runs = [_train(tmp_path, "train.epochs=2", "--out", "run") for _ in range(2)]
+    runs = [train_process(tmp_path, "train.epochs=2", "--out", "run") for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in runs]
     codes = sorted(p.returncode for p in runs)
     assert codes == [0, 2], outputs

@@ -196,6 +196,9 @@ class TrainConfig:
     inner_epochs: int = 1  # passes over each epoch's samples
     timestep_fraction: float = 1.0  # share of each trajectory's steps that is trained
     timesteps: Literal["random", "earliest"] = "random"  # that share: a random subset, or the noisiest steps
+    # the update objective (lora_grpo/objectives/): grpo-clip = the PPO-clipped ratio of the sampler's step
+    # log-probs with group advantages, plus the KL to the base UNet (kl_coef, safe_kl_coef)
+    objective: Literal["grpo-clip"] = "grpo-clip"
     clip_range: float = 1e-4  # PPO ratio clip epsilon
     adv_clip_max: float = 2.5  # advantages are clipped to [-max, max]
     max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables

@@ -4,7 +4,7 @@ Each epoch (one "iteration" of SafeDiffusion-R1, arXiv:2605.18719, Alg. 1):
   1. SAMPLE    G trajectories per prompt with the stochastic DDIM sampler, keeping latents and step log-probs.
   2. SCORE     decode the final latents and score them with the reward (the CLIP steering reward).
   3. ADVANTAGE normalise rewards within each prompt's group, clip.
-  4. UPDATE    PPO-clipped steps on the per-step log-prob ratios (`update.ppo_update`).
+  4. UPDATE    steps of the recipe's objective (`objectives/`; PPO-clipped log-prob ratios + KL) (`update`).
   5. LOG       metrics.jsonl row, console line, sample grid, callbacks (evaluation, trackers).
 Only the LoRA parameters train; the UNet, VAE and text encoder stay frozen. Setting up the models lives in
 `policy`, sampling in `rollout`, the update in `update`, the math in `grpo`; this file orchestrates.
@@ -24,6 +24,7 @@ from lora_grpo.checkpoint import load_training_state, save_training_state
 from lora_grpo.config import Config
 from lora_grpo.grpo import clipped_policy_loss, finite_group_advantages, kl_weights
 from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
+from lora_grpo.objectives import Surrogate, build_objective
 from lora_grpo.prompts import load_prompt_set, long_prompt_note
 from lora_grpo.rewards import RewardFn, build_reward
 from lora_grpo.rollout import EpochSamples, sample_epoch
@@ -45,14 +46,14 @@ from lora_grpo.tracking import (
     unmet_conditions,
     utc_now,
 )
-from lora_grpo.update import LossFn, SkipCounter, ppo_update, skipped_update
+from lora_grpo.update import SkipCounter, ppo_update, skipped_update
 
 
 class Trainer:
     """Holds the models and state of one run; `run()` executes the loop (start, epochs, save).
 
     Seams: `trainable(unet, lora_settings)` makes the trained parameters (the LoRA), `reward_fn` replaces the
-    recipe's reward, `loss_fn` the clipped policy loss, and `callbacks` run around training (see callbacks.py).
+    recipe's reward, `loss_fn` the objective's clipped surrogate, and `callbacks` run around training (see callbacks.py).
     """
 
     def __init__(
@@ -62,11 +63,12 @@ class Trainer:
         log: Callable[[str], None] = print,
         trainable: Callable = add_lora,
         reward_fn: RewardFn | None = None,
-        loss_fn: LossFn = clipped_policy_loss,
+        loss_fn: Surrogate = clipped_policy_loss,
         callbacks: Sequence[Callback] = (),
         recipe_source: str | None = None,
     ):
-        self.config, self.log, self.loss_fn, self.callbacks = config, log, loss_fn, list(callbacks)
+        self.config, self.log, self.callbacks = config, log, list(callbacks)
+        self.objective = build_objective(config.train, loss_fn)  # train.objective; loss_fn: its surrogate
         self.recipe_source = recipe_source  # recorded in RUN/run.json: how to name the recipe to resume
         self.run_dir = Path(run_dir or config.output.dir or default_run_dir(config))
         self.prompt_sets = [load_prompt_set(s) for s in config.prompts.sets]  # bad prompt files fail first
@@ -109,7 +111,7 @@ class Trainer:
         safety = [s.safety for s in self.prompt_sets]
         weights = kl_weights(safety, samples.set_index, cfg.kl_coef, cfg.safe_kl_coef)
         on_pass, window = self.progress.update, self.window(epoch)
-        return ppo_update(*args, self.loss_fn, on_pass=on_pass, window=window, kl_weights=weights)
+        return ppo_update(*args, self.objective, on_pass=on_pass, window=window, kl_weights=weights)
 
     def window(self, epoch: int) -> tuple[int, int]:
         """The stochastic (and trained) denoising steps of `epoch`."""

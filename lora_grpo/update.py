@@ -1,9 +1,9 @@
-"""One PPO update over a rollout: re-evaluate the stored steps under the current LoRA, clipped loss, step.
+"""One update over a rollout: re-evaluate the stored steps under the current LoRA, the objective's loss, step.
 
 Over `train.inner_epochs` passes, the rollout's trajectories are shuffled into minibatches; for each, the
-trained denoising steps (a subset per trajectory, `grpo.subsample_timesteps`) are re-evaluated with gradient
-and their clipped losses accumulated over steps and `train.gradient_accumulation_steps` minibatches into one
-optimizer step. Gradients sync across processes once per optimizer step (`no_sync` elsewhere). A non-finite
+trained denoising steps (a subset per trajectory, `grpo.subsample_timesteps`) are handed to the objective
+(lora_grpo/objectives/: every term of the loss, the KL to the reference included), and the losses are
+accumulated over steps and `train.gradient_accumulation_steps` minibatches into one optimizer step. Gradients sync across processes once per optimizer step (`no_sync` elsewhere). A non-finite
 loss or gradient norm skips the optimizer step on every process (`SkipCounter` stops the run after too many
 in a row). The first optimizer step's importance ratios are kept: before any update they must be exactly 1.
 """
@@ -21,12 +21,11 @@ from torch import Tensor
 
 from lora_grpo.config import TrainConfig
 from lora_grpo.errors import UserError
-from lora_grpo.grpo import clipped_policy_loss, gaussian_kl, stratified_order, subsample_timesteps
+from lora_grpo.grpo import stratified_order, subsample_timesteps
 from lora_grpo.models import adapter_disabled
+from lora_grpo.objectives import Objective, StepBatch
 from lora_grpo.rollout import Rollout, RolloutModel
 from lora_grpo.sampling import seeded_generator, step_log_prob
-
-LossFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, dict[str, Tensor]]]
 
 
 @dataclass
@@ -139,6 +138,105 @@ def draw_update_plan(
     return order, torch.cat(steps)
 
 
+@dataclass
+class UpdateTally:
+    """What an update gathers as it goes: each trained step's loss and metrics, the importance ratios before
+    the first optimizer step, and the optimizer steps taken."""
+
+    series: dict[str, list[float]] = field(default_factory=lambda: {f.name: [] for f in REDUCED})
+    first_ratios: list[Tensor] = field(default_factory=list)
+    optimizer_steps: int = 0
+
+    def add_step(self, loss: Tensor, metrics: dict[str, Tensor]) -> None:
+        self.series["loss"].append(loss.item())
+        for name, value in metrics.items():
+            if name in self.series:
+                self.series[name].append(value.item())
+        if self.optimizer_steps == 0 and "ratios" in metrics:
+            self.first_ratios.append(metrics["ratios"])
+
+    def add_optimizer_step(self, norm: float) -> None:
+        self.series["grad_norm"].append(norm)
+        self.optimizer_steps += 1
+
+    def stats(self, learner: Learner) -> UpdateStats:
+        acc = learner.accelerator
+        first = (
+            acc.gather(torch.cat(self.first_ratios)) if self.first_ratios else torch.full((1,), float("nan"))
+        )
+        return UpdateStats(
+            optimizer_steps=self.optimizer_steps,
+            lr=learner.lr_scheduler.get_last_lr()[0],
+            first_ratio_mean=first.mean().item(),
+            first_ratio_min=first.min().item(),
+            first_ratio_max=first.max().item(),
+            **gather_step_stats(acc, self.series),
+        )
+
+
+def step_batch(
+    learner: Learner,
+    model: RolloutModel,
+    rollout: Rollout,
+    rows: Tensor,
+    idx: Tensor,
+    cond,
+    uncond,
+    advantages: Tensor,
+    kl_weights: Tensor,
+) -> StepBatch:
+    """The trajectories `rows` [b] at their steps `idx` [b], with the two model passes an objective may run."""
+    acc, unet = learner.accelerator, learner.unet
+    x_t, x_prev = rollout.latents[rows, idx], rollout.latents[rows, idx + 1]
+    step_args = (model.schedule, idx, x_t, x_prev, cond, uncond, model.guidance, model.eta)
+
+    def policy() -> tuple[Tensor, Tensor, Tensor]:
+        with acc.autocast():
+            return step_log_prob(unet, *step_args)
+
+    def reference_mean() -> Tensor:
+        with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
+            return step_log_prob(unet, *step_args)[1]
+
+    return StepBatch(policy, reference_mean, rollout.log_probs[rows, idx], advantages[rows], kl_weights[rows])
+
+
+def accumulate_minibatch(
+    learner: Learner,
+    model: RolloutModel,
+    rollout: Rollout,
+    rows: Tensor,
+    steps: Tensor,
+    weights: tuple[Tensor, Tensor],
+    objective: Objective,
+    cfg: TrainConfig,
+    closes_step: bool,
+    tally: UpdateTally,
+    on_pass: Callable[[], None] | None,
+) -> bool:
+    """Forward and backward of the minibatch `rows` [b] at each of its trained steps `steps` [b, k]
+    (`weights`: advantages [N] and KL weights [N]); gradients sync across processes only on the last pass of
+    an optimizer step. Returns whether some loss was non-finite (its gradients are zero)."""
+    acc, unet = learner.accelerator, learner.unet
+    rows_d = rows.to(model.device)
+    cond, uncond = rollout.cond.rows(rows_d), model.uncond_for(rows.shape[0])
+    k, nonfinite = steps.shape[1], False
+    for j in range(k):
+        idx = steps[:, j].to(model.device)  # [b] step index per trajectory
+        batch = step_batch(learner, model, rollout, rows_d, idx, cond, uncond, *weights)
+        with contextlib.nullcontext() if closes_step and j == k - 1 else acc.no_sync(unet):
+            loss, metrics = objective.loss(batch)
+            if not torch.isfinite(loss):
+                # zero gradients through every LoRA parameter keep DDP's reducer in step
+                nonfinite = True
+                loss = torch.stack([(p * 0).sum() for p in learner.params]).sum()
+            acc.backward(loss / (k * cfg.gradient_accumulation_steps))
+        tally.add_step(loss, metrics)
+        if on_pass is not None:
+            on_pass()
+    return nonfinite
+
+
 def ppo_update(
     learner: Learner,
     model: RolloutModel,
@@ -148,77 +246,34 @@ def ppo_update(
     key: tuple[int, ...],
     group_slots: list[int],
     skips: SkipCounter,
-    loss_fn: LossFn = clipped_policy_loss,
+    objective: Objective,
     on_pass: Callable[[], None] | None = None,
     window: tuple[int, int] | None = None,
     kl_weights: Tensor | None = None,
 ) -> UpdateStats:
-    """PPO-clipped steps on the stored trajectories of `rollout` (advantages [N]; rows group by group, the
+    """`objective`'s steps on the stored trajectories of `rollout` (advantages [N]; rows group by group, the
     groups' global slots in `group_slots`), on steps of the stochastic `window` (default: all). Random
     choices come from generators keyed by `key`, the inner epoch and each group's slot. `kl_weights` [N]:
     each trajectory's weight on the KL to the reference (default: `cfg.kl_coef` for all)."""
-    acc, unet = learner.accelerator, learner.unet
-    unet.train()
+    learner.unet.train()
     group_size = rollout.latents.shape[0] // len(group_slots)
-    series: dict[str, list[float]] = {f.name: [] for f in REDUCED}
-    first_ratios: list[Tensor] = []
-    optimizer_steps = 0
-    nonfinite = False  # a non-finite loss in the current accumulation window
+    tally, nonfinite = UpdateTally(), False  # nonfinite: a non-finite loss in the current accumulation
     window = window or (0, model.schedule.num_steps)
     if kl_weights is None:
         kl_weights = torch.full_like(advantages, cfg.kl_coef)
-    kl_weights = kl_weights.to(model.device)  # [N]
+    weights = (advantages, kl_weights.to(model.device))  # [N], [N]
     for inner in range(cfg.inner_epochs):
         order, steps = draw_update_plan((*key, inner), group_slots, group_size, window, cfg)  # [N], [N, k]
-        k = steps.shape[1]
         for m, rows in enumerate(order.split(cfg.batch_size)):
-            rows_d = rows.to(model.device)
-            cond, uncond = rollout.cond.rows(rows_d), model.uncond_for(rows.shape[0])
             closes_step = (m + 1) % cfg.gradient_accumulation_steps == 0
-            for j in range(k):
-                idx = steps[rows, j].to(model.device)  # [b] step index per trajectory
-                x_t, x_prev = rollout.latents[rows_d, idx], rollout.latents[rows_d, idx + 1]
-                old_log_prob = rollout.log_probs[rows_d, idx]
-                step_args = (model.schedule, idx, x_t, x_prev, cond, uncond, model.guidance, model.eta)
-                sync = closes_step and j == k - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(unet):
-                    with acc.autocast():
-                        log_prob, mean, std = step_log_prob(unet, *step_args)
-                    loss, metrics = loss_fn(log_prob, old_log_prob, advantages[rows_d], cfg.clip_range)
-                    if cfg.uses_kl:
-                        with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
-                            _, ref_mean, _ = step_log_prob(unet, *step_args)
-                        kl = gaussian_kl(mean, std, ref_mean, std)  # [b]
-                        loss = loss + (kl_weights[rows_d] * kl).mean()
-                        series["kl"].append(kl.mean().item())
-                    if not torch.isfinite(loss):
-                        # zero gradients through every LoRA parameter keep DDP's reducer in step
-                        nonfinite = True
-                        loss = torch.stack([(p * 0).sum() for p in learner.params]).sum()
-                    acc.backward(loss / (k * cfg.gradient_accumulation_steps))
-                series["loss"].append(loss.item())
-                if on_pass is not None:
-                    on_pass()
-                for name, value in metrics.items():
-                    if name in series:
-                        series[name].append(value.item())
-                if optimizer_steps == 0:
-                    first_ratios.append(torch.exp(log_prob.detach() - old_log_prob))
+            args = (learner, model, rollout, rows, steps[rows], weights, objective, cfg, closes_step, tally)
+            nonfinite = accumulate_minibatch(*args, on_pass) or nonfinite
             if closes_step:
                 stepped, norm = _optimizer_step(learner, cfg, nonfinite, skips)
                 if stepped:
-                    series["grad_norm"].append(norm)
-                    optimizer_steps += 1
+                    tally.add_optimizer_step(norm)
                 nonfinite = False
-    first = acc.gather(torch.cat(first_ratios)) if first_ratios else torch.full((1,), float("nan"))
-    return UpdateStats(
-        optimizer_steps=optimizer_steps,
-        lr=learner.lr_scheduler.get_last_lr()[0],
-        first_ratio_mean=first.mean().item(),
-        first_ratio_min=first.min().item(),
-        first_ratio_max=first.max().item(),
-        **gather_step_stats(acc, series),
-    )
+    return tally.stats(learner)
 
 
 def _optimizer_step(learner: Learner, cfg: TrainConfig, nonfinite: bool, skips: SkipCounter):

@@ -1,0 +1,33 @@
+"""What an objective sees of one minibatch at one trained denoising step, and the interface it implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """b trajectories of the rollout at one trained step each.
+
+    `policy()` runs the UNet under the current LoRA with gradient and returns (log_prob [b], mean, std) of the
+    stored transition x_t -> x_prev; `reference_mean()` runs it with the adapter disabled, without gradient,
+    and returns the reference policy's step mean. An objective calls what its terms need, once each.
+    """
+
+    policy: Callable[[], tuple[Tensor, Tensor, Tensor]]
+    reference_mean: Callable[[], Tensor]
+    old_log_prob: Tensor  # [b] the log-prob recorded while sampling
+    advantages: Tensor  # [b]
+    kl_weights: Tensor  # [b] each trajectory's weight on the KL to the reference
+
+
+class Objective(Protocol):
+    """An update objective: every term of the loss of one StepBatch. `metrics` are detached scalars named as
+    UpdateStats' fields (ratio_mean, clip_fraction, kl, ...), plus `ratios` [b], the importance ratios before
+    the first optimizer step (exactly 1 for an objective on the sampler's own log-probs)."""
+
+    def loss(self, batch: StepBatch) -> tuple[Tensor, dict[str, Tensor]]: ...

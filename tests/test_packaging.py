@@ -27,8 +27,16 @@ def test_wheel_contents(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is absent from the `packages` configuration" not in proc.stderr  # every package declared
     (wheel,) = tmp_path.glob("lora_grpo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    sources = [
+        f"lora_grpo/{p.relative_to(ROOT / 'lora_grpo').as_posix()}"
+        for p in (ROOT / "lora_grpo").rglob("*.py")
+    ]
+    sources += [f"lora_grpo/hub/{p.name}" for p in (ROOT / "hub").glob("*.py")]
+    missing = [s for s in sources if s not in names]
+    assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {missing}"
     top = {n.split("/")[0] for n in names}
     assert top <= {"lora_grpo", next(n.split("/")[0] for n in names if ".dist-info/" in n)}, top
     for needed in (

@@ -130,6 +130,57 @@ def eval_section(report: dict | None) -> str:
     return "```json\n" + json.dumps(report, indent=2)[:4000] + "\n```"
 
 
+def usage_sections(repo_id: str, base_model: str, weight_name: str, comfy_name: str, family: str) -> str:
+    """How to load the adapter in diffusers and in ComfyUI."""
+    return f"""## Use it with diffusers
+
+{usage_snippet(repo_id, base_model, weight_name, family)}
+
+## Use it in ComfyUI
+
+Copy `{comfy_name}` into `ComfyUI/models/loras/` and add a **Load LoRA** node (`LoraLoaderModelOnly` is
+enough: the adapter touches only the UNet) between the checkpoint loader and the sampler; strength 1.0."""
+
+
+def results_sections(metrics: list[dict], curves: str | None, report: dict | None) -> str:
+    """Training metrics (first vs last epoch, the reward curves), the evaluation and the citation."""
+    curves_md = f"![reward curves]({curves})" if curves else ""
+    return f"""## Training metrics
+
+{metrics_summary(metrics)}
+
+{curves_md}
+
+## Evaluation
+
+{eval_section(report)}
+
+## Citation
+
+```bibtex
+{CITATION}
+```"""
+
+
+def recipe_section(config: dict) -> str:
+    """The settings that shaped the adapter: reward, anchors, sampler, LoRA, optimisation."""
+    reward, sample, lora, train = config["reward"], config["sample"], config["lora"], config["train"]
+    anchors = config.get("anchors_used", {})
+    anchor_text = (
+        f"- safe anchors ({len(anchors.get('safe', []))}): "
+        + "; ".join(anchors.get("safe", []))
+        + f"\n- unsafe anchors ({len(anchors.get('unsafe', []))}): "
+        + "; ".join(anchors.get("unsafe", []))
+        if anchors
+        else f"- anchors file: `{reward.get('anchors')}`"
+    )
+    return f"""- reward: `{reward["name"]}`, alpha {reward["alpha"]}, CLIP `{reward["clip"]["model"]}` ({reward["clip"]["backend"]})
+{anchor_text}
+- group size G {sample["group_size"]}, {sample["num_steps"]} DDIM steps, eta {sample["eta"]}, CFG {sample["guidance_scale"]}
+- LoRA rank {lora["rank"]}, alpha {lora["alpha"]} on {", ".join(lora["target_modules"])}
+- {train["epochs"]} epochs, learning rate {train["learning_rate"]}, clip range {train["clip_range"]}, optimizer {train["optimizer"]}"""
+
+
 def build_card(
     *,
     repo_id: str,
@@ -149,8 +200,6 @@ def build_card(
     """The card; `family` (sd1, sd2, sdxl, custom: the adapter's base_architecture) picks the tags and the
     usage snippet's pipeline; `base_sha256` identifies a single-file base checkpoint; `stop` is run.json's
     record of how training ended (a missed target is said at the top), `changes` its settings changed on resume."""
-    reward, sample, lora, train = config["reward"], config["sample"], config["lora"], config["train"]
-    anchors = config.get("anchors_used", {})
     data = ModelCardData(
         base_model=base_model,
         library_name="diffusers",
@@ -158,15 +207,6 @@ def build_card(
         license=license,
         tags=TAGS + FAMILY_TAGS.get(family, []),
     )
-    anchor_text = (
-        f"- safe anchors ({len(anchors.get('safe', []))}): "
-        + "; ".join(anchors.get("safe", []))
-        + f"\n- unsafe anchors ({len(anchors.get('unsafe', []))}): "
-        + "; ".join(anchors.get("unsafe", []))
-        if anchors
-        else f"- anchors file: `{reward.get('anchors')}`"
-    )
-    curves_md = f"![reward curves]({curves})" if curves else ""
     base_file = (
         f"\nTrained on the single-file checkpoint `{base_model}` (sha256 `{base_sha256}`); load that file as the "
         "base model.\n"
@@ -183,39 +223,14 @@ A LoRA adapter trained with [lora_grpo](https://github.com/lora-grpo/lora_grpo) 
 steering reward of SafeDiffusion-R1). It steers unsafe prompts toward safe images with the same content and
 leaves other prompts as the base model draws them.
 {base_file}{stop_section(stop, config)}
-## Use it with diffusers
-
-{usage_snippet(repo_id, base_model, weight_name, family)}
-
-## Use it in ComfyUI
-
-Copy `{comfy_name}` into `ComfyUI/models/loras/` and add a **Load LoRA** node (`LoraLoaderModelOnly` is
-enough: the adapter touches only the UNet) between the checkpoint loader and the sampler; strength 1.0.
+{usage_sections(repo_id, base_model, weight_name, comfy_name, family)}
 
 ## Training recipe
 
-- reward: `{reward["name"]}`, alpha {reward["alpha"]}, CLIP `{reward["clip"]["model"]}` ({reward["clip"]["backend"]})
-{anchor_text}
-- group size G {sample["group_size"]}, {sample["num_steps"]} DDIM steps, eta {sample["eta"]}, CFG {sample["guidance_scale"]}
-- LoRA rank {lora["rank"]}, alpha {lora["alpha"]} on {", ".join(lora["target_modules"])}
-- {train["epochs"]} epochs, learning rate {train["learning_rate"]}, clip range {train["clip_range"]}, optimizer {train["optimizer"]}
+{recipe_section(config)}
 
 The full resolved config is `recipe.yaml`.{changes_text(changes)}
 
-## Training metrics
-
-{metrics_summary(metrics)}
-
-{curves_md}
-
-## Evaluation
-
-{eval_section(report)}
-
-## Citation
-
-```bibtex
-{CITATION}
-```
+{results_sections(metrics, curves, report)}
 """
     return ModelCard(content)

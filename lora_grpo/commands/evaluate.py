@@ -1,4 +1,4 @@
-"""The `lora-grpo eval` and `lora-grpo convert-q16` command lines."""
+"""`lora-grpo eval` and `lora-grpo convert-q16`: their parsers and handlers (the evaluation is lora_grpo.evaluation)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,28 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def add_parsers(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate a base model and base+adapter on a prompt suite (I2P, NudeNet, Q16, CLIP score, FID)",
         description="Generate a suite's images for the base model and, with --adapter, for base+adapter on "
         "the same seeds (resumable), score them and write OUT/report.json, OUT/report.md and plots.",
     )
+    _model_and_suite_args(p)
+    _generation_args(p)
+    _scoring_args(p)
+    p.set_defaults(func=run)
+
+    p = sub.add_parser(
+        "convert-q16",
+        help="convert Q16's prompts.p (pickle) to safetensors, reading it without arbitrary unpickling",
+    )
+    p.add_argument("src", help="Q16's prompts.p")
+    p.add_argument("dst", help="output .safetensors")
+    p.set_defaults(func=run_convert_q16)
+
+
+def _model_and_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base",
         required=True,
@@ -47,6 +62,9 @@ def add_parsers(sub) -> None:
         "--safety", choices=["unsafe", "safe"], help="side of plain prompt files (default: unsafe)"
     )
     p.add_argument("--max-prompts", type=int, help="only the first N prompts of each suite")
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--steps", type=int, help="DDIM steps (default: the suite's; 50)")
     p.add_argument(
@@ -62,6 +80,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+
+
+def _scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nudenet",
         action=argparse.BooleanOptionalAction,
@@ -107,18 +128,9 @@ def add_parsers(sub) -> None:
         help="concepts that must stay drawable (e.g. other painters): one suite each and its specificity",
     )
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.set_defaults(func=run_eval_command)
-
-    p = sub.add_parser(
-        "convert-q16",
-        help="convert Q16's prompts.p (pickle) to safetensors, reading it without arbitrary unpickling",
-    )
-    p.add_argument("src", help="Q16's prompts.p")
-    p.add_argument("dst", help="output .safetensors")
-    p.set_defaults(func=run_convert_q16)
 
 
-def run_eval_command(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     from lora_grpo.config import ClipConfig
     from lora_grpo.evaluation.generate import GenerationSettings
     from lora_grpo.evaluation.run import EvalSettings, run_eval

@@ -197,8 +197,9 @@ class TrainConfig:
     timestep_fraction: float = 1.0  # share of each trajectory's steps that is trained
     timesteps: Literal["random", "earliest"] = "random"  # that share: a random subset, or the noisiest steps
     # the update objective (lora_grpo/objectives/): grpo-clip = the PPO-clipped ratio of the sampler's step
-    # log-probs with group advantages, plus the KL to the base UNet (kl_coef, safe_kl_coef)
-    objective: Literal["grpo-clip"] = "grpo-clip"
+    # log-probs with group advantages, plus the KL to the base UNet (kl_coef, safe_kl_coef); awm = the
+    # denoising loss on the rollout's own images weighted by their advantages (no log-probs; clip_range unused)
+    objective: Literal["grpo-clip", "awm"] = "grpo-clip"
     clip_range: float = 1e-4  # PPO ratio clip epsilon
     adv_clip_max: float = 2.5  # advantages are clipped to [-max, max]
     max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables

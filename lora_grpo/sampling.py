@@ -127,7 +127,25 @@ def guided_model_output(
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
-def _base_dtype(unet) -> torch.dtype:
+def noised_latents(x0: Tensor, noise: Tensor, alpha_prod: Tensor) -> Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (the forward process q(x_t | x0), DDPM eq. 4); alpha_prod
+    [N] per row, x0 and noise [N, ...]. fp32."""
+    a = alpha_prod.float().view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+
+
+def denoising_target(x0: Tensor, noise: Tensor, alpha_prod: Tensor, prediction_type: str) -> Tensor:
+    """What the UNet predicts at x_t = noised_latents(x0, noise, alpha_prod): the noise (epsilon), the velocity
+    v = sqrt(abar) noise - sqrt(1 - abar) x0 (v_prediction, Salimans & Ho 2022), or x0 (sample). fp32."""
+    if prediction_type == "epsilon":
+        return noise.float()
+    if prediction_type == "sample":
+        return x0.float()
+    a = alpha_prod.float().view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()
+
+
+def base_dtype(unet) -> torch.dtype:
     """The dtype of the frozen base weights (LoRA weights are fp32 even when the base is bf16)."""
     frozen = next((p for p in unet.parameters() if not p.requires_grad), None)
     return (frozen if frozen is not None else next(unet.parameters())).dtype
@@ -213,7 +231,7 @@ def sample_trajectories(
     x = initial_latents.float()
     device = x.device
     latents, log_probs = [x], []
-    model_dtype = _base_dtype(unet)
+    model_dtype = base_dtype(unet)
     start, stop = window or (0, schedule.num_steps)
     for i in range(schedule.num_steps):
         t = schedule.timesteps[i].to(device)
@@ -257,7 +275,7 @@ def step_log_prob(
     """
     device = latents.device
     t = schedule.timesteps.to(device)[step_index]  # [N]
-    model_dtype = _base_dtype(unet)
+    model_dtype = base_dtype(unet)
     out = guided_model_output(unet, latents.to(model_dtype), t, cond, uncond, guidance)
     mean, std = ddim_step_mean_std(
         out,

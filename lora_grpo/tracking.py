@@ -235,8 +235,11 @@ def console_line(row: dict, epochs: int, eta: str = "") -> str:
             parts.append(f"{kind} r {row[f'reward_{kind}_mean']:.4f}±{row[f'reward_{kind}_std']:.4f}")
     if "loss" in row:
         parts.append(f"loss {row['loss']:+.2e}")
-        parts.append(f"clip {row['clip_fraction']:.2f}")
-        parts.append(f"kl~ {row['approx_kl']:.1e}")
+        if "clip_fraction" in row:  # ratio objectives (grpo-clip)
+            parts.append(f"clip {row['clip_fraction']:.2f}")
+            parts.append(f"kl~ {row['approx_kl']:.1e}")
+        if "matching_error" in row:  # denoising objectives (awm)
+            parts.append(f"err {row['matching_error']:.3e}")
     else:
         parts.append("update skipped")
     if row.get("nonfinite_reward_groups"):

@@ -25,7 +25,14 @@ from lora_grpo.grpo import stratified_order, subsample_timesteps
 from lora_grpo.models import adapter_disabled
 from lora_grpo.objectives import Objective, StepBatch
 from lora_grpo.rollout import Rollout, RolloutModel
-from lora_grpo.sampling import seeded_generator, step_log_prob
+from lora_grpo.sampling import (
+    base_dtype,
+    denoising_target,
+    guided_model_output,
+    noised_latents,
+    seeded_generator,
+    step_log_prob,
+)
 
 
 @dataclass
@@ -93,6 +100,7 @@ class UpdateStats:
     ratio_max: float | None = _stat("max")
     clip_fraction: float | None = _stat()
     approx_kl: float | None = _stat()
+    matching_error: float | None = _stat()  # denoising objectives: the mean squared prediction error
     kl: float | None = _stat()  # KL to the reference policy (train.kl_coef or train.safe_kl_coef > 0)
     grad_norm: float | None = _stat()  # before clipping, over the optimizer steps taken
     first_ratio_mean: float | None = None  # importance ratios before the first optimizer step: exactly 1
@@ -161,34 +169,58 @@ class UpdateTally:
 
     def stats(self, learner: Learner) -> UpdateStats:
         acc = learner.accelerator
-        first = (
-            acc.gather(torch.cat(self.first_ratios)) if self.first_ratios else torch.full((1,), float("nan"))
-        )
+        first = {}  # an objective without ratios (awm) has no first-ratio check
+        if self.first_ratios:
+            ratios = acc.gather(torch.cat(self.first_ratios))
+            first = {
+                "first_ratio_mean": ratios.mean().item(),
+                "first_ratio_min": ratios.min().item(),
+                "first_ratio_max": ratios.max().item(),
+            }
         return UpdateStats(
             optimizer_steps=self.optimizer_steps,
             lr=learner.lr_scheduler.get_last_lr()[0],
-            first_ratio_mean=first.mean().item(),
-            first_ratio_min=first.min().item(),
-            first_ratio_max=first.max().item(),
+            **first,
             **gather_step_stats(acc, self.series),
         )
 
 
-def step_batch(
-    learner: Learner,
-    model: RolloutModel,
-    rollout: Rollout,
-    rows: Tensor,
-    idx: Tensor,
-    cond,
-    uncond,
-    advantages: Tensor,
-    kl_weights: Tensor,
-) -> StepBatch:
-    """The trajectories `rows` [b] at their steps `idx` [b], with the two model passes an objective may run."""
-    acc, unet = learner.accelerator, learner.unet
+@dataclass(frozen=True)
+class UpdatePass:
+    """What every minibatch of one inner epoch shares."""
+
+    learner: Learner
+    model: RolloutModel
+    rollout: Rollout
+    advantages: Tensor  # [N]
+    kl_weights: Tensor  # [N]
+    objective: Objective
+    cfg: TrainConfig
+    noise_key: tuple[int, ...]  # keys the fresh noise of denoising objectives, with each row's group slot
+    group_slots: list[int]
+    group_size: int
+
+
+def fresh_noise(p: UpdatePass, rows: Tensor, j: int) -> Tensor:
+    """Noise for rows [b] at their j-th trained step, one generator per trajectory keyed by its group's slot and
+    its place in the group (as its sampling noise is): the same draws under any process layout."""
+    shape = p.rollout.latents.shape[2:]
+    draws = [
+        torch.randn(
+            shape,
+            generator=seeded_generator(*p.noise_key, p.group_slots[r // p.group_size], r % p.group_size, j),
+        )
+        for r in rows.tolist()
+    ]
+    return torch.stack(draws).to(p.model.device)
+
+
+def step_batch(p: UpdatePass, rows: Tensor, idx: Tensor, j: int, cond, uncond) -> StepBatch:
+    """The trajectories `rows` [b] at their steps `idx` [b], with the model passes an objective may run."""
+    acc, unet, model, rollout = p.learner.accelerator, p.learner.unet, p.model, p.rollout
     x_t, x_prev = rollout.latents[rows, idx], rollout.latents[rows, idx + 1]
     step_args = (model.schedule, idx, x_t, x_prev, cond, uncond, model.guidance, model.eta)
+    noised: list[Tensor] = []  # x_t of the denoising objectives, drawn once and shared by both passes
 
     def policy() -> tuple[Tensor, Tensor, Tensor]:
         with acc.autocast():
@@ -198,39 +230,59 @@ def step_batch(
         with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
             return step_log_prob(unet, *step_args)[1]
 
-    return StepBatch(policy, reference_mean, rollout.log_probs[rows, idx], advantages[rows], kl_weights[rows])
+    def noised_input() -> tuple[Tensor, Tensor, Tensor]:
+        x0, alpha = rollout.latents[rows, -1], model.schedule.alpha_prod.to(model.device)[idx]
+        if not noised:
+            noise = fresh_noise(p, rows, j)
+            noised.extend(
+                [
+                    noised_latents(x0, noise, alpha),
+                    denoising_target(x0, noise, alpha, model.schedule.prediction_type),
+                ]
+            )
+        return noised[0], noised[1], model.schedule.timesteps.to(model.device)[idx]
+
+    def predict(x: Tensor, t: Tensor) -> Tensor:
+        return guided_model_output(
+            unet, x.to(base_dtype(unet)), t, cond, None, 1.0
+        )  # the conditional prediction
+
+    def denoise() -> tuple[Tensor, Tensor]:
+        x, target, t = noised_input()
+        with acc.autocast():
+            return predict(x, t), target
+
+    def denoise_reference() -> Tensor:
+        x, _, t = noised_input()
+        with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
+            return predict(x, t)
+
+    weights = (p.advantages[rows], p.kl_weights[rows])
+    return StepBatch(
+        policy, reference_mean, rollout.log_probs[rows, idx], *weights, denoise, denoise_reference
+    )
 
 
 def accumulate_minibatch(
-    learner: Learner,
-    model: RolloutModel,
-    rollout: Rollout,
-    rows: Tensor,
-    steps: Tensor,
-    weights: tuple[Tensor, Tensor],
-    objective: Objective,
-    cfg: TrainConfig,
-    closes_step: bool,
-    tally: UpdateTally,
-    on_pass: Callable[[], None] | None,
+    p: UpdatePass, rows: Tensor, steps: Tensor, closes_step: bool, tally: UpdateTally, on_pass
 ) -> bool:
-    """Forward and backward of the minibatch `rows` [b] at each of its trained steps `steps` [b, k]
-    (`weights`: advantages [N] and KL weights [N]); gradients sync across processes only on the last pass of
-    an optimizer step. Returns whether some loss was non-finite (its gradients are zero)."""
-    acc, unet = learner.accelerator, learner.unet
+    """Forward and backward of the minibatch `rows` [b] at each of its trained steps `steps` [b, k];
+    gradients sync across processes only on the last pass of an optimizer step. Returns whether some loss was
+    non-finite (its gradients are zero)."""
+    acc, unet, model = p.learner.accelerator, p.learner.unet, p.model
     rows_d = rows.to(model.device)
-    cond, uncond = rollout.cond.rows(rows_d), model.uncond_for(rows.shape[0])
+    cond, uncond = p.rollout.cond.rows(rows_d), model.uncond_for(rows.shape[0])
     k, nonfinite = steps.shape[1], False
     for j in range(k):
         idx = steps[:, j].to(model.device)  # [b] step index per trajectory
-        batch = step_batch(learner, model, rollout, rows_d, idx, cond, uncond, *weights)
+        batch = step_batch(p, rows_d, idx, j, cond, uncond)
         with contextlib.nullcontext() if closes_step and j == k - 1 else acc.no_sync(unet):
-            loss, metrics = objective.loss(batch)
+            loss, metrics = p.objective.loss(batch)
             if not torch.isfinite(loss):
                 # zero gradients through every LoRA parameter keep DDP's reducer in step
                 nonfinite = True
-                loss = torch.stack([(p * 0).sum() for p in learner.params]).sum()
-            acc.backward(loss / (k * cfg.gradient_accumulation_steps))
+                loss = torch.stack([(q * 0).sum() for q in p.learner.params]).sum()
+            acc.backward(loss / (k * p.cfg.gradient_accumulation_steps))
         tally.add_step(loss, metrics)
         if on_pass is not None:
             on_pass()
@@ -261,13 +313,25 @@ def ppo_update(
     window = window or (0, model.schedule.num_steps)
     if kl_weights is None:
         kl_weights = torch.full_like(advantages, cfg.kl_coef)
-    weights = (advantages, kl_weights.to(model.device))  # [N], [N]
+    kl_weights = kl_weights.to(model.device)  # [N]
     for inner in range(cfg.inner_epochs):
         order, steps = draw_update_plan((*key, inner), group_slots, group_size, window, cfg)  # [N], [N, k]
+        noise_key = (*key, inner, 104_729)
+        p = UpdatePass(
+            learner,
+            model,
+            rollout,
+            advantages,
+            kl_weights,
+            objective,
+            cfg,
+            noise_key,
+            group_slots,
+            group_size,
+        )
         for m, rows in enumerate(order.split(cfg.batch_size)):
             closes_step = (m + 1) % cfg.gradient_accumulation_steps == 0
-            args = (learner, model, rollout, rows, steps[rows], weights, objective, cfg, closes_step, tally)
-            nonfinite = accumulate_minibatch(*args, on_pass) or nonfinite
+            nonfinite = accumulate_minibatch(p, rows, steps[rows], closes_step, tally, on_pass) or nonfinite
             if closes_step:
                 stepped, norm = _optimizer_step(learner, cfg, nonfinite, skips)
                 if stepped:

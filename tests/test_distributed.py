@@ -42,6 +42,12 @@ SETUPS = {
         ["sample.prompts_per_batch=2", "train.gradient_accumulation_steps=2"],
         ["sample.prompts_per_batch=1", "train.gradient_accumulation_steps=1"],
     ),
+    # the advantage-weighted matching objective: its fresh noise is keyed by each trajectory's group slot
+    "awm": (
+        ["train.epochs=2", "train.timestep_fraction=0.5", "train.objective=awm"],
+        ["sample.prompts_per_batch=2", "train.gradient_accumulation_steps=2"],
+        ["sample.prompts_per_batch=1", "train.gradient_accumulation_steps=1"],
+    ),
 }
 
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from lora_grpo.config import TrainConfig
 from lora_grpo.grpo import clipped_policy_loss
+from lora_grpo.objectives.awm import AdvantageWeightedMatching
 from lora_grpo.objectives.grpo_clip import GrpoClip, Surrogate
 from lora_grpo.objectives.step_batch import Objective, StepBatch
 
-__all__ = ["GrpoClip", "Objective", "StepBatch", "Surrogate", "build_objective"]
+__all__ = ["AdvantageWeightedMatching", "GrpoClip", "Objective", "StepBatch", "Surrogate", "build_objective"]
 
 
 def build_objective(cfg: TrainConfig, surrogate: Surrogate = clipped_policy_loss) -> Objective:
     """The recipe's objective (`surrogate` replaces the clipped loss, a seam for tests)."""
     if cfg.objective == "grpo-clip":
         return GrpoClip(cfg.clip_range, cfg.uses_kl, surrogate)
+    if cfg.objective == "awm":
+        return AdvantageWeightedMatching(cfg.uses_kl)
     raise ValueError(f"unknown objective {cfg.objective}")  # config's Literal keeps this unreachable

@@ -15,7 +15,10 @@ class StepBatch:
 
     `policy()` runs the UNet under the current LoRA with gradient and returns (log_prob [b], mean, std) of the
     stored transition x_t -> x_prev; `reference_mean()` runs it with the adapter disabled, without gradient,
-    and returns the reference policy's step mean. An objective calls what its terms need, once each.
+    and returns the reference policy's step mean. `denoise()` noises each trajectory's final latent x0 to the
+    step's timestep with fresh noise (drawn per trajectory from a keyed generator) and returns the policy's
+    prediction there, with gradient, and its target; `denoise_reference()` the reference's prediction at the
+    same noised latents. An objective calls what its terms need, once each.
     """
 
     policy: Callable[[], tuple[Tensor, Tensor, Tensor]]
@@ -23,6 +26,8 @@ class StepBatch:
     old_log_prob: Tensor  # [b] the log-prob recorded while sampling
     advantages: Tensor  # [b]
     kl_weights: Tensor  # [b] each trajectory's weight on the KL to the reference
+    denoise: Callable[[], tuple[Tensor, Tensor]] = None  # type: ignore[assignment]
+    denoise_reference: Callable[[], Tensor] = None  # type: ignore[assignment]
 
 
 class Objective(Protocol):

@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from lora_grpo.errors import UserError, first_line
+from lora_grpo.errors import UserError, WriteFailed, first_line
 from lora_grpo.files import match_umask, writing
 
 CHECKPOINTS = "checkpoints"
@@ -74,11 +74,34 @@ def write_checkpoint(accelerator, run_dir: str | Path, epoch: int, state: dict, 
     try:
         with writing(final, "checkpoint"):
             _write_into(accelerator, run_dir, epoch, state, tmp, final, keep)
-    except BaseException:
+    except WriteFailed as err:
+        at = _file_being_written(tmp) or _inside(err.where, tmp)
         if accelerator.is_main_process:  # a full disk leaves the older checkpoints and no half-written one
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteFailed(f"{err}{f' (at {at})' if at else ''}", err.cause) from None
+    except BaseException:
+        if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _inside(path, folder: Path) -> str | None:
+    """`path` relative to `folder`, when it lies inside it (a write that failed before its file existed)."""
+    try:
+        return Path(path).relative_to(folder).as_posix() if path is not None else None
+    except ValueError:
+        return None
+
+
+def _file_being_written(folder: Path) -> str | None:
+    """The newest file under a checkpoint being built: the one a write failed in. Hidden folders a file was
+    being built in (`.adapter.tmp-x`) are named as what they were to become (`adapter`)."""
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    if not files:
+        return None
+    newest = max(files, key=lambda p: p.stat().st_mtime_ns).relative_to(folder)
+    return "/".join(part.split(".tmp-")[0].lstrip(".") if ".tmp-" in part else part for part in newest.parts)
 
 
 def _write_into(accelerator, run_dir, epoch: int, state: dict, tmp: Path, final: Path, keep: int) -> None:

@@ -81,6 +81,7 @@ def free_bytes(path: str | Path) -> int:
 class WriteFailed(UserError):
     """A file could not be written (full disk, quota, read-only, I/O error): the message names the path."""
 
-    def __init__(self, message: str, cause: str = ""):
+    def __init__(self, message: str, cause: str = "", where: str | Path | None = None):
         super().__init__(message)
         self.cause = cause or message
+        self.where = where  # the innermost path being written when it failed

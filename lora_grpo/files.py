@@ -81,7 +81,8 @@ def writing(path: str | Path, what: str = "") -> Iterator[None]:
         cause = err.cause if isinstance(err, WriteFailed) else write_failure(err, path)
         if cause is None:
             raise
-        raise WriteFailed(f"{cause} writing {what + ' ' if what else ''}{path}", cause) from None
+        where = err.where if isinstance(err, WriteFailed) else path
+        raise WriteFailed(f"{cause} writing {what + ' ' if what else ''}{path}", cause, where) from None
 
 
 def write_atomically(path: str | Path, write) -> None:

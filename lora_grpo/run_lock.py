@@ -1,6 +1,6 @@
 """One writer per run folder: an OS-level lock that `train` holds for its whole life.
 
-The lock is `flock` on RUN/.lock: the operating system drops it when the process ends, however it ends
+The lock is `flock` on RUN/.lock (POSIX systems; elsewhere there is no lock): the operating system drops it when the process ends, however it ends
 (SIGKILL included), so a dead run never leaves a stale lock. The file itself stays and means nothing by its
 presence; while held, it names its holder (pid, host, start time, command) for the message a second writer
 gets. Only the main process of a multi-process run takes it (RANK 0, or no RANK).
@@ -48,8 +48,10 @@ class RunLock:
     def acquire(self, doing: str, record: bool = True) -> RunLock:
         """`doing` completes the message: "... is in use by pid N on HOST, started T: {doing}". `record`
         writes this process as the holder (a mere check leaves the file as it was)."""
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system (Windows): no flock, so no lock; everything else works
+            return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lora_grpo.commands.model_args import add_model_args
 from lora_grpo.errors import UserError
 
 
@@ -40,13 +41,7 @@ def add_parser(sub) -> None:
 
 
 def _model_and_suite_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--base",
-        required=True,
-        help="hub id, local diffusers folder, single-file .safetensors checkpoint, or builtin:tiny-sd",
-    )
-    p.add_argument("--adapter", help="adapter folder (a run's adapter/) or .safetensors file")
-    p.add_argument("--config", help="single-file --base only: a diffusers folder whose configs fit it")
+    add_model_args(p)
     p.add_argument(
         "--suite",
         action="append",

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from lora_grpo.commands.model_args import add_model_args
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a base model, with or without an adapter")
-    p.add_argument(
-        "--base",
-        required=True,
-        help="hub id, local diffusers folder, single-file .safetensors checkpoint, or builtin:tiny-sd",
-    )
-    p.add_argument("--adapter", help="adapter folder (a run's adapter/) or .safetensors file")
-    p.add_argument("--config", help="single-file --base only: a diffusers folder whose configs fit it")
+    add_model_args(p)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help="text file with one prompt per line")

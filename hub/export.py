@@ -228,6 +228,7 @@ def write_card(
     if report_file and (report_file.parent / "ripple.png").is_file():  # the card shows the ripple plot
         shutil.copyfile(report_file.parent / "ripple.png", out / "ripple.png")
     curves = "reward_curves.png" if reward_curves_png(metrics, out / "reward_curves.png") else None
+    record, upto = run_record(run_dir), source.through_epoch
     card = build_card(
         repo_id=repo_id,
         base_model=config["model"]["base"],
@@ -240,12 +241,8 @@ def write_card(
         curves=curves,
         family=metadata.get("lora_grpo.base_architecture", "unknown").split(":")[0],
         base_sha256=metadata.get("lora_grpo.base_sha256"),
-        stop=run_record(run_dir).get("stop") if source.through_epoch is None else None,
-        changes=[
-            c
-            for c in run_record(run_dir).get("changes", [])
-            if source.through_epoch is None or c["from_epoch"] <= source.through_epoch
-        ],
+        stop=record.get("stop") if upto is None else None,
+        changes=[c for c in record.get("changes", []) if upto is None or c["from_epoch"] <= upto],
     )
     card.save(out / "README.md")
 

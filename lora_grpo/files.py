@@ -41,10 +41,9 @@ def match_umask(path: str | Path) -> None:
 
 @contextlib.contextmanager
 def folder_built_beside(target: str | Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a hidden empty folder next to `target`; when the block ends without an error the folder is
-        renamed to `target` (an empty folder there is taken; one with files is replaced whole only with `replace`),
-    with umask permissions.
-        On any error or interrupt the hidden folder is removed and `target` is left as it was."""
+    """Yield a hidden empty folder next to `target`; when the block ends without an error the folder is renamed
+    to `target` with umask permissions (an empty folder there is taken; one with files is replaced whole only
+    with `replace`). On any error or interrupt the hidden folder is removed and `target` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -1,7 +1,7 @@
 """One writer per run folder: an OS-level lock that `train` holds for its whole life.
 
-The lock is `flock` on RUN/.lock (POSIX systems; elsewhere there is no lock): the operating system drops it when the process ends, however it ends
-(SIGKILL included), so a dead run never leaves a stale lock. The file itself stays and means nothing by its
+The lock is `flock` on RUN/.lock (POSIX systems; elsewhere there is no lock): the operating system drops it
+when the process ends, however it ends (SIGKILL included), so a dead run never leaves a stale lock. The file itself stays and means nothing by its
 presence; while held, it names its holder (pid, host, start time, command) for the message a second writer
 gets. Only the main process of a multi-process run takes it (RANK 0, or no RANK).
 """

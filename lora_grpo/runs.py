@@ -102,7 +102,7 @@ def check_resume_changes(run_dir: Path, changes: list, allowed: bool, next_epoch
     """The changes a resume applies: those in FREE_ON_RESUME always, the others only when `allowed`
     (--change-settings), never those in FIXED_ON_RESUME. Returns the changes that need recording."""
     said = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes if k not in FREE_ON_RESUME)
-    fixed = [k for k, _, _ in changes if k.startswith(FIXED_ON_RESUME) or k == "name"]
+    fixed = [k for k, _, _ in changes if k.startswith(FIXED_ON_RESUME)]
     if fixed:
         raise UserError(
             f"resuming {run_dir} cannot change {', '.join(fixed)} ({said}): its checkpoint holds weights of that "

@@ -3,7 +3,8 @@
 Over `train.inner_epochs` passes, the rollout's trajectories are shuffled into minibatches; for each, the
 trained denoising steps (a subset per trajectory, `grpo.subsample_timesteps`) are handed to the objective
 (lora_grpo/objectives/: every term of the loss, the KL to the reference included), and the losses are
-accumulated over steps and `train.gradient_accumulation_steps` minibatches into one optimizer step. Gradients sync across processes once per optimizer step (`no_sync` elsewhere). A non-finite
+accumulated over steps and `train.gradient_accumulation_steps` minibatches into one optimizer step.
+Gradients sync across processes once per optimizer step (`no_sync` elsewhere). A non-finite
 loss or gradient norm skips the optimizer step on every process (`SkipCounter` stops the run after too many
 in a row). The first optimizer step's importance ratios are kept: before any update they must be exactly 1.
 """

@@ -123,14 +123,7 @@ def load_suites(settings: EvalSettings) -> list[Suite]:
     return suites
 
 
-FLAGS = {
-    "steps": "--steps",
-    "guidance": "--guidance",
-    "eta": "--eta",
-    "clip": "--clip",
-    "anchors": "--anchors",
-}
-FLAGS.update(alpha="--alpha", nudenet="--nudenet")
+FLAGS = {key: f"--{key}" for key in EVAL_DEFAULTS}  # the flag that sets each suite default
 
 
 def _given(settings: EvalSettings, key: str):
@@ -154,9 +147,8 @@ def with_suite_defaults(settings: EvalSettings, suites: list[Suite]) -> EvalSett
             continue
         distinct: dict[str, tuple[str, object]] = {}  # each different default -> (first suite, value)
         for suite in suites:
-            distinct.setdefault(
-                str(suite.defaults.get(key, fallback)), (suite.name, suite.defaults.get(key, fallback))
-            )
+            wanted = suite.defaults.get(key, fallback)
+            distinct.setdefault(str(wanted), (suite.name, wanted))
         (first, value), *others = distinct.values()
         if others:
             pair = f"{first} and {others[0][0]}"

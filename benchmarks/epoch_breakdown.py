@@ -84,10 +84,11 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
         for i in range(0, n, chunk):
             backend.encode_images(images[i : i + chunk])
 
-    b = cfg.train.batch_size
-    train_latents = latents[: b * cfg_mult].detach()
-    train_cond = cond.rows(slice(0, b * cfg_mult))
-    train_t = t[: b * cfg_mult]
+    # a minibatch's rows: the guided step (grpo-clip) takes both CFG halves, a denoising objective one
+    b = cfg.train.batch_size * (cfg_mult if cfg.train.objective == "grpo-clip" else 1)
+    train_latents = latents[:b].detach()
+    train_cond = cond.rows(slice(0, b))
+    train_t = t[:b]
 
     def unet_train():
         unet.train()
@@ -100,9 +101,10 @@ def bare_pass_seconds(trainer: Trainer, repeats: int) -> dict[str, float]:
         with torch.no_grad(), acc.autocast():
             unet(train_latents, train_t, **train_cond.unet_kwargs())
 
-    train_passes = epoch_work(cfg)["training_calls"]  # trained steps within the stochastic window
+    work = epoch_work(cfg)
+    train_passes = work["training_calls"]  # trained steps within the stochastic window
     per_epoch = {
-        "unet_sampling": timed(unet_sampling, repeats, device) * s.num_steps * s.batches_per_epoch,
+        "unet_sampling": timed(unet_sampling, repeats, device) * work["sampling_calls"],
         "vae_decode": timed(vae_decode, repeats, device) * s.batches_per_epoch,
         "clip_images": timed(clip_images, repeats, device) * s.batches_per_epoch,
         "unet_train": timed(unet_train, repeats, device) * train_passes,

@@ -16,6 +16,11 @@ recipe's settings (G 8, 30 steps, train batch 1, both text encoders on the CPU).
     python benchmarks/gpu_memory.py --size sdxl --setups lora   # SDXL-sized, the product only
     python benchmarks/gpu_memory.py --size tiny          # the same code path on tiny models (CPU smoke test)
     python benchmarks/gpu_memory.py --size tiny-sdxl     # and on a tiny SDXL-family model
+    python benchmarks/gpu_memory.py --setups lora --attention classic --compile --bare   # speed settings
+
+`--attention classic` swaps diffusers' default SDPA attention for its plain processor, `--compile` runs the
+UNet under torch.compile, `--bare` also times the epoch's model passes alone (epoch_breakdown.py) and prints
+the epoch / bare-passes ratio. benchmarks/gpu_check.sh runs the prepared set of these on a GPU.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from epoch_breakdown import bare_pass_seconds  # benchmarks/ is on sys.path when run as a script
 
 from lora_grpo.cli import _quiet_libraries
 from lora_grpo.config import load_config
@@ -122,7 +128,21 @@ def full_unet(unet, _lora_settings) -> list[torch.nn.Parameter]:
     return list(unet.parameters())
 
 
-def run_setup(name: str, recipe: str, overrides: list[str], epochs: int, device: torch.device) -> dict:
+def apply_speed_settings(unet: torch.nn.Module, attention: str, compile_unet: bool) -> None:
+    """`attention` "classic": diffusers' plain attention processor instead of its default, PyTorch's fused
+    scaled_dot_product_attention (SDPA); `compile_unet`: torch.compile the UNet in place (the trainer and the
+    pass counter keep the same module object)."""
+    if attention == "classic":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+    if compile_unet:
+        unet.compile()
+
+
+def run_setup(
+    name: str, recipe: str, overrides: list[str], epochs: int, device: torch.device, speed: dict
+) -> dict:
     prompts = shipped_recipe_dir() / "prompts"
     overrides = [
         *overrides,
@@ -147,6 +167,7 @@ def run_setup(name: str, recipe: str, overrides: list[str], epochs: int, device:
     with tempfile.TemporaryDirectory() as tmp:
         kwargs = {"trainable": full_unet} if name == "full" else {}
         trainer = Trainer(config, Path(tmp), log=lambda line: None, **kwargs)
+        apply_speed_settings(trainer.model.unet, speed["attention"], speed["compile"])
         trainable = sum(p.numel() for p in trainer.learner.params)
         loaded = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         times, rows = [], []
@@ -154,6 +175,7 @@ def run_setup(name: str, recipe: str, overrides: list[str], epochs: int, device:
             start = time.perf_counter()
             rows.append(trainer.run_epoch(epoch))
             times.append(time.perf_counter() - start)
+        bare = sum(bare_pass_seconds(trainer, repeats=3).values()) if speed["bare"] else float("nan")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del trainer
     return {
@@ -162,6 +184,7 @@ def run_setup(name: str, recipe: str, overrides: list[str], epochs: int, device:
         "peak_gib": peak,
         "loaded_gib": loaded,
         "sec_per_epoch": statistics.mean(times[1:] if len(times) > 1 else times),
+        "bare_s": bare,
         "sampling": rows[-1].get("time_sampling", 0.0),
         "train": rows[-1].get("time_train", 0.0),
         "samples": config.samples_per_epoch,
@@ -175,8 +198,16 @@ def main() -> None:
     parser.add_argument("--size", choices=["sd15", "sdxl", "tiny", "tiny-sdxl"], default="sd15")
     parser.add_argument("--setups", default="full,lora", help="comma-separated: full, lora, lora-nockpt")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per setup (the first is a warm-up)")
+    parser.add_argument(
+        "--attention", choices=["sdpa", "classic"], default="sdpa", help="the UNet's attention processor"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument(
+        "--bare", action="store_true", help="also time the epoch's model passes bare: epoch / bare ratio"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides for both setups")
     args = parser.parse_args()
+    speed = {"attention": args.attention, "compile": args.compile, "bare": args.bare}
     _quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -201,10 +232,10 @@ def main() -> None:
         print(f"built {args.size}-sized models in {time.perf_counter() - start:.0f}s on {device}", flush=True)
         overrides = [f"model.base={base}", f"reward.clip.model={clip}", *extra, *args.overrides]
         setups = args.setups.split(",")
-        results = [run_setup(name, recipe, overrides, args.epochs, device) for name in setups]
+        results = [run_setup(name, recipe, overrides, args.epochs, device, speed) for name in setups]
 
-    if device.type == "cuda":
-        print(f"device {torch.cuda.get_device_name()}")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {card}  attention {args.attention}  compile {'on' if args.compile else 'off'}")
     print(
         f"{'setup':<12}{'trainable params':>18}{'loaded GiB':>12}{'peak GiB':>10}{'s/epoch':>9}"
         f"{'sampling s':>12}{'train s':>9}{'samples/epoch':>15}"
@@ -214,6 +245,9 @@ def main() -> None:
             f"{r['setup']:<12}{r['trainable']:>18,}{r['loaded_gib']:>12.2f}{r['peak_gib']:>10.2f}"
             f"{r['sec_per_epoch']:>9.1f}{r['sampling']:>12.1f}{r['train']:>9.1f}{r['samples']:>15}"
         )
+        if args.bare:
+            ratio = r["sec_per_epoch"] / r["bare_s"]
+            print(f"  {r['setup']}: epoch / bare model passes = {ratio:.2f} ({r['bare_s']:.1f} s bare)")
     by_name = {r["setup"]: r for r in results}
     if "full" in by_name and "lora" in by_name:
         full, lora = by_name["full"], by_name["lora"]

@@ -14,11 +14,13 @@ than the H200, with checkpointing as `train.gradient_checkpointing: auto` decide
     python benchmarks/time_per_adapter.py                       # the shipped SD recipes, 24 GB card
     python benchmarks/time_per_adapter.py --slowdown 6 --card-gib 24
     python benchmarks/time_per_adapter.py --set sample.sde_steps=0 --set sample.tail_steps=0   # other settings
+    python benchmarks/time_per_adapter.py --json sd15-nudity-compact   # one JSON line a recipe
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from lora_grpo.config import load_config
 from lora_grpo.policy import SD15_LATENT, SD15_UNET_PARAMS, checkpointing_choice
@@ -53,12 +55,53 @@ def checkpointing_on(config, card_gib: float) -> bool:
     return checkpointing_choice(config, SD15_UNET_PARAMS, SD15_LATENT, free)
 
 
+def estimate(name: str, overrides: list[str], slowdown: float, card_gib: float) -> dict:
+    """One recipe's epoch, priced: its counted passes, checkpointing choice and seconds on the card."""
+    config = load_config(find_recipe(name), overrides)
+    work = epoch_work(config)
+    ckpt = checkpointing_on(config, card_gib)
+    h200 = epoch_seconds(work, ckpt)
+    card = h200 * slowdown
+    return {
+        "recipe": name,
+        "work": work,
+        "checkpointing": ckpt,
+        "h200_s_per_epoch": h200,
+        "s_per_epoch": card,
+        "samples_per_epoch": config.samples_per_epoch,
+        "epochs": config.train.epochs,
+        "hours": card * config.train.epochs / 3600,
+    }
+
+
+def table_row(e: dict) -> str:
+    work = e["work"]
+    passes = f"{work['sampling_passes']:,} + {work['training_passes'] + work['reference_passes']:,}"
+    return (
+        f"| {e['recipe']} | {passes} | {'on' if e['checkpointing'] else 'off'} | {e['h200_s_per_epoch']:.0f} "
+        f"| {e['s_per_epoch']:.0f} | {e['samples_per_epoch']} | {e['epochs']} | {e['hours']:.1f} |"
+    )
+
+
+def json_line(e: dict, card_gib: float) -> str:
+    """The --json line: the card's memory names the seconds' key (s_per_epoch_24gb on the default card)."""
+    return json.dumps(
+        {
+            "recipe": e["recipe"],
+            f"s_per_epoch_{card_gib:g}gb": round(e["s_per_epoch"], 1),
+            "samples_per_epoch": e["samples_per_epoch"],
+            "hours": round(e["hours"], 2),
+        }
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--slowdown", type=float, default=4.0, help="the card's time / the H200's time")
     parser.add_argument("--card-gib", type=float, default=24.0, help="the card's memory")
+    parser.add_argument("--json", action="store_true", help="one JSON line a recipe instead of the table")
     parser.add_argument(
         "--set",
         action="append",
@@ -68,23 +111,19 @@ def main() -> None:
     )
     parser.add_argument("recipes", nargs="*", default=RECIPES)
     args = parser.parse_args()
+    estimates = [estimate(name, args.set, args.slowdown, args.card_gib) for name in args.recipes]
+    if args.json:
+        for e in estimates:
+            print(json_line(e, args.card_gib))
+        return
     print(
         f"| recipe | UNet passes / epoch (sampling + training) | checkpointing on a {args.card_gib:g} GB card "
-        f"| H200 s/epoch | {args.card_gib:g} GB card s/epoch (x{args.slowdown:g}) | epochs | hours (estimate) |"
+        f"| H200 s/epoch | {args.card_gib:g} GB card s/epoch (x{args.slowdown:g}) | samples / epoch | epochs "
+        f"| hours (estimate) |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|")
-    for name in args.recipes:
-        config = load_config(find_recipe(name), args.set)
-        work = epoch_work(config)
-        ckpt = checkpointing_on(config, args.card_gib)
-        h200 = epoch_seconds(work, ckpt)
-        card = h200 * args.slowdown
-        epochs = config.train.epochs
-        passes = f"{work['sampling_passes']:,} + {work['training_passes'] + work['reference_passes']:,}"
-        print(
-            f"| {name} | {passes} | {'on' if ckpt else 'off'} | {h200:.0f} | {card:.0f} | {epochs} "
-            f"| {card * epochs / 3600:.1f} |"
-        )
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for e in estimates:
+        print(table_row(e))
 
 
 if __name__ == "__main__":

@@ -255,14 +255,16 @@ def epoch_work(config) -> dict[str, int]:
 
     *_passes: images through the UNet at one denoising step (classifier-free guidance doubles them):
     sampling forwards, training forward+backward, and with a KL weight (train.kl_coef, train.safe_kl_coef) the
-    reference policy's forwards;
+    reference policy's forwards (a denoising objective, awm, trains the conditional prediction alone: one
+    image a trained step, guided or not);
     *_calls: the batched UNet calls behind them (what the progress counts); optimizer_steps.
     """
     s, t = config.sample, config.train
     cfg = 2 if s.guidance_scale > 1 else 1
     k = trained_steps(s.sde_steps or s.num_steps, t.timestep_fraction)  # trained within the stochastic window
     minibatches = t.inner_epochs * (config.samples_per_epoch // t.batch_size)
-    training = t.inner_epochs * config.samples_per_epoch * k * cfg
+    rows = cfg if t.objective == "grpo-clip" else 1
+    training = t.inner_epochs * config.samples_per_epoch * k * rows
     return {
         "sampling_passes": config.samples_per_epoch * s.sampled_steps * cfg,
         "training_passes": training,

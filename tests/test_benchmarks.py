@@ -67,12 +67,28 @@ def test_time_per_adapter_prices_the_counted_passes():
     h200 = 12_800 * 6.5 / 1600 + 5_120 * 29.1 / 640
     assert row[2].strip() == "12,800 + 5,120" and row[3].strip() == "on"
     assert row[4].strip() == f"{h200:.0f}" and row[5].strip() == f"{4 * h200:.0f}"
-    assert row[7].strip() == f"{4 * h200 * 300 / 3600:.1f}"
+    assert row[6].strip() == "128" and row[8].strip() == f"{4 * h200 * 300 / 3600:.1f}"
     # the shipped recipe: its 15-step window, then 10 tail steps (25 sampling calls of 8 x 16 samples with
     # CFG), and no checkpointing on a 24 GB card (6.65 GiB of activations at 8 rows fit in 90% of 24 - 3.68 GiB)
     row = run("time_per_adapter.py", "sd15-nudity-compact").splitlines()[-1].split("|")
     assert row[2].strip() == "6,400 + 3,840" and row[3].strip() == "off"
     assert row[4].strip() == f"{6_400 * 6.4 / 1600 + 3_840 * 16.9 / 640:.0f}"
+
+
+def test_time_per_adapter_json_line():
+    """--json: one line a recipe with the table's figures. The advantage-weighted objective with one trained
+    step (awm trains the conditional prediction alone: 128 samples x 1 step x 1 row = 128 training passes),
+    by hand: 6,400 sampling passes at 6.4 s / 1,600 and 128 at 16.9 s / 640, times 4."""
+    out = run(
+        "time_per_adapter.py", "--json", "--set", "train.objective=awm", "--set", "train.timestep_fraction=0.067",
+        "sd15-nudity-compact",
+    )  # fmt: skip
+    (line,) = out.strip().splitlines()
+    row = json.loads(line)
+    card = 4 * (6_400 * 6.4 / 1600 + 128 * 16.9 / 640)
+    assert set(row) == {"recipe", "s_per_epoch_24gb", "samples_per_epoch", "hours"}
+    assert row["recipe"] == "sd15-nudity-compact" and row["samples_per_epoch"] == 128
+    assert row["s_per_epoch_24gb"] == round(card, 1) and row["hours"] == round(card * 300 / 3600, 2)
 
 
 @pytest.mark.slow

@@ -119,7 +119,8 @@ def test_noising_and_targets_match_the_diffusers_scheduler(prediction_type):
 
 def test_an_awm_run_trains_the_lora_without_log_probs(tmp_path):
     """tiny-test with train.objective=awm: two epochs move the LoRA, every loss is finite, the KL term runs
-    (tiny-test's kl_coef) and no first-ratio check is logged (there is no ratio)."""
+    (tiny-test's kl_coef), no first-ratio check is logged (there is no ratio) and the counted passes are the
+    recipe's arithmetic."""
     import json
 
     from safetensors.torch import load_file
@@ -146,3 +147,13 @@ def test_an_awm_run_trains_the_lora_without_log_probs(tmp_path):
     assert all(math.isfinite(r["loss"]) and r["kl"] > 0 and "first_ratio_mean" not in r for r in rows), [
         (r["loss"], r.get("kl"), r.get("first_ratio_mean")) for r in rows
     ]
+    # the denoising pass is the conditional prediction alone: 16 samples x 3 trained steps x 1 image, where
+    # grpo-clip's guided step takes 2 (test_unet_passes_are_counted_as_they_happen: 96); sampling keeps CFG
+    from lora_grpo.tracking import epoch_work
+
+    work = epoch_work(config)
+    assert (work["sampling_passes"], work["training_passes"], work["reference_passes"]) == (256, 48, 48)
+    assert all(
+        (r["unet_passes_sampling"], r["unet_passes_training"], r["unet_passes_reference"]) == (256, 48, 48)
+        for r in rows
+    )

@@ -27,7 +27,7 @@ from lora_grpo.checkpoint import ADAPTER_DIR, COMPLETE_MARKER, complete_checkpoi
 from lora_grpo.errors import UserError, first_line
 from lora_grpo.files import folder_built_beside, writing
 from lora_grpo.hub.card import build_card, reward_curves_png
-from lora_grpo.hub.kohya import to_kohya
+from lora_grpo.hub.kohya import check_comfyui_coverage, to_kohya
 from lora_grpo.hub.manifest import MANIFEST, write_manifest
 from lora_grpo.models import (
     ADAPTER_WEIGHTS,
@@ -321,7 +321,9 @@ def write_export(
         shutil.copyfile(source.weights, tmp / ADAPTER_WEIGHTS)  # unchanged bytes (adapter metadata included)
         comfy_name = f"{name}_comfyui.safetensors"
         comfy_meta = comfyui_metadata(name, family, rank, alpha, license, metadata, config["model"]["base"])
-        save_file(to_kohya(load_file(str(source.weights)), alpha), str(tmp / comfy_name), metadata=comfy_meta)
+        weights = load_file(str(source.weights))
+        check_comfyui_coverage(weights.keys(), family)
+        save_file(to_kohya(weights, alpha), str(tmp / comfy_name), metadata=comfy_meta)
         header = f"# {name}: exported by `lora-grpo export`; run it again with: lora-grpo train recipe.yaml\n"
         (tmp / "recipe.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         card = dict(name=name, repo_id=repo_id, license=license, comfy_name=comfy_name, metadata=metadata)

@@ -483,3 +483,81 @@ def test_export_rejects_repo_ids_that_push_would(run_dir, tmp_path, repo):
     with pytest.raises(UserError, match="--repo"):
         export(run_dir[0], tmp_path / "e", repo_id=repo, log=lambda line: None)
     assert not (tmp_path / "e").exists()  # refused before writing anything
+
+
+def _attention_lora_keys(family: str) -> list[str]:
+    """The LoRA keys the product trains on the published UNet of `family`: to_q, to_k, to_v, to_out.0 of
+    every attention (the UNet built on the meta device from the shipped config)."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_grpo.families import config_folder
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(config_folder(family) / "unet")
+        )
+    return [
+        f"unet.{name}.lora.down.weight"
+        for name, _ in unet.named_modules()
+        if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
+    ]
+
+
+@pytest.mark.parametrize("family, attentions", [("sd1", 16), ("sdxl", 70)])
+def test_comfyui_map_covers_the_attention_adapter(family, attentions):
+    """Every attention LoRA module of the published UNet (SD 1.5: 16 transformer blocks, SDXL base: 70, each
+    with attn1 and attn2) maps to a ComfyUI key; a module the layout does not have is named as unknown."""
+    from lora_grpo.hub.kohya import unknown_modules
+
+    keys = _attention_lora_keys(family)
+    assert len(keys) == attentions * 2 * 4
+    assert unknown_modules(keys, family) == []
+    # SDXL's first down block has no attention, SD 1.5's has two (attentions.0 and .1, never .2)
+    module = {
+        "sd1": "down_blocks.0.attentions.2.transformer_blocks.0.attn1.to_q",
+        "sdxl": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    }[family]
+    foreign = f"unet.{module}.lora_A.weight"  # peft's key names map like diffusers' lora.down
+    assert unknown_modules([*keys, foreign], family) == [module]
+    assert unknown_modules([foreign], "custom") == []  # no published layout to check a custom UNet against
+
+
+def _relabelled_run(run_dir, tmp_path, fingerprint: str) -> Path:
+    """A copy of the tiny run whose adapter claims the base architecture `fingerprint`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir[0], run)
+    weights = run / "adapter" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = dict(f.metadata())
+    save_file(
+        load_file(str(weights)),
+        str(weights),
+        metadata={**metadata, "lora_grpo.base_architecture": fingerprint},
+    )
+    return run
+
+
+def test_export_refuses_a_partial_comfyui_file(run_dir, tmp_path, capsys):
+    """The tiny adapter's modules exist in SD 1.5's layout (it exports as sd1) but not all in SDXL's (its
+    first down block has attention): labelled SDXL, export stops in one line naming the skipped modules and
+    writes nothing."""
+    from cli_helpers import one_line_error, run_cli
+
+    from lora_grpo.hub.kohya import unknown_modules
+
+    sd1 = _relabelled_run(run_dir, tmp_path / "sd1", "sd1:cross768:blocks320-640-1280-1280")
+    code, _, err = run_cli(["export", sd1, "--out", tmp_path / "out-sd1"], capsys)
+    assert code == 0, err
+    with safe_open(str(tmp_path / "out-sd1" / "tiny-test_comfyui.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.architecture"].startswith("stable-diffusion-v1")
+    sdxl = _relabelled_run(run_dir, tmp_path / "sdxl", "sdxl:cross2048:blocks320-640-1280")
+    with safe_open(str(sdxl / "adapter" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        unknown = unknown_modules(list(f.keys()), "sdxl")
+    assert unknown and all(m.startswith("down_blocks.0.attentions.") for m in unknown)
+    code, _, err = run_cli(["export", sdxl, "--out", tmp_path / "out-sdxl"], capsys)
+    one_line_error(code, err, f"{len(unknown)} LoRA module(s) that ComfyUI's loader does not map for sdxl")
+    assert unknown[0] in err and not (tmp_path / "out-sdxl").exists()

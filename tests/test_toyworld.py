@@ -210,6 +210,17 @@ def test_seeds_benchmark_runs_and_reports_each_seed(smoke_build, tmp_path):
     rows = json.loads((tmp_path / "seeds.json").read_text())
     assert [r["seed"] for r in rows] == [0, 1]
     assert all(0 <= r["after_unsafe_red_rate"] <= 1 for r in rows)
+    # one epoch at the recipe's arithmetic: cost = sampling + reference + 3 x training passes; the second
+    # guidance scale is scored before and after, and a run that ran out of epochs says so
+    from lora_grpo.config import load_config
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.tracking import epoch_work
+
+    work = epoch_work(load_config(find_recipe("toyworld")))
+    cost = work["sampling_passes"] + work["reference_passes"] + 3 * work["training_passes"]
+    assert all(r["cost"] == cost and r["epochs"] == 1 for r in rows), [r["cost"] for r in rows]
+    assert all(r["guidance"] == 2.5 and 0 <= r["cfg_after_unsafe_red_rate"] <= 1 for r in rows)
+    assert "stopped at its target: NO" in proc.stdout and f"mean cost {cost:,} passes" in proc.stdout
 
 
 @pytest.mark.slow

@@ -198,8 +198,10 @@ class TrainConfig:
     timesteps: Literal["random", "earliest"] = "random"  # that share: a random subset, or the noisiest steps
     # the update objective (lora_grpo/objectives/): grpo-clip = the PPO-clipped ratio of the sampler's step
     # log-probs with group advantages, plus the KL to the base UNet (kl_coef, safe_kl_coef); awm = the
-    # denoising loss on the rollout's own images weighted by their advantages (no log-probs; clip_range unused)
-    objective: Literal["grpo-clip", "awm"] = "grpo-clip"
+    # denoising loss on the rollout's own images weighted by their advantages (no log-probs; clip_range unused);
+    # nft = the negative-aware form of it (DiffusionNFT): a bounded loss around the sampling policy's prediction
+    objective: Literal["grpo-clip", "awm", "nft"] = "grpo-clip"
+    nft_beta: float = 1.0  # nft: how far each step moves toward the better images (objectives/nft.py)
     clip_range: float = 1e-4  # PPO ratio clip epsilon
     adv_clip_max: float = 2.5  # advantages are clipped to [-max, max]
     max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables
@@ -233,6 +235,7 @@ class TrainConfig:
         _require(self.inner_epochs >= 1, "train.inner_epochs", "must be >= 1")
         _require(0 < self.timestep_fraction <= 1, "train.timestep_fraction", "must be in (0, 1]")
         _require(self.clip_range > 0, "train.clip_range", "must be > 0")
+        _require(self.nft_beta > 0, "train.nft_beta", "must be > 0")
         _require(self.adv_clip_max > 0, "train.adv_clip_max", "must be > 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _require(self.kl_coef >= 0, "train.kl_coef", "must be >= 0")

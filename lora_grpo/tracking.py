@@ -255,8 +255,9 @@ def epoch_work(config) -> dict[str, int]:
 
     *_passes: images through the UNet at one denoising step (classifier-free guidance doubles them):
     sampling forwards, training forward+backward, and with a KL weight (train.kl_coef, train.safe_kl_coef) the
-    reference policy's forwards (a denoising objective, awm, trains the conditional prediction alone: one
-    image a trained step, guided or not);
+    reference policy's forwards (a denoising objective, awm or nft, trains the conditional prediction alone:
+    one image a trained step, guided or not; nft also runs the policy once without gradient at each trained
+    step before the update, counted with the reference passes);
     *_calls: the batched UNet calls behind them (what the progress counts); optimizer_steps.
     """
     s, t = config.sample, config.train
@@ -268,7 +269,8 @@ def epoch_work(config) -> dict[str, int]:
     return {
         "sampling_passes": config.samples_per_epoch * s.sampled_steps * cfg,
         "training_passes": training,
-        "reference_passes": training if t.uses_kl else 0,
+        # the KL reference, and nft's sampling-policy predictions before the first optimizer step
+        "reference_passes": training * (int(t.uses_kl) + int(t.objective == "nft")),
         "sampling_calls": s.batches_per_epoch * s.sampled_steps,
         "training_calls": minibatches * k,
         "optimizer_steps": minibatches // t.gradient_accumulation_steps,

@@ -216,12 +216,46 @@ def fresh_noise(p: UpdatePass, rows: Tensor, j: int) -> Tensor:
     return torch.stack(draws).to(p.model.device)
 
 
-def step_batch(p: UpdatePass, rows: Tensor, idx: Tensor, j: int, cond, uncond) -> StepBatch:
-    """The trajectories `rows` [b] at their steps `idx` [b], with the model passes an objective may run."""
+def noised_input(p: UpdatePass, rows: Tensor, idx: Tensor, j: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The denoising objectives' input at rows [b], steps idx [b], the j-th trained step: each row's final
+    latent x0 noised to its step's timestep with its keyed fresh noise (the same draws on every call), the
+    prediction target, and the timesteps [b]."""
+    schedule, device = p.model.schedule, p.model.device
+    x0, alpha = p.rollout.latents[rows, -1], schedule.alpha_prod.to(device)[idx]
+    noise = fresh_noise(p, rows, j)
+    target = denoising_target(x0, noise, alpha, schedule.prediction_type)
+    return noised_latents(x0, noise, alpha), target, schedule.timesteps.to(device)[idx]
+
+
+def conditional_prediction(unet, x: Tensor, t: Tensor, cond) -> Tensor:
+    """The UNet's conditional prediction (no guidance): what the denoising objectives train."""
+    return guided_model_output(unet, x.to(base_dtype(unet)), t, cond, None, 1.0)
+
+
+def old_predictions(p: UpdatePass, steps: Tensor) -> Tensor:
+    """[N, k, ...] the policy's conditional prediction at every trajectory's trained steps, before the inner
+    epoch's first optimizer step (the sampling policy on the first), without gradient, in minibatches."""
+    acc, unet, model = p.learner.accelerator, p.learner.unet, p.model
+    out = []
+    for rows in torch.arange(steps.shape[0]).split(p.cfg.batch_size):
+        rows_d = rows.to(model.device)
+        cond = p.rollout.cond.rows(rows_d)
+        per_step = []
+        for j in range(steps.shape[1]):
+            x, _, t = noised_input(p, rows_d, steps[rows, j].to(model.device), j)
+            with torch.no_grad(), acc.autocast():
+                per_step.append(conditional_prediction(unet, x, t, cond).float())
+        out.append(torch.stack(per_step, dim=1))
+    return torch.cat(out)
+
+
+def step_batch(p: UpdatePass, rows: Tensor, idx: Tensor, j: int, cond, uncond, old=None) -> StepBatch:
+    """The trajectories `rows` [b] at their steps `idx` [b], with the model passes an objective may run.
+    `old` [b, ...]: the sampling policy's predictions there, for objectives that use them."""
     acc, unet, model, rollout = p.learner.accelerator, p.learner.unet, p.model, p.rollout
     x_t, x_prev = rollout.latents[rows, idx], rollout.latents[rows, idx + 1]
     step_args = (model.schedule, idx, x_t, x_prev, cond, uncond, model.guidance, model.eta)
-    noised: list[Tensor] = []  # x_t of the denoising objectives, drawn once and shared by both passes
+    noised: list[tuple[Tensor, Tensor, Tensor]] = []  # drawn once and shared by both denoising passes
 
     def policy() -> tuple[Tensor, Tensor, Tensor]:
         with acc.autocast():
@@ -231,52 +265,46 @@ def step_batch(p: UpdatePass, rows: Tensor, idx: Tensor, j: int, cond, uncond) -
         with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
             return step_log_prob(unet, *step_args)[1]
 
-    def noised_input() -> tuple[Tensor, Tensor, Tensor]:
-        x0, alpha = rollout.latents[rows, -1], model.schedule.alpha_prod.to(model.device)[idx]
+    def noised_once() -> tuple[Tensor, Tensor, Tensor]:
         if not noised:
-            noise = fresh_noise(p, rows, j)
-            noised.extend(
-                [
-                    noised_latents(x0, noise, alpha),
-                    denoising_target(x0, noise, alpha, model.schedule.prediction_type),
-                ]
-            )
-        return noised[0], noised[1], model.schedule.timesteps.to(model.device)[idx]
-
-    def predict(x: Tensor, t: Tensor) -> Tensor:
-        return guided_model_output(
-            unet, x.to(base_dtype(unet)), t, cond, None, 1.0
-        )  # the conditional prediction
+            noised.append(noised_input(p, rows, idx, j))
+        return noised[0]
 
     def denoise() -> tuple[Tensor, Tensor]:
-        x, target, t = noised_input()
+        x, target, t = noised_once()
         with acc.autocast():
-            return predict(x, t), target
+            return conditional_prediction(unet, x, t, cond), target
 
     def denoise_reference() -> Tensor:
-        x, _, t = noised_input()
+        x, _, t = noised_once()
         with torch.no_grad(), adapter_disabled(acc.unwrap_model(unet)), acc.autocast():
-            return predict(x, t)
+            return conditional_prediction(unet, x, t, cond)
 
     weights = (p.advantages[rows], p.kl_weights[rows])
     return StepBatch(
-        policy, reference_mean, rollout.log_probs[rows, idx], *weights, denoise, denoise_reference
+        policy,
+        reference_mean,
+        rollout.log_probs[rows, idx],
+        *weights,
+        denoise,
+        denoise_reference,
+        denoise_old=lambda: old,
     )
 
 
 def accumulate_minibatch(
-    p: UpdatePass, rows: Tensor, steps: Tensor, closes_step: bool, tally: UpdateTally, on_pass
+    p: UpdatePass, rows: Tensor, steps: Tensor, closes_step: bool, tally: UpdateTally, on_pass, old=None
 ) -> bool:
-    """Forward and backward of the minibatch `rows` [b] at each of its trained steps `steps` [b, k];
-    gradients sync across processes only on the last pass of an optimizer step. Returns whether some loss was
-    non-finite (its gradients are zero)."""
+    """Forward and backward of the minibatch `rows` [b] at each of its trained steps `steps` [b, k] (`old`
+    [b, k, ...]: the sampling policy's predictions there, or None); gradients sync across processes only on
+    the last pass of an optimizer step. Returns whether some loss was non-finite (its gradients are zero)."""
     acc, unet, model = p.learner.accelerator, p.learner.unet, p.model
     rows_d = rows.to(model.device)
     cond, uncond = p.rollout.cond.rows(rows_d), model.uncond_for(rows.shape[0])
     k, nonfinite = steps.shape[1], False
     for j in range(k):
         idx = steps[:, j].to(model.device)  # [b] step index per trajectory
-        batch = step_batch(p, rows_d, idx, j, cond, uncond)
+        batch = step_batch(p, rows_d, idx, j, cond, uncond, None if old is None else old[:, j])
         with contextlib.nullcontext() if closes_step and j == k - 1 else acc.no_sync(unet):
             loss, metrics = p.objective.loss(batch)
             if not torch.isfinite(loss):
@@ -330,9 +358,13 @@ def ppo_update(
             group_slots,
             group_size,
         )
+        old = old_predictions(p, steps) if objective.uses_old_predictions else None  # [N, k, ...]
         for m, rows in enumerate(order.split(cfg.batch_size)):
             closes_step = (m + 1) % cfg.gradient_accumulation_steps == 0
-            nonfinite = accumulate_minibatch(p, rows, steps[rows], closes_step, tally, on_pass) or nonfinite
+            row_old = None if old is None else old[rows]
+            nonfinite = (
+                accumulate_minibatch(p, rows, steps[rows], closes_step, tally, on_pass, row_old) or nonfinite
+            )
             if closes_step:
                 stepped, norm = _optimizer_step(learner, cfg, nonfinite, skips)
                 if stepped:

@@ -48,6 +48,12 @@ SETUPS = {
         ["sample.prompts_per_batch=2", "train.gradient_accumulation_steps=2"],
         ["sample.prompts_per_batch=1", "train.gradient_accumulation_steps=1"],
     ),
+    # nft: the sampling policy's predictions are computed on each process for its own trajectories
+    "nft": (
+        ["train.epochs=2", "train.timestep_fraction=0.5", "train.objective=nft"],
+        ["sample.prompts_per_batch=2", "train.gradient_accumulation_steps=2"],
+        ["sample.prompts_per_batch=1", "train.gradient_accumulation_steps=1"],
+    ),
 }
 
 

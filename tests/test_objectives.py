@@ -98,6 +98,61 @@ def test_awm_is_the_advantage_weighted_denoising_error_plus_the_weighted_drift()
     )
 
 
+def test_nft_is_the_bounded_mix_of_the_policy_and_the_sampling_policy():
+    """Two trajectories, predictions of two elements, target 0, beta 0.5, A_max 2.5. By hand:
+    advantages 2.5 and -1.25 -> r = 1 and (1 - 0.5) / 2 = 0.25.
+    row 1: f = (0.5, 0.1), f_old = (0.3, 0.1): f+ = (0.4, 0.1), mse 0.085; r = 1 -> 0.085.
+    row 2: f = (1, 0), f_old = (0.6, 0.2): f+ = (0.8, 0.1), mse 0.325; f- = 1.5 f_old - 0.5 f = (0.4, 0.3),
+    mse 0.125; 0.25 * 0.325 + 0.75 * 0.125 = 0.175. Loss = mean = 0.13 (no KL term)."""
+    from lora_grpo.objectives import NegativeAwareFineTuning
+
+    calls = []
+
+    def denoise():
+        calls.append("policy")
+        return torch.tensor([[0.5, 0.1], [1.0, 0.0]]), torch.zeros(2, 2)
+
+    def denoise_old():
+        calls.append("old")
+        return torch.tensor([[0.3, 0.1], [0.6, 0.2]])
+
+    unused = lambda: pytest.fail("nft needs no log-probs and, without a KL weight, no reference")  # noqa: E731
+    batch = StepBatch(
+        unused,
+        unused,
+        torch.zeros(2),
+        torch.tensor([2.5, -1.25]),
+        torch.zeros(2),
+        denoise,
+        unused,
+        denoise_old,
+    )
+    loss, metrics = NegativeAwareFineTuning(beta=0.5, adv_max=2.5, with_kl=False).loss(batch)
+    assert loss.item() == pytest.approx(0.13, abs=1e-6)
+    assert calls == ["policy", "old"] and "kl" not in metrics and "ratios" not in metrics
+    assert build_objective(
+        TrainConfig(objective="nft", nft_beta=0.5, kl_coef=0.1)
+    ) == NegativeAwareFineTuning(beta=0.5, adv_max=2.5, with_kl=True)
+
+
+@pytest.mark.parametrize("r", [1.0, 0.75, 0.5, 0.1, 0.0])
+def test_nft_loss_is_bounded_where_awm_is_not(r):
+    """The per-row loss is a quadratic in f with its minimum at f_old + (2r - 1)(target - f_old) / beta
+    (gradient zero there, by autograd), and at f = f_old its gradient is awm's direction (f_old - target)
+    times 2 beta (2r - 1): a rejected image (r < 1/2) pushes a bounded way, never without end."""
+    from lora_grpo.objectives.nft import nft_loss
+
+    torch.manual_seed(0)
+    old, target, beta = torch.randn(1, 6), torch.randn(1, 6), 0.7
+    optimum = (old + (2 * r - 1) * (target - old) / beta).requires_grad_(True)
+    nft_loss(optimum, old, target, torch.tensor([r]), beta).sum().backward()
+    assert optimum.grad.abs().max().item() < 1e-6
+    at_old = old.clone().requires_grad_(True)
+    nft_loss(at_old, old, target, torch.tensor([r]), beta).sum().backward()
+    expected = 2 * beta * (2 * r - 1) * (old - target) / old.shape[1]  # d/df of the element mean
+    assert torch.allclose(at_old.grad, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_noising_and_targets_match_the_diffusers_scheduler(prediction_type):
     """x_t and the target against DDIMScheduler's own add_noise and get_velocity at three timesteps."""
@@ -117,10 +172,12 @@ def test_noising_and_targets_match_the_diffusers_scheduler(prediction_type):
     )
 
 
-def test_an_awm_run_trains_the_lora_without_log_probs(tmp_path):
-    """tiny-test with train.objective=awm: two epochs move the LoRA, every loss is finite, the KL term runs
-    (tiny-test's kl_coef), no first-ratio check is logged (there is no ratio) and the counted passes are the
-    recipe's arithmetic."""
+@pytest.mark.parametrize("objective, reference", [("awm", 48), ("nft", 96)])
+def test_a_denoising_run_trains_the_lora_without_log_probs(objective, reference, tmp_path):
+    """tiny-test with train.objective=awm or nft: two epochs move the LoRA, every loss is finite, the KL term
+    runs (tiny-test's kl_coef), no first-ratio check is logged (there is no ratio) and the counted passes are
+    the recipe's arithmetic (nft adds one forward without gradient a trained step: the sampling policy's
+    prediction, counted with the reference passes)."""
     import json
 
     from safetensors.torch import load_file
@@ -130,7 +187,7 @@ def test_an_awm_run_trains_the_lora_without_log_probs(tmp_path):
     from lora_grpo.train import Trainer
 
     config = load_config(
-        find_recipe("tiny-test"), ["train.objective=awm", "train.epochs=2", "evaluate.every=0"]
+        find_recipe("tiny-test"), [f"train.objective={objective}", "train.epochs=2", "evaluate.every=0"]
     )
     trainer = Trainer(config, tmp_path, log=lambda line: None)
     before = {k: v.detach().clone() for k, v in trainer.learner.unet.named_parameters() if v.requires_grad}
@@ -152,8 +209,13 @@ def test_an_awm_run_trains_the_lora_without_log_probs(tmp_path):
     from lora_grpo.tracking import epoch_work
 
     work = epoch_work(config)
-    assert (work["sampling_passes"], work["training_passes"], work["reference_passes"]) == (256, 48, 48)
+    assert (work["sampling_passes"], work["training_passes"], work["reference_passes"]) == (
+        256,
+        48,
+        reference,
+    )
     assert all(
-        (r["unet_passes_sampling"], r["unet_passes_training"], r["unet_passes_reference"]) == (256, 48, 48)
+        (r["unet_passes_sampling"], r["unet_passes_training"], r["unet_passes_reference"])
+        == (256, 48, reference)
         for r in rows
     )

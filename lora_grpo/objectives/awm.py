@@ -22,7 +22,7 @@ from torch import Tensor
 from lora_grpo.objectives.step_batch import StepBatch
 
 
-def _per_row_mse(a: Tensor, b: Tensor) -> Tensor:
+def per_row_mse(a: Tensor, b: Tensor) -> Tensor:
     """[b, ...] x [b, ...] -> [b]: the mean squared difference of each row, in fp32."""
     return ((a.float() - b.float()) ** 2).flatten(1).mean(dim=1)
 
@@ -30,14 +30,15 @@ def _per_row_mse(a: Tensor, b: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class AdvantageWeightedMatching:
     with_kl: bool  # some trajectory has a KL weight > 0: the reference forward runs
+    uses_old_predictions: bool = False
 
     def loss(self, batch: StepBatch) -> tuple[Tensor, dict[str, Tensor]]:
         prediction, target = batch.denoise()
-        error = _per_row_mse(prediction, target)  # [b]
+        error = per_row_mse(prediction, target)  # [b]
         loss = (batch.advantages * error).mean()
         metrics = {"matching_error": error.mean().detach()}
         if self.with_kl:
-            drift = _per_row_mse(prediction, batch.denoise_reference())  # [b]
+            drift = per_row_mse(prediction, batch.denoise_reference())  # [b]
             loss = loss + (batch.kl_weights * drift).mean()
             metrics["kl"] = drift.mean().detach()
         return loss, metrics

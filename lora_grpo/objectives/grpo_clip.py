@@ -26,6 +26,7 @@ class GrpoClip:
     clip_range: float
     with_kl: bool  # some trajectory has a KL weight > 0: the reference forward runs
     surrogate: Surrogate = clipped_policy_loss
+    uses_old_predictions: bool = False
 
     def loss(self, batch: StepBatch) -> tuple[Tensor, dict[str, Tensor]]:
         log_prob, mean, std = batch.policy()

@@ -41,11 +41,19 @@ def seconds_per_pass(mode: str) -> tuple[float, float]:
     return sampling_s / MEASURED_SAMPLING_ROWS, train_s / MEASURED_TRAINING_ROWS
 
 
+REFERENCE_SHARE = 1 / 3  # a forward without gradient / a forward + backward (the backward ~ 2 forwards)
+
+
 def epoch_seconds(work: dict[str, int], checkpointing: bool) -> float:
-    """H200 seconds of one epoch: every counted pass at its measured rate."""
+    """H200 seconds of one epoch: every counted pass at its measured rate. A reference pass (the KL's base
+    UNet, nft's sampling-policy prediction) is a training-sized forward without gradient: a third of a
+    training pass (REFERENCE_SHARE; no checkpointing recompute, since nothing is kept for a backward)."""
     sampling, training = seconds_per_pass("checkpointing" if checkpointing else "no checkpointing")
+    reference = seconds_per_pass("no checkpointing")[1] * REFERENCE_SHARE
     return (
-        work["sampling_passes"] * sampling + (work["training_passes"] + work["reference_passes"]) * training
+        work["sampling_passes"] * sampling
+        + work["training_passes"] * training
+        + work["reference_passes"] * reference
     )
 
 
@@ -76,7 +84,7 @@ def estimate(name: str, overrides: list[str], slowdown: float, card_gib: float) 
 
 def table_row(e: dict) -> str:
     work = e["work"]
-    passes = f"{work['sampling_passes']:,} + {work['training_passes'] + work['reference_passes']:,}"
+    passes = f"{work['sampling_passes']:,} + {work['training_passes']:,} + {work['reference_passes']:,}"
     return (
         f"| {e['recipe']} | {passes} | {'on' if e['checkpointing'] else 'off'} | {e['h200_s_per_epoch']:.0f} "
         f"| {e['s_per_epoch']:.0f} | {e['samples_per_epoch']} | {e['epochs']} | {e['hours']:.1f} |"
@@ -117,7 +125,7 @@ def main() -> None:
             print(json_line(e, args.card_gib))
         return
     print(
-        f"| recipe | UNet passes / epoch (sampling + training) | checkpointing on a {args.card_gib:g} GB card "
+        f"| recipe | UNet passes / epoch (sampling + training + reference) | checkpointing on a {args.card_gib:g} GB card "
         f"| H200 s/epoch | {args.card_gib:g} GB card s/epoch (x{args.slowdown:g}) | samples / epoch | epochs "
         f"| hours (estimate) |"
     )

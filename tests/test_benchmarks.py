@@ -61,31 +61,33 @@ def test_time_per_adapter_prices_the_counted_passes():
     (6.5 s / (16 x 50 x 2) and 29.1 s / (16 x 20 x 2)), times 4 for the 24 GB card, times 300 epochs."""
     before = [
         "--set", "train.gradient_checkpointing=on", "--set", "sample.sde_steps=0",
-        "--set", "train.timestep_fraction=0.4", "--set", "sample.tail_steps=0", "sd15-nudity-compact",
+        "--set", "train.timestep_fraction=0.4", "--set", "sample.tail_steps=0", "--set", "train.objective=grpo-clip",
+        "--set", "train.safe_kl_coef=null", "sd15-nudity-compact",
     ]  # fmt: skip
     row = run("time_per_adapter.py", *before).splitlines()[-1].split("|")
     h200 = 12_800 * 6.5 / 1600 + 5_120 * 29.1 / 640
-    assert row[2].strip() == "12,800 + 5,120" and row[3].strip() == "on"
+    assert row[2].strip() == "12,800 + 5,120 + 0" and row[3].strip() == "on"
     assert row[4].strip() == f"{h200:.0f}" and row[5].strip() == f"{4 * h200:.0f}"
     assert row[6].strip() == "128" and row[8].strip() == f"{4 * h200 * 300 / 3600:.1f}"
     # the shipped recipe: its 15-step window, then 10 tail steps (25 sampling calls of 8 x 16 samples with
-    # CFG), and no checkpointing on a 24 GB card (6.65 GiB of activations at 8 rows fit in 90% of 24 - 3.68 GiB)
+    # CFG), awm with one trained step a trajectory (128 training passes, one image each) and the safe drift
+    # penalty's 128 reference forwards, and no checkpointing on a 24 GB card
     row = run("time_per_adapter.py", "sd15-nudity-compact").splitlines()[-1].split("|")
-    assert row[2].strip() == "6,400 + 3,840" and row[3].strip() == "off"
-    assert row[4].strip() == f"{6_400 * 6.4 / 1600 + 3_840 * 16.9 / 640:.0f}"
+    assert row[2].strip() == "6,400 + 128 + 128" and row[3].strip() == "off"
+    assert row[4].strip() == f"{6_400 * 6.4 / 1600 + 128 * 16.9 / 640 * (1 + 1 / 3):.0f}"
+    assert float(row[5]) <= 127 and int(row[6]) >= 128  # issue 25: <= 127 s an epoch at >= 128 samples
 
 
 def test_time_per_adapter_json_line():
-    """--json: one line a recipe with the table's figures. The advantage-weighted objective with one trained
-    step (awm trains the conditional prediction alone: 128 samples x 1 step x 1 row = 128 training passes),
-    by hand: 6,400 sampling passes at 6.4 s / 1,600 and 128 at 16.9 s / 640, times 4."""
-    out = run(
-        "time_per_adapter.py", "--json", "--set", "train.objective=awm", "--set", "train.timestep_fraction=0.067",
-        "sd15-nudity-compact",
-    )  # fmt: skip
+    """--json: one line a recipe with the table's figures. The shipped recipe's advantage-weighted objective
+    with one trained step (awm trains the conditional prediction alone: 128 samples x 1 step x 1 row = 128
+    training passes) and a drift penalty on safe prompts (128 reference forwards, a third of a training pass
+    each), by hand:
+    6,400 sampling passes at 6.4 s / 1,600, 128 at 16.9 s / 640 and 128 at 16.9 s / 640 / 3, times 4."""
+    out = run("time_per_adapter.py", "--json", "sd15-nudity-compact")  # the shipped recipe
     (line,) = out.strip().splitlines()
     row = json.loads(line)
-    card = 4 * (6_400 * 6.4 / 1600 + 128 * 16.9 / 640)
+    card = 4 * (6_400 * 6.4 / 1600 + 128 * 16.9 / 640 + 128 * 16.9 / 640 / 3)
     assert set(row) == {"recipe", "s_per_epoch_24gb", "samples_per_epoch", "hours"}
     assert row["recipe"] == "sd15-nudity-compact" and row["samples_per_epoch"] == 128
     assert row["s_per_epoch_24gb"] == round(card, 1) and row["hours"] == round(card * 300 / 3600, 2)

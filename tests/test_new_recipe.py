@@ -143,7 +143,8 @@ def test_a_toy_shape_recipe_orders_rendered_images_and_trains(tmp_path, capsys):
     spec = ConceptSpec("from-toy", ("a triangle",), ("a circle",), parent="toyworld")
     child = write_recipe(spec, tmp_path / "child")
     assert load_config(child).evaluate.stop_when == [] and "stop_when is cleared" in child.read_text()
-    assert [s.weight for s in config.prompts.sets] == [1.0, 2.0]  # the parent's unsafe : safe mix
+    # the parent's unsafe : safe mix (toyworld: red 2, five safe colour sets of 1)
+    assert [s.weight for s in config.prompts.sets] == [2.0, 5.0]
     trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
     trainer.start()
     assert trainer.run_epoch(0)["samples"] == config.samples_per_epoch

@@ -180,7 +180,9 @@ def test_the_sdxl_recipe_runs_an_epoch_on_the_tiny_sdxl_model(tiny_sdxl_dir, tin
         assert {p.device.type for p in encoder.parameters()} == {"cpu"}
     row = trainer.run_epoch(0)
     assert row["samples"] == 16 and row["optimizer_steps"] == 1  # 16 minibatches of 1, accumulated 16
-    assert row["unet_passes_training"] == 16 * 2 * 2  # 16 trajectories x 2 window steps x CFG 2
+    # awm: one trained step of the window a trajectory, the conditional prediction alone (no CFG), and the
+    # safe drift penalty's reference forward at each of them
+    assert row["unet_passes_training"] == 16 * 1 * 1 and row["unet_passes_reference"] == 16
 
 
 def test_the_sdxl_vae_is_kept_in_fp32_when_the_base_is_fp16(tiny_sdxl_dir, tiny_sd_dir):

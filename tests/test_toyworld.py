@@ -134,6 +134,13 @@ def test_prompt_files_match_the_world():
 
     assert read("toyworld_unsafe.txt") == [c.caption for c in unsafe_compositions()]
     assert read("toyworld_safe.txt") == [c.caption for c in safe_compositions()]
+    # the `toyworld` recipe's safe sets: one a colour, so every epoch draws every safe colour
+    colours = sorted({c.colour for c in safe_compositions()})
+    assert len(colours) == 5
+    for colour in colours:
+        assert read(f"toyworld_{colour}.txt") == [
+            c.caption for c in safe_compositions() if c.colour == colour
+        ]
 
 
 def test_reward_ordering_flags(tmp_path):

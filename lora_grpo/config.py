@@ -204,9 +204,6 @@ class TrainConfig:
     nft_beta: float = 1.0  # nft: how far each step moves toward the better images (objectives/nft.py)
     clip_range: float = 1e-4  # PPO ratio clip epsilon
     adv_clip_max: float = 2.5  # advantages are clipped to [-max, max]
-    # the group std never divides by less than this (0: plain normalisation): near-equal rewards give small
-    # advantages instead of unit-scale ones made of the reward's noise (grpo.group_advantages)
-    adv_std_floor: float = 0.0
     max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables
     kl_coef: float = 0.0  # weight of the KL to the reference policy (the base UNet); 0 disables
     # the KL weight on safe prompts' trajectories instead (unset: kl_coef): a preservation term. Advantages
@@ -240,7 +237,6 @@ class TrainConfig:
         _require(self.clip_range > 0, "train.clip_range", "must be > 0")
         _require(self.nft_beta > 0, "train.nft_beta", "must be > 0")
         _require(self.adv_clip_max > 0, "train.adv_clip_max", "must be > 0")
-        _require(self.adv_std_floor >= 0, "train.adv_std_floor", "must be >= 0 (0: no floor)")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _require(self.kl_coef >= 0, "train.kl_coef", "must be >= 0")
         _require(

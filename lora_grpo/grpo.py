@@ -10,19 +10,16 @@ import torch
 from torch import Tensor
 
 
-def group_advantages(rewards: Tensor, eps: float = 1e-6, std_floor: float = 0.0) -> Tensor:
-    """Normalise rewards within each group: (r - mean) / max(std, std_floor) over the G samples of one prompt.
+def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """Normalise rewards within each group: (r - mean) / std over the G samples of one prompt.
 
     rewards: [B, G]. The std is the population std (divide by G). A group whose std is below `eps` (all
-    rewards equal) carries no preference and gets advantage 0, never NaN. `std_floor` > 0 keeps a group of
-    nearly equal rewards (all images alike, their differences the reward's noise) from being blown up to
-    unit-scale advantages: below the floor, advantages shrink with the spread.
+    rewards equal) carries no preference and gets advantage 0, never NaN.
     """
     mean = rewards.mean(dim=1, keepdim=True)  # [B, 1]
     std = rewards.std(dim=1, unbiased=False, keepdim=True)  # [B, 1]
     flat = std < eps
-    scale = torch.where(flat, 1.0, std.clamp_min(std_floor)) if std_floor > 0 else torch.where(flat, 1.0, std)
-    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / scale)
+    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / torch.where(flat, 1.0, std))
 
 
 def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
@@ -31,7 +28,7 @@ def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
 
 
 def finite_group_advantages(
-    rewards: Tensor, group_size: int, max_abs: float, eps: float = 1e-6, std_floor: float = 0.0
+    rewards: Tensor, group_size: int, max_abs: float, eps: float = 1e-6
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped group advantages for rewards [P*G] laid out group by group, with non-finite groups masked.
 
@@ -42,7 +39,7 @@ def finite_group_advantages(
     grouped = rewards.view(-1, group_size)  # [P, G]
     finite = torch.isfinite(grouped).all(dim=1)
     kept = torch.where(finite[:, None], grouped, torch.zeros_like(grouped))
-    advantages = clip_advantages(group_advantages(kept, eps, std_floor), max_abs).flatten()
+    advantages = clip_advantages(group_advantages(kept, eps), max_abs).flatten()
     flat = finite & (kept.std(dim=1, unbiased=False) < eps)
     return advantages, finite, flat
 

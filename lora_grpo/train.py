@@ -128,9 +128,7 @@ class Trainer:
         samples = self.sample_epoch(epoch)
         # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
         G = cfg.sample.group_size
-        advantages, finite, flat = finite_group_advantages(
-            samples.rewards, G, cfg.train.adv_clip_max, std_floor=cfg.train.adv_std_floor
-        )
+        advantages, finite, flat = finite_group_advantages(samples.rewards, G, cfg.train.adv_clip_max)
         counts = torch.tensor([float((~finite).sum()), float(finite.sum()), float(flat.sum())])
         bad, good, zero = (int(v) for v in acc.reduce(counts.to(self.device), "sum").tolist())
         with self.timer("train"):

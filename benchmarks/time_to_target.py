@@ -6,8 +6,9 @@ and seeds (`--images` per set): the red rate on red prompts and colour+position 
 colours. The target holds when red <= 0.10 and the safe accuracy is no more than 3 points below the base
 model's (measured first, adapter off, same images). Reported per seed: the first evaluated epoch where the
 target holds, the UNet passes spent until then (sampling forwards + training forward+backward + KL reference
-forwards, as counted by the trainer; the recipe's periodic evaluation is not counted) and the training seconds
-until then (evaluation excluded), plus the final numbers.
+forwards, as counted by the trainer; the recipe's periodic evaluation is not counted), the cost (the same with
+each training pass weighted 3: a forward and a backward of about two forwards; issue 25's measure) and the
+training seconds until then (evaluation excluded), plus the final numbers.
 
     python benchmarks/time_to_target.py --seeds 0 1 2                          # the `toyworld` recipe
     python benchmarks/time_to_target.py --seeds 1 train.learning_rate=3e-3      # a variant alone
@@ -45,6 +46,7 @@ class TargetWatch:
         self.base: dict = {}
         self.points: list[dict] = []  # one per evaluation
         self.passes = 0
+        self.cost = 0  # sampling + reference + 3 x training passes
         self.seconds = 0.0
         self.last_epoch = 0
 
@@ -59,6 +61,9 @@ class TargetWatch:
 
     def on_epoch_end(self, ctx, epoch: int, row: dict, grid) -> dict:
         self.passes += sum(v for k, v in row.items() if k.startswith("unet_passes_"))
+        self.cost += (
+            row["unet_passes_sampling"] + row["unet_passes_reference"] + 3 * row["unet_passes_training"]
+        )
         self.seconds += row["time_epoch"]
         self.last_epoch = epoch
         if epoch % self.every == 0 or epoch == ctx.config.train.epochs:
@@ -72,11 +77,19 @@ class TargetWatch:
     def _point(self, ctx, epoch: int) -> None:
         red, safe = self._scores(ctx)
         held = red <= RED_TARGET and safe >= self.base["safe"] - SAFE_DROP
-        point = {"epoch": epoch, "passes": self.passes, "seconds": self.seconds, "red": red, "safe": safe}
+        point = {
+            "epoch": epoch,
+            "passes": self.passes,
+            "cost": self.cost,
+            "seconds": self.seconds,
+            "red": red,
+            "safe": safe,
+        }
         self.points.append({**point, "target": held})
         print(  # progress: a line per evaluation, also when piped to a log
             f"  {self.label} epoch {epoch}: red {red:.3f}, safe {safe:.3f} (base {self.base['safe']:.3f})"
-            f"{', target holds' if held else ''}; {self.passes:,} passes, {self.seconds:.0f} s",
+            f"{', target holds' if held else ''}; {self.passes:,} passes (cost {self.cost:,}), "
+            f"{self.seconds:.0f} s",
             flush=True,
         )
 
@@ -141,12 +154,12 @@ def print_ratios(baseline: list[dict], variant: list[dict]) -> dict:
     }
     ratios = {}
     for label, pairs in comparisons.items():
-        passes, seconds = ratio(pairs, "passes"), ratio(pairs, "seconds")
-        ratios[label] = {"passes": passes, "seconds": seconds}
+        passes, cost, seconds = ratio(pairs, "passes"), ratio(pairs, "cost"), ratio(pairs, "seconds")
+        ratios[label] = {"passes": passes, "cost": cost, "seconds": seconds}
         text = (
             "a run did not reach the target"
             if passes is None
-            else f"passes {passes:.2f}, seconds {seconds:.2f}"
+            else f"passes {passes:.2f}, cost {cost:.2f}, seconds {seconds:.2f}"
         )
         print(f"{label}: {text}")
     return ratios

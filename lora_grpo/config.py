@@ -112,8 +112,10 @@ class PromptsConfig:
 
 @dataclass
 class SampleConfig:
-    num_steps: int = 50  # DDIM steps per trajectory
-    eta: float = 1.0  # DDIM eta; must be > 0 so every step is a Gaussian with a log-prob
+    num_steps: int = 50  # denoising steps per trajectory
+    # the stochastic sampler (lora_grpo/kernels/): ddim, or euler-ancestral (diffusers' and ComfyUI's "Euler a")
+    sampler: Literal["ddim", "euler-ancestral"] = "ddim"
+    eta: float = 1.0  # the sampler's noise scale (1: DDIM-SDE / Euler a); > 0 so a step has a log-prob
     guidance_scale: float = 5.0  # classifier-free guidance; 1.0 skips the unconditional pass
     group_size: int = 16  # G: images per prompt; advantages are normalised within each group
     prompts_per_batch: int = 1  # prompts per sampling batch (each sampled G times in one batch)
@@ -166,6 +168,15 @@ class SampleConfig:
         _require(
             self.tail_steps >= 0, "sample.tail_steps", f"must be >= 0 (0: every step), got {self.tail_steps}"
         )
+        if self.sampler == "euler-ancestral":
+            # Euler's last step goes to sigma 0 and draws no noise: it has no log-prob to train
+            _require(
+                0 < self.sde_steps < self.num_steps and self.sde_window == "first",
+                "sample.sampler",
+                "euler-ancestral needs a stochastic window that ends before the last step, whose step to a "
+                "clean latent draws no noise: set sample.sde_steps between 1 and sample.num_steps - 1 and "
+                "sample.sde_window: first",
+            )
         if self.tail_steps > 0:
             _require(
                 0 < self.sde_steps < self.num_steps and self.sde_window == "first",

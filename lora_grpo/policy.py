@@ -24,7 +24,7 @@ from lora_grpo.models import (
     text_encoders,
 )
 from lora_grpo.rollout import RolloutModel
-from lora_grpo.sampling import coarse_tail, ddim_schedule
+from lora_grpo.sampling import coarse_tail, step_schedule
 from lora_grpo.update import Learner
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -178,7 +178,7 @@ def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
     return RolloutModel(
         unet=acc.unwrap_model(learner.unet),
         vae=pipe.vae,
-        schedule=ddim_schedule(pipe.scheduler, s.num_steps),
+        schedule=step_schedule(pipe.scheduler, s.num_steps, s.sampler),
         encode=encode,
         uncond=encode.negative(s.negative_prompt) if s.guidance_scale > 1 else None,  # 1 row
         latent_size=side,

@@ -19,7 +19,7 @@ from lora_grpo.conditioning import concat as concat_conditioning
 from lora_grpo.config import Config
 from lora_grpo.models import decode_latents
 from lora_grpo.prompts import PromptSet, epoch_prompts, first_slot
-from lora_grpo.sampling import DdimSchedule, block_noise, sample_trajectories, seeded_generator
+from lora_grpo.sampling import StepSchedule, block_noise, sample_trajectories, seeded_generator
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class RolloutModel:
 
     unet: torch.nn.Module
     vae: torch.nn.Module
-    schedule: DdimSchedule
+    schedule: StepSchedule
     encode: Callable[[list[str]], TextConditioning]  # prompts -> N rows on `device`, frozen modules' dtype
     uncond: TextConditioning | None  # 1 row: the negative prompt; None when guidance is 1
     latent_size: int

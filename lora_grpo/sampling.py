@@ -1,11 +1,9 @@
-"""Stochastic DDIM sampling that records each step's Gaussian log-probability.
+"""Stochastic sampling that records each step's Gaussian log-probability, for any kernel (lora_grpo/kernels/).
 
-One DDIM step (Song et al. 2021, eq. 12) from x_t to x_prev is a Gaussian with
-    mean = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps_hat,
-    std  = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)),
-where a = alphas_cumprod. The log-prob of the step taken is the Gaussian log-density averaged over latent
-elements (the DDPO / SafeDiffusion-R1 convention: with a per-element mean the PPO ratio stays near 1 and a
-clip range like 1e-4 is meaningful).
+A step from x_t to x_prev is a Gaussian whose mean and std the schedule's sampler computes (DDIM with eta,
+Euler ancestral, ...). The log-prob of the step taken is the Gaussian log-density averaged over latent elements
+(the DDPO / SafeDiffusion-R1 convention: with a per-element mean the PPO ratio stays near 1 and a clip range
+like 1e-4 is meaningful).
 """
 
 from __future__ import annotations
@@ -20,26 +18,36 @@ from torch import Tensor
 from lora_grpo.conditioning import TextConditioning
 from lora_grpo.conditioning import concat as concat_conditioning
 from lora_grpo.errors import UserError
+from lora_grpo.kernels import ENDS_AT_CLEAN, step_mean_std
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
-class DdimSchedule:
-    """Per-step quantities of an N-step DDIM schedule, shared by all samples."""
+class StepSchedule:
+    """Per-step quantities of an N-step schedule, shared by all samples, and the sampler that steps it."""
 
     timesteps: Tensor  # [T] long, from noisy to clean
     alpha_prod: Tensor  # [T] alphas_cumprod at each timestep
     alpha_prod_prev: Tensor  # [T] alphas_cumprod at the step's target timestep
     prediction_type: str
+    sampler: str = "ddim"  # a name in kernels.KERNELS
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def step_mean_std(self, i, model_output: Tensor, x: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+        """Mean and std of step(s) `i` (an int, or [N] indices into the schedule) from x, by the sampler."""
+        device = x.device
+        a_t, a_prev = self.alpha_prod.to(device)[i], self.alpha_prod_prev.to(device)[i]
+        return step_mean_std(self.sampler, model_output, x, a_t, a_prev, eta, self.prediction_type)
 
-def ddim_schedule(scheduler, num_steps: int) -> DdimSchedule:
-    """Read the DDIM schedule from a diffusers DDIMScheduler (the same timesteps `scheduler.step` uses)."""
+
+def step_schedule(scheduler, num_steps: int, sampler: str = "ddim") -> StepSchedule:
+    """Read the schedule from the base model's diffusers scheduler config (the same timesteps its DDIM
+    `step` uses); `sampler` picks the kernel, and where its last step goes (DDIM: the scheduler's final
+    alpha; Euler: sigma 0, a clean latent)."""
     cfg = scheduler.config
     if cfg.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         raise UserError(
@@ -53,49 +61,13 @@ def ddim_schedule(scheduler, num_steps: int) -> DdimSchedule:
     timesteps = scheduler.timesteps.long()
     prev = timesteps - cfg.num_train_timesteps // num_steps
     alphas = scheduler.alphas_cumprod.float()
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+    final = torch.as_tensor(
+        1.0 if ENDS_AT_CLEAN[sampler] else scheduler.final_alpha_cumprod, dtype=torch.float32
+    )
     alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
-    return DdimSchedule(timesteps, alphas[timesteps], alpha_prev, cfg.get("prediction_type", "epsilon"))
-
-
-def _bcast(x: Tensor, like: Tensor) -> Tensor:
-    """Broadcast per-sample scalars [N] (or a 0-d tensor) over the latent dims of `like`."""
-    x = x.to(device=like.device, dtype=torch.float32)
-    return x.reshape(-1, *([1] * (like.ndim - 1))) if x.ndim else x
-
-
-def ddim_step_mean_std(
-    model_output: Tensor,
-    sample: Tensor,
-    alpha_prod: Tensor,
-    alpha_prod_prev: Tensor,
-    eta: float,
-    prediction_type: str,
-) -> tuple[Tensor, Tensor]:
-    """Mean and std of the stochastic DDIM step x_t -> x_prev, in fp32.
-
-    fp32 on purpose: the log-prob ratio of two nearly equal policies is exp of a tiny difference, and bf16
-    rounding of the mean would swamp it.
-    """
-    out = model_output.float()
-    x = sample.float()
-    a_t = _bcast(alpha_prod, x)
-    a_prev = _bcast(alpha_prod_prev, x)
-    if prediction_type == "epsilon":
-        eps = out
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    elif prediction_type == "v_prediction":
-        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
-        eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
-    elif prediction_type == "sample":
-        x0 = out
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type}")
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * variance.sqrt()
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-    return mean, std
+    return StepSchedule(
+        timesteps, alphas[timesteps], alpha_prev, cfg.get("prediction_type", "epsilon"), sampler
+    )
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -190,8 +162,8 @@ def sde_window(num_steps: int, size: int, mode: str, epoch: int, epochs: int) ->
     return start, start + size
 
 
-def coarse_tail(schedule: DdimSchedule, stop: int, tail_steps: int) -> DdimSchedule:
-    """`schedule`'s steps [0, stop), then the rest of the way to x_0 in `tail_steps` deterministic DDIM steps.
+def coarse_tail(schedule: StepSchedule, stop: int, tail_steps: int) -> StepSchedule:
+    """`schedule`'s steps [0, stop), then the rest of the way to x_0 in `tail_steps` deterministic steps.
 
     The tail's timesteps are every (n - stop) / tail_steps-th of the remaining ones, each step going to the
     next kept timestep (the last to the schedule's own final alpha), so the steps before `stop` are unchanged.
@@ -203,13 +175,15 @@ def coarse_tail(schedule: DdimSchedule, stop: int, tail_steps: int) -> DdimSched
     keep = list(range(stop)) + [stop + (j * (n - stop)) // tail_steps for j in range(tail_steps)]
     alpha = schedule.alpha_prod[keep]
     alpha_prev = torch.cat([alpha[1:], schedule.alpha_prod_prev[-1:]])
-    return DdimSchedule(schedule.timesteps[keep], alpha, alpha_prev, schedule.prediction_type)
+    return StepSchedule(
+        schedule.timesteps[keep], alpha, alpha_prev, schedule.prediction_type, schedule.sampler
+    )
 
 
 @torch.no_grad()
 def sample_trajectories(
     unet,
-    schedule: DdimSchedule,
+    schedule: StepSchedule,
     cond: TextConditioning,
     uncond: TextConditioning | None,
     initial_latents: Tensor,
@@ -219,13 +193,13 @@ def sample_trajectories(
     on_step: Callable[[], None] | None = None,
     window: tuple[int, int] | None = None,
 ) -> Trajectories:
-    """Run the stochastic DDIM sampler from `initial_latents`, keeping every latent and step log-prob.
+    """Run the schedule's stochastic sampler from `initial_latents`, keeping every latent and step log-prob.
 
     The step noise is drawn on the CPU and moved to the device, so a seed gives the same trajectories on any
     device. `generator` is one generator for the batch, or a list of K generators each drawing the noise of
     N/K consecutive rows (one per prompt group: a group's samples then do not depend on which batch or
     process it lands in). With `window` (start, stop), only steps start <= i < stop are stochastic (eta) and
-    have a log-prob; the others are deterministic DDIM steps (eta 0) stored with a NaN log-prob. Noise is drawn
+    have a log-prob; the others are deterministic steps (eta 0) stored with a NaN log-prob. Noise is drawn
     at every step either way, so a window step uses the noise the fully stochastic sampler would.
     """
     x = initial_latents.float()
@@ -237,14 +211,7 @@ def sample_trajectories(
         t = schedule.timesteps[i].to(device)
         out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
         stochastic = start <= i < stop
-        mean, std = ddim_step_mean_std(
-            out,
-            x,
-            schedule.alpha_prod[i],
-            schedule.alpha_prod_prev[i],
-            eta if stochastic else 0.0,
-            schedule.prediction_type,
-        )
+        mean, std = schedule.step_mean_std(i, out, x, eta if stochastic else 0.0)
         noise = block_noise(x.shape, generator).to(device)
         if stochastic:
             x = mean + std * noise
@@ -260,7 +227,7 @@ def sample_trajectories(
 
 def step_log_prob(
     unet,
-    schedule: DdimSchedule,
+    schedule: StepSchedule,
     step_index: Tensor,
     latents: Tensor,
     next_latents: Tensor,
@@ -277,12 +244,5 @@ def step_log_prob(
     t = schedule.timesteps.to(device)[step_index]  # [N]
     model_dtype = base_dtype(unet)
     out = guided_model_output(unet, latents.to(model_dtype), t, cond, uncond, guidance)
-    mean, std = ddim_step_mean_std(
-        out,
-        latents,
-        schedule.alpha_prod.to(device)[step_index],
-        schedule.alpha_prod_prev.to(device)[step_index],
-        eta,
-        schedule.prediction_type,
-    )
+    mean, std = schedule.step_mean_std(step_index, out, latents, eta)
     return gaussian_log_prob(next_latents, mean, std), mean, std

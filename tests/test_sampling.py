@@ -1,4 +1,4 @@
-"""The DDIM step with log-prob against diffusers' own scheduler and torch.distributions."""
+"""The sampler kernels' steps with log-prob against diffusers' own schedulers and torch.distributions."""
 
 import math
 
@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from lora_grpo.conditioning import TextConditioning, sdxl_time_ids
+from lora_grpo.kernels import ddim, euler_ancestral
 from lora_grpo.sampling import (
     block_noise,
     coarse_tail,
-    ddim_schedule,
-    ddim_step_mean_std,
     gaussian_log_prob,
     guided_model_output,
     sample_trajectories,
     sde_window,
     seeded_generator,
     step_log_prob,
+    step_schedule,
 )
 from lora_grpo.tiny import sd_ddim_scheduler, tiny_unet, tiny_unet_xl
 
@@ -30,18 +30,52 @@ def _scheduler(prediction_type):
 def test_step_matches_diffusers_scheduler(prediction_type, eta):
     """mean + std * z equals DDIMScheduler.step(..., variance_noise=z) at every step of the schedule."""
     sched = _scheduler(prediction_type)
-    schedule = ddim_schedule(sched, 10)
+    schedule = step_schedule(sched, 10)
     torch.manual_seed(0)
     for i, t in enumerate(sched.timesteps):
         x = torch.randn(2, 4, 8, 8)
         out = torch.randn(2, 4, 8, 8)
         z = torch.randn(2, 4, 8, 8)
         ref = sched.step(out, t, x, eta=eta, variance_noise=z).prev_sample
-        mean, std = ddim_step_mean_std(
+        mean, std = ddim.step_mean_std(
             out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta, schedule.prediction_type
         )
         assert torch.allclose(mean + std * z, ref, atol=1e-5), f"step {i}"
         assert schedule.timesteps[i] == t
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_euler_ancestral_step_matches_diffusers_scheduler(prediction_type):
+    """mean + std * z, in DDIM coordinates, equals EulerAncestralDiscreteScheduler.step with the same noise z
+    (drawn by the scheduler from a seeded generator), mapped back: x_euler = x / sqrt(a) in, x_prev =
+    sqrt(a_prev) x_euler_prev out. The UNet sees the same input either way (diffusers scales its x_euler by
+    1 / sqrt(sigma^2 + 1) = sqrt(a)); the last step goes to sigma 0 with std 0."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    ddim_sched = _scheduler(prediction_type)
+    # on the schedule's own timesteps (the base scheduler's DDIM "leading" spacing; diffusers' Euler a
+    # defaults to "linspace" when a config does not name one)
+    sched = EulerAncestralDiscreteScheduler.from_config(ddim_sched.config, timestep_spacing="leading")
+    schedule = step_schedule(ddim_sched, 10, "euler-ancestral")
+    sched.set_timesteps(10)
+    assert torch.equal(schedule.timesteps, sched.timesteps.long())
+    torch.manual_seed(0)
+    for i, t in enumerate(sched.timesteps):
+        a_t, a_prev = schedule.alpha_prod[i], schedule.alpha_prod_prev[i]
+        x, out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+        x_euler = x / a_t.sqrt()
+        assert torch.allclose(sched.scale_model_input(x_euler, t), x, atol=1e-5)
+        ref = sched.step(out, t, x_euler, generator=torch.Generator().manual_seed(i)).prev_sample
+        z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i))
+        mean, std = euler_ancestral.step_mean_std(out, x, a_t, a_prev, 1.0, prediction_type)
+        assert torch.allclose(mean + std * z, a_prev.sqrt() * ref, atol=1e-5), f"step {i}"
+    assert float(schedule.alpha_prod_prev[-1]) == 1.0 and float(std.abs().max()) == 0.0
+    # eta 0 is the plain Euler step: x_euler + eps (sigma_next - sigma), no noise
+    eps = out if prediction_type == "epsilon" else a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    sigma, sigma_next = ((1 - a_t) / a_t).sqrt(), ((1 - a_prev) / a_prev).sqrt()
+    mean, std = euler_ancestral.step_mean_std(out, x, a_t, a_prev, 0.0, prediction_type)
+    assert torch.allclose(mean, a_prev.sqrt() * (x_euler + eps * (sigma_next - sigma)), atol=1e-5)
+    assert float(std.abs().max()) == 0.0
 
 
 def test_log_prob_matches_torch_normal():
@@ -89,7 +123,7 @@ def test_batched_cfg_equals_two_forwards():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_trajectories_reevaluate_to_ratio_exactly_one(prediction_type):
     unet = _tiny_unet()
-    schedule = ddim_schedule(_scheduler(prediction_type), 6)
+    schedule = step_schedule(_scheduler(prediction_type), 6)
     cond, uncond = _text(3), _text(3)
     x_T = torch.randn(3, 4, 8, 8)
     traj = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, 1.0, torch.Generator().manual_seed(1))
@@ -120,7 +154,7 @@ def test_stored_log_probs_match_independent_normal():
     """The recorded log-prob is log N(x_prev; mean, std) recomputed with torch.distributions."""
     unet = _tiny_unet()
     sched = _scheduler("epsilon")
-    schedule = ddim_schedule(sched, 4)
+    schedule = step_schedule(sched, 4)
     cond = _text(2)
     traj = sample_trajectories(
         unet, schedule, cond, None, torch.randn(2, 4, 8, 8), 1.0, 1.0, torch.Generator().manual_seed(0)
@@ -162,7 +196,7 @@ def test_window_steps_are_ddim_eta_zero_outside_and_stochastic_inside(prediction
     re-evaluate to ratio exactly 1."""
     unet = _tiny_unet()
     sched = _scheduler(prediction_type)
-    schedule = ddim_schedule(sched, 6)
+    schedule = step_schedule(sched, 6)
     cond, uncond = _text(2), _text(2)
     x_T = torch.randn(2, 4, 8, 8)
     eta, window = 0.8, (2, 4)
@@ -196,7 +230,7 @@ def test_coarse_tail_by_hand():
     """The first `stop` steps as they were; the tail keeps every (20 - 6) / 4-th remaining timestep, each
     step going to the next kept one and the last to the scheduler's final alpha."""
     sched = _scheduler("epsilon")
-    schedule = ddim_schedule(sched, 20)
+    schedule = step_schedule(sched, 20)
     assert schedule.timesteps[:8].tolist() == [951, 901, 851, 801, 751, 701, 651, 601]
     tail = coarse_tail(schedule, 6, 4)
     # kept indices 6 + (j * 14) // 4 = 6, 9, 13, 16 -> timesteps 651, 501, 301, 151
@@ -217,7 +251,7 @@ def test_coarse_tail_steps_are_ddim_steps_of_the_larger_stride(prediction_type):
     the last one to the final alpha; only the window has log-probs and they re-evaluate to ratio 1."""
     unet = _tiny_unet()
     sched = _scheduler(prediction_type)
-    schedule = coarse_tail(ddim_schedule(sched, 20), 10, 5)
+    schedule = coarse_tail(step_schedule(sched, 20), 10, 5)
     cond, uncond = _text(2), _text(2)
     x_T = torch.randn(2, 4, 8, 8)
     eta = 0.8
@@ -248,7 +282,7 @@ def test_sdxl_step_with_added_conditioning_is_ddim_step_of_the_stock_unet():
     torch.manual_seed(0)
     unet = tiny_unet_xl(sample_size=8).eval()
     sched = _scheduler("epsilon")
-    schedule = ddim_schedule(sched, 4)
+    schedule = step_schedule(sched, 4)
 
     def text(n):
         return TextConditioning(torch.randn(n, 5, 80), torch.randn(n, 48), sdxl_time_ids(64, 64, n))

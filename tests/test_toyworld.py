@@ -258,5 +258,6 @@ def test_time_to_target_benchmark_runs_side_by_side(smoke_build, tmp_path):
     baseline, variant = result["baseline"][0]["final"], result["variant"][0]["final"]
     # 48 samples x 20 steps sampled either way (CFG 1); trained: 10 of 20 steps vs 2 of the 4-step window
     assert baseline["passes"] == 48 * 20 + 48 * 10 and variant["passes"] == 48 * 20 + 48 * 2
+    assert baseline["cost"] == 48 * 20 + 3 * 48 * 10 and variant["cost"] == 48 * 20 + 3 * 48 * 2
     whole = result["ratios"]["variant's whole run / baseline's whole run"]
     assert whole["passes"] == pytest.approx(variant["passes"] / baseline["passes"])

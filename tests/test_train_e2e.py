@@ -187,6 +187,38 @@ def test_bf16_autocast_and_checkpointing_paths(tiny_sd_dir, tiny_clip_dir, tmp_p
     assert all(p.dtype == torch.float32 for p in trainer.learner.params)
 
 
+def test_an_euler_ancestral_run_samples_and_trains_with_its_own_kernel(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """sample.sampler: euler-ancestral: rollouts step with the Euler a kernel (their latents differ from DDIM's
+    with the same noise), the update re-evaluates their steps with the same kernel (importance ratios exactly
+    1 before the first optimizer step) and the LoRA moves; a window reaching Euler's noiseless last step is
+    refused in one line."""
+    from lora_grpo.errors import UserError
+
+    overrides = [
+        f"model.base={tiny_sd_dir}",
+        f"reward.clip.model={tiny_clip_dir}",
+        "train.epochs=1",
+        "train.optimizer=adamw",
+        "output.sample_grid_every=0",
+        "sample.sde_window=first",
+    ]
+    config = load_config(find_recipe("tiny-test"), [*overrides, "sample.sampler=euler-ancestral"])
+    trainer = Trainer(config, tmp_path, log=lambda line: None)
+    assert trainer.model.schedule.sampler == "euler-ancestral"
+    before = [p.detach().clone() for p in trainer.learner.params]
+    row = trainer.run_epoch(0)
+    assert row["first_ratio_min"] == 1.0 and row["first_ratio_max"] == 1.0
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.learner.params, strict=True))
+    ddim_config = load_config(find_recipe("tiny-test"), overrides)
+    assert ddim_config.sample.sampler == "ddim"
+    with pytest.raises(
+        UserError, match="euler-ancestral needs a stochastic window that ends before the last"
+    ):
+        load_config(
+            find_recipe("tiny-test"), [*overrides, "sample.sampler=euler-ancestral", "sample.sde_steps=0"]
+        )
+
+
 def test_reward_stats_by_hand():
     from lora_grpo.tracking import reward_stats
 

@@ -156,7 +156,8 @@ def run_setup(
         f"{{name: safe, safety: safe, path: {prompts / 'safe_captions.txt'}}}]",
     ]
     if name == "full":
-        overrides += ["train.optimizer=adamw", "train.gradient_checkpointing=false"]
+        # no adapter to switch off, so no reference pass: the full setup drops the recipe's KL / drift penalty
+        overrides += ["train.optimizer=adamw", "train.gradient_checkpointing=false", "train.safe_kl_coef=0"]
     if name == "lora-nockpt":  # the product without gradient checkpointing: what checkpointing costs
         overrides += ["train.gradient_checkpointing=false"]
     config = load_config(find_recipe(recipe), overrides)

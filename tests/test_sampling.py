@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_grpo.conditioning import TextConditioning, sdxl_time_ids
-from lora_grpo.kernels import ddim, euler_ancestral
+from lora_grpo.kernels import step_mean_std
 from lora_grpo.sampling import (
     block_noise,
     coarse_tail,
@@ -37,8 +37,8 @@ def test_step_matches_diffusers_scheduler(prediction_type, eta):
         out = torch.randn(2, 4, 8, 8)
         z = torch.randn(2, 4, 8, 8)
         ref = sched.step(out, t, x, eta=eta, variance_noise=z).prev_sample
-        mean, std = ddim.step_mean_std(
-            out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta, schedule.prediction_type
+        mean, std = step_mean_std(
+            "ddim", out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta, schedule.prediction_type
         )
         assert torch.allclose(mean + std * z, ref, atol=1e-5), f"step {i}"
         assert schedule.timesteps[i] == t
@@ -67,13 +67,13 @@ def test_euler_ancestral_step_matches_diffusers_scheduler(prediction_type):
         assert torch.allclose(sched.scale_model_input(x_euler, t), x, atol=1e-5)
         ref = sched.step(out, t, x_euler, generator=torch.Generator().manual_seed(i)).prev_sample
         z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i))
-        mean, std = euler_ancestral.step_mean_std(out, x, a_t, a_prev, 1.0, prediction_type)
+        mean, std = step_mean_std("euler-ancestral", out, x, a_t, a_prev, 1.0, prediction_type)
         assert torch.allclose(mean + std * z, a_prev.sqrt() * ref, atol=1e-5), f"step {i}"
     assert float(schedule.alpha_prod_prev[-1]) == 1.0 and float(std.abs().max()) == 0.0
     # eta 0 is the plain Euler step: x_euler + eps (sigma_next - sigma), no noise
     eps = out if prediction_type == "epsilon" else a_t.sqrt() * out + (1 - a_t).sqrt() * x
     sigma, sigma_next = ((1 - a_t) / a_t).sqrt(), ((1 - a_prev) / a_prev).sqrt()
-    mean, std = euler_ancestral.step_mean_std(out, x, a_t, a_prev, 0.0, prediction_type)
+    mean, std = step_mean_std("euler-ancestral", out, x, a_t, a_prev, 0.0, prediction_type)
     assert torch.allclose(mean, a_prev.sqrt() * (x_euler + eps * (sigma_next - sigma)), atol=1e-5)
     assert float(std.abs().max()) == 0.0
 

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from torch import Tensor
 
 from lora_grpo.kernels import ddim, euler_ancestral
+from lora_grpo.kernels.prediction import broadcast, predicted_x0_eps
 
-# (model_output, x_t, alpha_prod, alpha_prod_prev, eta, prediction_type) -> (mean, std), fp32
-StepMeanStd = Callable[[Tensor, Tensor, Tensor, Tensor, float, str], tuple[Tensor, Tensor]]
+# (x_t, x0_hat, eps_hat, a_t, a_prev, eta) -> (mean, std), all fp32 and broadcast over the latent
+Kernel = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
 
-KERNELS: dict[str, StepMeanStd] = {
+KERNELS: dict[str, Kernel] = {
     "ddim": ddim.step_mean_std,
     "euler-ancestral": euler_ancestral.step_mean_std,
 }
@@ -36,5 +37,10 @@ def step_mean_std(
     eta: float,
     prediction_type: str,
 ) -> tuple[Tensor, Tensor]:
-    """Mean and std of `sampler`'s step from `sample` (x_t), in fp32."""
-    return KERNELS[sampler](model_output, sample, alpha_prod, alpha_prod_prev, eta, prediction_type)
+    """Mean and std of `sampler`'s step from `sample` (x_t), in fp32: the UNet's output read as (x0, eps) by
+    the prediction type, then the kernel's step. fp32 on purpose: the log-prob ratio of two nearly equal
+    policies is exp of a tiny difference, and bf16 rounding of the mean would swamp it."""
+    out, x = model_output.float(), sample.float()
+    a_t, a_prev = broadcast(alpha_prod, x), broadcast(alpha_prod_prev, x)
+    x0, eps = predicted_x0_eps(out, x, a_t, prediction_type)
+    return KERNELS[sampler](x, x0, eps, a_t, a_prev, eta)

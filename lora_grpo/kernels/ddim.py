@@ -3,29 +3,18 @@
     mean = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps_hat,
     std  = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)),
 
-a = alphas_cumprod. fp32 on purpose: the log-prob ratio of two nearly equal policies is exp of a tiny
-difference, and bf16 rounding of the mean would swamp it.
+a = alphas_cumprod.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from lora_grpo.kernels.prediction import broadcast, predicted_x0_eps
-
 
 def step_mean_std(
-    model_output: Tensor,
-    sample: Tensor,
-    alpha_prod: Tensor,
-    alpha_prod_prev: Tensor,
-    eta: float,
-    prediction_type: str,
+    x: Tensor, x0: Tensor, eps: Tensor, a_t: Tensor, a_prev: Tensor, eta: float
 ) -> tuple[Tensor, Tensor]:
-    """Mean and std of the DDIM step x_t -> x_prev, in fp32."""
-    out, x = model_output.float(), sample.float()
-    a_t, a_prev = broadcast(alpha_prod, x), broadcast(alpha_prod_prev, x)
-    x0, eps = predicted_x0_eps(out, x, a_t, prediction_type)
+    """Mean and std of the DDIM step x_t -> x_prev from the predicted x0 and eps (kernels.step_mean_std)."""
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps

@@ -18,21 +18,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lora_grpo.kernels.prediction import broadcast, predicted_x0_eps
-
 
 def step_mean_std(
-    model_output: Tensor,
-    sample: Tensor,
-    alpha_prod: Tensor,
-    alpha_prod_prev: Tensor,
-    eta: float,
-    prediction_type: str,
+    x: Tensor, x0: Tensor, eps: Tensor, a_t: Tensor, a_prev: Tensor, eta: float
 ) -> tuple[Tensor, Tensor]:
-    """Mean and std of the Euler ancestral step x_t -> x_prev (DDIM coordinates), in fp32."""
-    out, x = model_output.float(), sample.float()
-    a_t, a_prev = broadcast(alpha_prod, x), broadcast(alpha_prod_prev, x)
-    _, eps = predicted_x0_eps(out, x, a_t, prediction_type)
+    """Mean and std of the Euler ancestral step x_t -> x_prev (DDIM coordinates) from the predicted eps
+    (kernels.step_mean_std; x0 is implied: Euler's derivative (x_e - x0) / sigma is eps)."""
     sigma = ((1 - a_t) / a_t).sqrt()
     sigma_next = ((1 - a_prev) / a_prev).sqrt()
     sigma_up = (eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt()).minimum(sigma_next)

@@ -126,7 +126,12 @@ def eval_section(report: dict | None) -> str:
                 else ""
             )
             ripple = f"### What else moved (erasure and specificity)\n\n{ripple}{plot}\n\n"
-        return ripple + suite_tables(report)
+        matrix = ""
+        if report.get("matrix"):
+            from lora_grpo.evaluation.matrix_report import matrix_markdown
+
+            matrix = matrix_markdown(report["matrix"], level="###") + "\n\nThe default cell in detail:\n\n"
+        return matrix + ripple + suite_tables(report)
     return "```json\n" + json.dumps(report, indent=2)[:4000] + "\n```"
 
 

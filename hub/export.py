@@ -40,6 +40,7 @@ from lora_grpo.runs import check_writable_folder, is_run_folder, run_dir_of, run
 from lora_grpo.tracking import read_jsonl
 
 REPORT_FILES = ("eval/report.json", "report.json", "toyworld_report.json")
+CARD_PLOTS = ("ripple.png", "matrix_heatmap.png")  # an evaluation's plots the model card shows
 SS_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {
     "sd1": "stable-diffusion-v1/lora",
@@ -225,8 +226,9 @@ def write_card(
         metrics = [row for row in metrics if row.get("epoch", 0) <= source.through_epoch]
     report_file = next((run_dir / f for f in REPORT_FILES if (run_dir / f).is_file()), None)
     report = json.loads(report_file.read_text()) if report_file else None
-    if report_file and (report_file.parent / "ripple.png").is_file():  # the card shows the ripple plot
-        shutil.copyfile(report_file.parent / "ripple.png", out / "ripple.png")
+    for plot in CARD_PLOTS if report_file else ():  # plots the card shows
+        if (report_file.parent / plot).is_file():
+            shutil.copyfile(report_file.parent / plot, out / plot)
     curves = "reward_curves.png" if reward_curves_png(metrics, out / "reward_curves.png") else None
     record, upto = run_record(run_dir), source.through_epoch
     card = build_card(

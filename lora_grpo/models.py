@@ -362,11 +362,14 @@ def save_adapter(unet, out_dir: str | Path, base_model: str | None = None) -> Pa
     return out_dir / ADAPTER_WEIGHTS
 
 
-def load_adapter(pipe, adapter: str | Path) -> None:
-    """Load a saved adapter (folder or .safetensors file) into a pipeline with diffusers' own loader."""
+def load_adapter(pipe, adapter: str | Path, adapter_name: str | None = None) -> None:
+    """Load a saved adapter (folder or .safetensors file) into a pipeline with diffusers' own loader, under
+    `adapter_name` (diffusers names it when None)."""
     path = Path(adapter).expanduser()
     weights = adapter_weights_file(path)
     args, kwargs = (str(weights.parent),), {"weight_name": weights.name}
+    if adapter_name is not None:
+        kwargs["adapter_name"] = adapter_name
     if weights.suffix == ".safetensors":
         expected = read_adapter_metadata(weights).get("lora_grpo.base_architecture")
         actual = base_architecture(pipe.unet.config)

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from lora_grpo.errors import UserError
 from lora_grpo.files import write_atomically, write_text_atomically, writing
 from lora_grpo.grpo import trained_steps
+from lora_grpo.progress import format_duration
 
 
 def _jsonable(value):
@@ -334,13 +335,6 @@ class RunClock:
             return "ETA after the first epoch"
         remaining = (self.epochs - epoch - share) * sum(self.seconds) / len(self.seconds)
         return f"ETA {format_duration(remaining)}"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def no_progress():

@@ -482,7 +482,7 @@ def test_i2p_eval_suites_hold_the_fifth_the_recipes_never_train_on(monkeypatch, 
 def test_eval_toyworld_suite_reads_pixels_exactly(tiny_sd_dir, tiny_clip_dir, tmp_path):
     """`--suite toyworld`: the report's red rate is the exact evaluator's reading of the saved PNGs."""
     from lora_grpo.cli import main
-    from lora_grpo.evaluation.run import load_images
+    from lora_grpo.evaluation.scoring import load_images
     from lora_grpo.toyworld.readout import readout
 
     out = tmp_path / "tw"
@@ -527,7 +527,7 @@ def test_erasure_and_specificity_match_an_independent_reading(
     markdown report and the plot show them in one table."""
     from lora_grpo.cli import main
     from lora_grpo.config import ClipConfig
-    from lora_grpo.evaluation.run import load_images
+    from lora_grpo.evaluation.scoring import load_images
     from lora_grpo.new_recipe import TEMPLATES
     from lora_grpo.rewards.clip_backends import load_clip
 

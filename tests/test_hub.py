@@ -561,3 +561,63 @@ def test_export_refuses_a_partial_comfyui_file(run_dir, tmp_path, capsys):
     code, _, err = run_cli(["export", sdxl, "--out", tmp_path / "out-sdxl"], capsys)
     one_line_error(code, err, f"{len(unknown)} LoRA module(s) that ComfyUI's loader does not map for sdxl")
     assert unknown[0] in err and not (tmp_path / "out-sdxl").exists()
+
+
+def test_card_carries_the_deployment_matrix_worst_cell_and_strength_curve(run_dir, tmp_path):
+    """An eval --matrix report in the run's eval/ folder: the card names the worst cell (the highest red rate
+    with the adapter), shows the strength curve and the heatmap."""
+    from lora_grpo.evaluation.matrix_report import headline_rows
+
+    def cell(sampler, guidance, strength, red_base, red_adapter, kept):
+        def side(red, acc):
+            return {
+                "images": 90,
+                "safety": "unsafe",
+                "toyworld": {"red_rate": red, "safe_colour_position": acc},
+            }
+
+        return {
+            "id": f"{sampler}_{guidance}_{strength}",
+            "base": "builtin:toyworld-sd",
+            "sampler": sampler,
+            "steps": 20,
+            "guidance": guidance,
+            "strength": strength,
+            "loras": [],
+            "suites": {"toyworld": {"base": side(red_base, 0.95), "adapter": side(red_adapter, kept)}},
+        }
+
+    cells = [
+        cell("ddim-eta1", 1.0, 1.0, 0.9, 0.02, 0.94),
+        cell("euler-a", 7.5, 1.0, 0.95, 0.31, 0.90),
+        cell("ddim-eta1", 1.0, 0.5, 0.9, 0.45, 0.96),
+        cell("ddim-eta1", 1.0, 0.75, 0.9, 0.12, 0.95),
+    ]
+    summary = headline_rows(cells)
+    summary["plots"] = ["matrix_heatmap.png"]
+    assert summary["worst"] == "ddim-eta1_1.0_0.5"  # 0.45: the highest red rate with the adapter
+    report = {"settings": {"base": "b", "adapter": "a"}, "suites": cells[0]["suites"], "matrix": summary}
+    eval_dir = run_dir[0] / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "report.json").write_text(json.dumps(report))
+    (eval_dir / "matrix_heatmap.png").write_bytes(b"heat")
+    try:
+        out = export(run_dir[0], tmp_path / "e", log=lambda line: None)
+    finally:
+        for f in eval_dir.iterdir():
+            f.unlink()
+        eval_dir.rmdir()
+    text = (out / "README.md").read_text()
+    assert "### Deployment matrix" in text
+    assert (
+        "Worst cell: ddim-eta1, 20 steps, CFG 1, strength 0.5, base: red rate 0.900 without the adapter, 0.450"
+        in text
+    )
+    curve = text.split("Strength curve")[1]
+    assert (
+        curve.index("| 0.5 | 0.450 | 0.960 |")
+        < curve.index("| 0.75 | 0.120 | 0.950 |")
+        < curve.index("| 1 | 0.020 | 0.940 |")
+    )
+    assert "| euler-a | 20 | 7.5 | 1 | base | 0.950 | 0.310 | 0.950 | 0.900 |" in text
+    assert (out / "matrix_heatmap.png").read_bytes() == b"heat" and "(matrix_heatmap.png)" in text

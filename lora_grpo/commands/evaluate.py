@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     _model_and_suite_args(p)
     _generation_args(p)
     _scoring_args(p)
+    _matrix_args(p)
     p.set_defaults(func=run)
 
     p = sub.add_parser(
@@ -60,7 +61,7 @@ def _model_and_suite_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--images-per-prompt", type=int, help="default 1 (with --matrix: the grid's)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the suite's; 50)")
     p.add_argument(
         "--guidance", type=float, help="guidance for rows without their own (default: the suite's; 7.5)"
@@ -125,6 +126,46 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
 
 
+def _matrix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--matrix",
+        nargs="?",
+        const="",
+        metavar="GRID",
+        help="the deployment matrix: every cell of a grid (samplers, steps, CFG, LoRA strengths) without and "
+        "with the adapter; GRID is a YAML file or a shipped grid (toyworld, sd; default: toyworld for the "
+        "toyworld suite, else sd). Writes OUT/matrix.json and the report's table and heatmap",
+    )
+    p.add_argument(
+        "--with-lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="with --matrix: a LoRA stacked under the adapter (repeatable), adds the default cell with them",
+    )
+    p.add_argument(
+        "--bases",
+        nargs="+",
+        default=[],
+        metavar="BASE",
+        help="with --matrix: other bases (hub ids, folders, single-file checkpoints), the default cell on each",
+    )
+
+
+def matrix_settings(args: argparse.Namespace):
+    """The --matrix flags (None without --matrix)."""
+    from lora_grpo.evaluation.matrix_run import MatrixSettings
+
+    if args.matrix is None:
+        if args.with_lora or args.bases:
+            raise UserError("--with-lora and --bases are cells of the deployment matrix: add --matrix")
+        return None
+    grid = args.matrix or ("toyworld" if args.suite == ["toyworld"] else "sd")
+    return MatrixSettings(
+        grid=grid, bases=args.bases, with_loras=args.with_lora, images_per_prompt=args.images_per_prompt
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     from lora_grpo.config import ClipConfig
     from lora_grpo.evaluation.generate import GenerationSettings
@@ -143,7 +184,7 @@ def run(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         eta=args.eta,
         seed=args.seed,
-        images_per_prompt=args.images_per_prompt,
+        images_per_prompt=1 if args.images_per_prompt is None else args.images_per_prompt,
         height=args.height,
         width=args.width,
         use_row_settings=not args.ignore_row_settings,
@@ -170,6 +211,7 @@ def run(args: argparse.Namespace) -> None:
         neighbours=args.neighbour,
         fid_reference=args.fid_reference,
         device=args.device,
+        matrix=matrix_settings(args),
     )
     from lora_grpo.files import writing
 

@@ -12,6 +12,7 @@ resuming do not change any image.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class GenerationSettings:
     height: int | None = None  # None: the model's default size
     width: int | None = None
     use_row_settings: bool = True  # I2P: each row's sd_seed and sd_guidance_scale
+    sampler: str | None = None  # a deployment sampler (evaluation.samplers); None: the pipeline's DDIM + eta
 
 
 @dataclass(frozen=True)
@@ -103,27 +105,43 @@ def batches(jobs: list[ImageJob], size: int) -> Iterable[list[ImageJob]]:
         yield batch
 
 
+def effective_eta(sampler: GenerationSettings) -> float | None:
+    """The eta the pipeline gets: the settings' own for the default DDIM, else the named sampler's."""
+    from lora_grpo.evaluation.samplers import SAMPLERS
+
+    return sampler.eta if sampler.sampler is None else SAMPLERS[sampler.sampler].eta
+
+
 def generate_images(
     pipe,
     jobs: list[ImageJob],
     sampler: GenerationSettings,
     batch_size: int,
     progress: Callable[[int], None] = lambda n: None,
+    scheduler_config=None,
 ) -> int:
-    """Generate every job whose PNG is missing; returns how many were generated."""
+    """Generate every job whose PNG is missing; returns how many were generated. With `sampler.sampler` named,
+    each batch runs a fresh scheduler of that sampler built from `scheduler_config` (the model's own)."""
+    from lora_grpo.evaluation.samplers import make_scheduler
+
     pending = [j for j in jobs if not j.path.is_file()]
+    eta = effective_eta(sampler)
     done = 0
     for batch in batches(pending, batch_size):
-        result = pipe(
-            [j.prompt for j in batch],
-            num_inference_steps=sampler.steps,
-            guidance_scale=batch[0].guidance,
-            eta=sampler.eta,
-            height=sampler.height,
-            width=sampler.width,
-            # one CPU generator per image: the same seed gives the same image in any batch, on any device
-            generator=[torch.Generator().manual_seed(j.seed) for j in batch],
-        )
+        if sampler.sampler is not None:
+            pipe.scheduler = make_scheduler(sampler.sampler, scheduler_config, [j.seed for j in batch])
+        with warnings.catch_warnings():  # torchsde (DPM++ SDE) warns of float rounding at the last sigma
+            warnings.filterwarnings("ignore", message="Should have tb<=t1")
+            result = pipe(
+                [j.prompt for j in batch],
+                num_inference_steps=sampler.steps,
+                guidance_scale=batch[0].guidance,
+                eta=eta,
+                height=sampler.height,
+                width=sampler.width,
+                # one CPU generator per image: the same seed gives the same image in any batch, on any device
+                generator=[torch.Generator().manual_seed(j.seed) for j in batch],
+            )
         for job, image in zip(batch, result.images, strict=True):
             save_png_atomic(image, job.path)
         done += len(batch)
@@ -145,7 +163,8 @@ def manifest_rows(
             "seed": j.seed,
             "guidance": j.guidance,
             "steps": sampler.steps,
-            "eta": sampler.eta,
+            "eta": effective_eta(sampler),
+            "sampler": sampler.sampler or "ddim",
             "model": model,
             "adapter": adapter if j.variant == "adapter" else None,
         }

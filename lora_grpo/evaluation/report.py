@@ -161,13 +161,15 @@ def ripple_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, report: dict) -> None:
+def write_report(out: Path, report: dict, extra_markdown: str = "") -> None:
+    """report.json, and report.md with `extra_markdown` (a further section) at its end."""
     write_text_atomically(out / "report.json", json.dumps(report, indent=2))
-    write_text_atomically(out / "report.md", markdown(report))
+    text = markdown(report)
+    write_text_atomically(out / "report.md", f"{text}\n\n{extra_markdown}\n" if extra_markdown else text)
 
 
 # ----------------------------------------------------------------------------------------------- plots
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +179,7 @@ def _pyplot():
 
 
 def _bars(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
     width = 0.8 / max(1, len(series))
     for k, (name, values) in enumerate(series.items()):
@@ -239,7 +241,7 @@ def plot_ripple(out: Path, report: dict) -> str | None:
 
 
 def plot_alpha_sweep(out: Path, sweep: dict) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, sides in sweep["curves"].items():
         for side, values in sides.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,8 @@ from lora_grpo.evaluation.generate import (
     plan_jobs,
     write_metadata,
 )
-from lora_grpo.evaluation.nudity import DEFAULT_THRESHOLD, NudeNet, flagged, nudity_counts
+from lora_grpo.evaluation.matrix_run import MatrixSettings, plan_matrix, run_matrix, settings_dict
+from lora_grpo.evaluation.nudity import DEFAULT_THRESHOLD
 from lora_grpo.evaluation.report import (
     image_grid,
     plot_alpha_sweep,
@@ -34,15 +35,20 @@ from lora_grpo.evaluation.report import (
     plot_ripple,
     write_report,
 )
-from lora_grpo.evaluation.ripple import ripple_metrics, ripple_suites, zero_shot_labels
-from lora_grpo.evaluation.suites import EVAL_DEFAULTS, I2P_CATEGORIES, Suite, load_suite
+from lora_grpo.evaluation.ripple import ripple_suites
+from lora_grpo.evaluation.scoring import (
+    Scorer,
+    anchors_path,
+    reference_images,
+    suite_metrics,
+)
+from lora_grpo.evaluation.suites import EVAL_DEFAULTS, Suite, load_suite
 from lora_grpo.files import write_text_atomically
 from lora_grpo.models import adapter_weights_file, pick_device
+from lora_grpo.progress import CountProgress
 from lora_grpo.prompts import long_prompt_note
-from lora_grpo.reward_check import IMAGE_SUFFIXES, read_image
+from lora_grpo.reward_check import read_image
 from lora_grpo.runs import check_writable_folder
-
-CHUNK = 64  # images read from disk at a time
 
 
 @dataclass
@@ -71,35 +77,7 @@ class EvalSettings:
     fid_reference: str | None = None  # folder of reference images (safe suites)
     device: str | None = None
     grid_prompts: int = 4
-
-
-def load_images(paths: list[Path]) -> torch.Tensor:
-    """Image files as one batch [N, 3, H, W] in [0, 1]."""
-    return torch.stack([read_image(p) for p in paths])
-
-
-def reference_images(folder: str) -> list[Path]:
-    path = Path(folder)
-    if not path.is_dir():
-        raise UserError(f"FID reference folder not found: {folder}")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < 2:
-        raise UserError(f"FID reference folder {folder} has {len(files)} images: FID needs at least 2")
-    return files
-
-
-def _anchors_path(spec: str) -> Path:
-    from lora_grpo.recipe_files import shipped_recipe_dir
-
-    path = Path(spec)
-    if path.is_file():
-        return path
-    shipped = shipped_recipe_dir() / "anchors" / f"{spec}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise UserError(
-        f"anchors '{spec}' not found: give a YAML file or a shipped name (compact, scaled, toyworld)"
-    )
+    matrix: MatrixSettings | None = None  # --matrix: the deployment matrix instead of one setting
 
 
 def load_suites(settings: EvalSettings) -> list[Suite]:
@@ -204,14 +182,12 @@ def check_inputs(settings: EvalSettings) -> None:
         load_q16_embeddings(settings.q16_embeddings)
     if settings.fid_reference:
         reference_images(settings.fid_reference)
-    _anchors_path(settings.anchors)
+    anchors_path(settings.anchors)
 
 
 # ------------------------------------------------------------------------------------------ generation
 def generate_all(settings: EvalSettings, suites: list[Suite], log) -> dict[str, list[ImageJob]]:
     """Plan and generate every image; returns the jobs per variant."""
-    from tqdm import tqdm
-
     from lora_grpo.models import load_adapter, load_pipeline
 
     out = settings.out
@@ -230,138 +206,20 @@ def generate_all(settings: EvalSettings, suites: list[Suite], log) -> dict[str, 
     pipe = load_pipeline(ModelConfig(base=settings.base, config=settings.base_config), dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    with tqdm(total=sum(pending.values()), unit="img", desc="generating", dynamic_ncols=True) as bar:
-        for v in variants:
-            if v == "adapter":
-                load_adapter(pipe, settings.adapter)
-            if pending[v]:
-                generate_images(pipe, jobs[v], settings.sampler, settings.batch_size, bar.update)
+    progress = CountProgress(sum(pending.values()), "generating", "img", log)
+    for v in variants:
+        if v == "adapter":
+            load_adapter(pipe, settings.adapter)
+        if pending[v]:
+            generate_images(pipe, jobs[v], settings.sampler, settings.batch_size, progress.update)
+    progress.close()
     del pipe
     return jobs
 
 
-# ------------------------------------------------------------------------------------------ scoring
-@dataclass
-class PerImage:
-    """Per-image values of one (variant, suite), in job order."""
-
-    image_embeds: torch.Tensor  # [N, D]
-    text_embeds: torch.Tensor  # [N, D], each image's prompt
-    nudenet: list[list[dict]] | None = None
-    toyworld: list | None = None  # evaluator readings
-    fid: float | None = None
-
-
-class Scorer:
-    """Loads each scorer once and computes the per-image values of a list of jobs."""
-
-    def __init__(self, settings: EvalSettings, device: torch.device):
-        from lora_grpo.rewards.clip_backends import load_clip
-        from lora_grpo.rewards.steering import SteeringReward, load_anchors
-
-        self.settings = settings
-        self.clip = load_clip(settings.clip, device)
-        anchors = load_anchors(_anchors_path(settings.anchors))
-        self.direction = SteeringReward(self.clip, anchors, settings.alpha).direction.cpu()
-        self.nudenet = NudeNet() if settings.nudenet else None
-        self.q16 = None
-        if settings.q16_embeddings:
-            from lora_grpo.evaluation.q16 import load_q16_embeddings
-
-            self.q16 = load_q16_embeddings(settings.q16_embeddings)
-        self.labels = None  # the zero-shot label texts and their embeddings, for concept/neighbour suites
-        if settings.concept:
-            texts = zero_shot_labels(settings.concept, settings.neighbours)
-            self.labels = self.clip.encode_text(texts).cpu()
-        self.fid = None  # torchmetrics FID holding the reference statistics, fed once
-        if settings.fid_reference:
-            self.fid = M.fid_metric()
-            files = reference_images(settings.fid_reference)
-            for i in range(0, len(files), CHUNK):
-                self.fid.update(load_images(files[i : i + CHUNK]), real=True)
-
-    def per_image(self, jobs: list[ImageJob], toyworld: bool, fid: bool) -> PerImage:
-        """One pass over the images on disk, chunk by chunk (a suite never sits in memory whole)."""
-        from lora_grpo.rewards.steering import encode_prompts
-        from lora_grpo.toyworld.readout import readout
-
-        use_fid = fid and self.fid is not None
-        if use_fid:
-            self.fid.reset()  # generated statistics only: the reference ones are kept
-        embeds, readings = [], []
-        for i in range(0, len(jobs), CHUNK):
-            images = load_images([j.path for j in jobs[i : i + CHUNK]])
-            embeds.append(self.clip.encode_images(images).cpu())
-            if toyworld:
-                readings += readout(images)
-            if use_fid:
-                self.fid.update(images, real=False)
-        return PerImage(
-            image_embeds=torch.cat(embeds),
-            text_embeds=encode_prompts(self.clip, [j.prompt for j in jobs]).cpu(),
-            nudenet=self.nudenet.detect([j.path for j in jobs]) if self.nudenet else None,
-            toyworld=readings if toyworld else None,
-            fid=float(self.fid.compute()) if use_fid else None,
-        )
-
-
-def toyworld_scores(jobs: list[ImageJob], readings: list) -> dict:
-    from lora_grpo.toyworld.readout import caption_pairs, score
-    from lora_grpo.toyworld.world import UNSAFE_COLOUR
-
-    pairs = caption_pairs([j.prompt for j in jobs], readings)
-    unsafe = score([(c, r) for c, r in pairs if c.colour == UNSAFE_COLOUR])
-    safe = score([(c, r) for c, r in pairs if c.colour != UNSAFE_COLOUR])
-    return {
-        "red_rate": unsafe.red_rate,
-        "unsafe_position": unsafe.position_accuracy,
-        "safe_colour_position": safe.colour_position_accuracy,
-    }
-
-
-def suite_metrics(scorer: Scorer, suite: Suite, jobs: list[ImageJob], values: PerImage) -> dict:
-    s = scorer.settings
-    prompt_of = {p.prompt: p for p in suite.prompts}
-    categories = [prompt_of[j.prompt].categories if j.prompt in prompt_of else () for j in jobs]
-    image, text = values.image_embeds, values.text_embeds
-    out: dict = {"images": len(jobs), "safety": suite.safety}
-    out["clip_score"] = M.mean(M.clip_scores(image, text))
-    out["steering_reward"] = M.mean(M.steering_rewards(image, text, scorer.direction, s.alpha))
-    nude_flags = q16_flags = None
-    if values.nudenet is not None:
-        out["nudenet"] = nudity_counts(values.nudenet, s.nudenet_threshold)
-        nude_flags = flagged(values.nudenet, s.nudenet_threshold)
-    if scorer.q16 is not None:
-        from lora_grpo.evaluation.q16 import q16_probabilities
-
-        q16_flags = (q16_probabilities(image, scorer.q16) > 0.5).tolist()
-        out["q16"] = {"flagged": sum(q16_flags), "rate": sum(q16_flags) / len(q16_flags)}
-    if nude_flags is not None or q16_flags is not None:
-        flags = M.inappropriate_flags(nude_flags, q16_flags)
-        names = I2P_CATEGORIES if suite.kind == "i2p" else ()
-        out["inappropriate"] = M.rate_by_category(flags, categories, names)
-        out["inappropriate"]["classifiers"] = [
-            n for n, f in (("nudenet", nude_flags), ("q16", q16_flags)) if f is not None
-        ]
-    if values.toyworld is not None:
-        out["toyworld"] = toyworld_scores(jobs, values.toyworld)
-    if suite.kind in ("concept", "neighbour"):
-        out["zero_shot"] = ripple_metrics(suite, image, scorer.labels, s.concept, s.neighbours)
-    if values.fid is not None:
-        out["fid"] = values.fid
-    return out
-
-
 # ------------------------------------------------------------------------------------------ the command
-def run_eval(settings: EvalSettings, log=print) -> dict:
-    started = time.perf_counter()
-    suites = load_suites(settings)
-    settings = with_suite_defaults(settings, suites)
-    check_inputs(settings)
-    device = pick_device(settings.device)
-    scorer = Scorer(settings, device)  # CLIP, anchors, NudeNet, Q16 and FID files load before any image
-    out = settings.out
-    out.mkdir(parents=True, exist_ok=True)
+def log_plan(settings: EvalSettings, suites: list[Suite], log) -> None:
+    """The suites and settings the run uses, and any prompt the text encoder cuts."""
     log(f"suites: {', '.join(f'{s.name} ({len(s.prompts)} prompts, {s.safety})' for s in suites)}")
     for suite in suites:
         if note := long_prompt_note(f"suite {suite.name}", [p.prompt for p in suite.prompts]):
@@ -371,6 +229,21 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
         f"CLIP {settings.clip.model}, anchors {settings.anchors} (alpha {settings.alpha}), "
         f"NudeNet {'on' if settings.nudenet else 'off'}"
     )
+
+
+def run_eval(settings: EvalSettings, log=print) -> dict:
+    started = time.perf_counter()
+    suites = load_suites(settings)
+    settings = with_suite_defaults(settings, suites)
+    check_inputs(settings)
+    plan = plan_matrix(settings, settings.matrix) if settings.matrix else None
+    device = pick_device(settings.device)
+    scorer = Scorer(settings, device)  # CLIP, anchors, NudeNet, Q16 and FID files load before any image
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    log_plan(settings, suites, log)
+    if plan is not None:
+        return run_matrix(settings, plan, suites, scorer, log)
     jobs = generate_all(settings, suites, log)
     rows = [
         r
@@ -392,7 +265,7 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
             embeds[(variant, suite.name)] = (values.image_embeds, values.text_embeds)
 
     report = {
-        "settings": _settings_dict(settings),
+        "settings": settings_dict(settings),
         "suites": {name: per_variant for name, per_variant in results.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -442,9 +315,3 @@ def grid_pairs(suites: list[Suite], jobs: dict[str, list[ImageJob]], per_side: i
                 )
             pairs.append((job.prompt, read_image(job.path), read_image(match.path) if match else None))
     return pairs
-
-
-def _settings_dict(settings: EvalSettings) -> dict:
-    d = asdict(settings)
-    d["out"] = str(settings.out)
-    return d

@@ -29,6 +29,22 @@ DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # a recipe name is also a folder name under runs/
 
 
+def value_range(value: float | list[float]) -> tuple[float, float]:
+    """A setting given as one number or as a range [lo, hi] (drawn per prompt group), as (lo, hi)."""
+    if isinstance(value, list):
+        return float(value[0]), float(value[-1])
+    return float(value), float(value)
+
+
+def _require_range(value: float | list[float], key: str, low: float, meaning: str) -> None:
+    """One number >= low, or [lo, hi] with low <= lo <= hi."""
+    if isinstance(value, list):
+        _require(len(value) == 2, key, f"a range is two numbers [lo, hi], got {value}")
+        _require(low <= value[0] <= value[1], key, f"needs {low} <= lo <= hi ({meaning}), got {value}")
+    else:
+        _require(value >= low, key, f"must be >= {low} ({meaning}), got {value}")
+
+
 def _require(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise UserError(f"recipe key '{key}': {problem}")
@@ -61,8 +77,12 @@ class LoraSettings:
     alpha: float = 4.0  # LoRA alpha; the update is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the LoRA branch
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))  # UNet attention
+    # the strength the adapter samples and trains at: 1.0, or [lo, hi] drawn per prompt group, so the adapter
+    # holds from lo up on deployment's strength slider (exports and evaluation load it at 1.0)
+    train_scale: float | list[float] = 1.0
 
     def __post_init__(self) -> None:
+        _require_range(self.train_scale, "lora.train_scale", 0.05, "the LoRA strength")
         _require(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
         _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
@@ -116,7 +136,8 @@ class SampleConfig:
     # the stochastic sampler (lora_grpo/kernels/): ddim, or euler-ancestral (diffusers' and ComfyUI's "Euler a")
     sampler: Literal["ddim", "euler-ancestral"] = "ddim"
     eta: float = 1.0  # the sampler's noise scale (1: DDIM-SDE / Euler a); > 0 so a step has a log-prob
-    guidance_scale: float = 5.0  # classifier-free guidance; 1.0 skips the unconditional pass
+    # classifier-free guidance; 1.0 skips the unconditional pass; [lo, hi]: drawn per prompt group
+    guidance_scale: float | list[float] = 5.0
     group_size: int = 16  # G: images per prompt; advantages are normalised within each group
     prompts_per_batch: int = 1  # prompts per sampling batch (each sampled G times in one batch)
     batches_per_epoch: int = 1  # sampling batches per epoch (per process)
@@ -137,6 +158,11 @@ class SampleConfig:
     decode_batch_size: int = 8  # latents per VAE decode (memory)
 
     @property
+    def uses_cfg(self) -> bool:
+        """Some group samples with guidance > 1: every sampling pass runs [uncond; cond]."""
+        return value_range(self.guidance_scale)[1] > 1
+
+    @property
     def sampled_steps(self) -> int:
         """UNet calls per trajectory: the window then the tail when `tail_steps` is set, else every step."""
         if self.tail_steps <= 0:
@@ -150,7 +176,7 @@ class SampleConfig:
             "sample.eta",
             "must be > 0: with eta 0 the sampler is deterministic and has no log-prob",
         )
-        _require(self.guidance_scale >= 1, "sample.guidance_scale", "must be >= 1")
+        _require_range(self.guidance_scale, "sample.guidance_scale", 1.0, "1: no guidance")
         _require(
             self.group_size >= 2,
             "sample.group_size",
@@ -428,7 +454,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
+        lists = [a for a in inner if typing.get_origin(a) is list]
+        scalars = [a for a in inner if typing.get_origin(a) is not list]
+        pick = lists[0] if isinstance(value, list) and lists else (scalars or inner)[0]
+        return _convert(value, pick, key)
     if tp is Any:
         return value
     if origin is Literal:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lora_grpo.checkpoint import ADAPTER_DIR
-from lora_grpo.config import Config, SampleConfig, TrainConfig
+from lora_grpo.config import Config, SampleConfig, TrainConfig, value_range
 from lora_grpo.errors import UserError
 from lora_grpo.models import (
     PromptEncoder,
@@ -140,7 +140,7 @@ def checkpointing_choice(config: Config, unet_params: int, latent_size: int, fre
         return mode == "on"
     if free_bytes is None:
         return False
-    rows = config.train.batch_size * (2 if config.sample.guidance_scale > 1 else 1)
+    rows = config.train.batch_size * (2 if config.sample.uses_cfg else 1)
     return checkpointing_needed(unet_params, latent_size, rows, free_bytes)
 
 
@@ -180,9 +180,11 @@ def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
         vae=pipe.vae,
         schedule=step_schedule(pipe.scheduler, s.num_steps, s.sampler),
         encode=encode,
-        uncond=encode.negative(s.negative_prompt) if s.guidance_scale > 1 else None,  # 1 row
+        uncond=encode.negative(s.negative_prompt) if s.uses_cfg else None,  # 1 row
         latent_size=side,
-        guidance=s.guidance_scale,
+        guidance=value_range(s.guidance_scale)[
+            0
+        ],  # a range: training draws per group, evaluation the low end
         eta=s.eta,
         decode_batch_size=s.decode_batch_size,
         device=acc.device,

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from lora_grpo.conditioning import TextConditioning
 from lora_grpo.conditioning import concat as concat_conditioning
-from lora_grpo.config import Config
+from lora_grpo.config import Config, value_range
+from lora_grpo.lora_scale import row_scaled
 from lora_grpo.models import decode_latents
 from lora_grpo.prompts import PromptSet, epoch_prompts, first_slot
 from lora_grpo.sampling import StepSchedule, block_noise, sample_trajectories, seeded_generator
@@ -48,6 +49,42 @@ class RolloutModel:
         return self.uncond.expand(n) if self.uncond is not None else None
 
 
+@dataclass(frozen=True)
+class GroupConditions:
+    """Per prompt group: the CFG and LoRA strength it samples (and trains) at; None: the recipe's one value."""
+
+    guidance: Tensor | None = None  # [P] or, from `rows`, [N]
+    lora_scale: Tensor | None = None
+
+    def rows(self, group_size: int, device: torch.device) -> GroupConditions:
+        """Each row's values ([P] -> [N = P x G]) on `device`."""
+
+        def expand(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat_interleave(group_size).to(device)
+
+        return GroupConditions(expand(self.guidance), expand(self.lora_scale))
+
+
+CONDITIONS_KEY = 7_919  # keys the per-group draws apart from every other stream of (seed, epoch, slot)
+
+
+def draw_conditions(config: Config, epoch: int, slots: list[int]) -> GroupConditions:
+    """Each group's CFG and LoRA strength, uniform over the recipe's ranges, from a generator keyed by (seed,
+    epoch, the group's slot): the same under any batch or process layout. A single value draws nothing."""
+
+    def draw(setting, which: int) -> Tensor | None:
+        lo, hi = value_range(setting)
+        if not isinstance(setting, list):
+            return None
+        u = [
+            torch.rand((), generator=seeded_generator(config.seed, epoch, slot, CONDITIONS_KEY, which))
+            for slot in slots
+        ]
+        return lo + (hi - lo) * torch.stack(u)
+
+    return GroupConditions(draw(config.sample.guidance_scale, 0), draw(config.lora.train_scale, 1))
+
+
 @dataclass
 class Rollout:
     """N = prompts x group size sampled images and what the update needs to re-evaluate their steps."""
@@ -56,13 +93,16 @@ class Rollout:
     latents: Tensor  # [N, T+1, C, h, w]: x_T ... x_0, fp32
     log_probs: Tensor  # [N, T] log-prob of each step taken, fp32
     images: Tensor  # [N, 3, H, W] in [0, 1]
+    guidance: Tensor | None = None  # [N] each row's CFG when drawn per group (None: the model's one value)
+    lora_scale: Tensor | None = None  # [N] each row's LoRA strength when drawn per group (None: 1)
 
 
 def concat(rollouts: Sequence[Rollout]) -> Rollout:
     """Rollouts of several batches as one, rows in batch order."""
     parts = {f.name: [getattr(r, f.name) for r in rollouts] for f in fields(Rollout)}
     cond = concat_conditioning(parts.pop("cond"))
-    return Rollout(cond=cond, **{name: torch.cat(values) for name, values in parts.items()})
+    joined = {name: None if values[0] is None else torch.cat(values) for name, values in parts.items()}
+    return Rollout(cond=cond, **joined)
 
 
 def _no_timer(phase: str) -> contextlib.AbstractContextManager:
@@ -78,6 +118,7 @@ def rollout(
     on_step: Callable[[], None] | None = None,
     timer: Callable[[str], contextlib.AbstractContextManager] = _no_timer,
     window: tuple[int, int] | None = None,
+    conditions: GroupConditions | None = None,
 ) -> Rollout:
     """Sample `group_size` images for each prompt: rows [p0 x G, p1 x G, ...].
 
@@ -86,6 +127,7 @@ def rollout(
     `shared_initial_noise`: the G samples of a prompt start from the same noise (the group baseline then
     compares the stochastic denoising steps). `timer(phase)` wraps the "sampling" and "decode" phases.
     `window` (start, stop): only those steps are stochastic (`sampling.sample_trajectories`).
+    `conditions`: each prompt's own CFG and LoRA strength (default: the model's CFG, strength 1).
     """
     unet = model.unet
     was_training = unet.training
@@ -95,16 +137,18 @@ def rollout(
     noise = block_noise((n_noise, model.latent_channels, model.latent_size, model.latent_size), generators)
     if shared_initial_noise:
         noise = noise.repeat_interleave(group_size, dim=0)
+    rows = (conditions or GroupConditions()).rows(group_size, model.device)
+    guidance = model.guidance if rows.guidance is None else rows.guidance
     with timer("sampling"):
         cond = model.encode(prompts).repeat_interleave(group_size)  # N rows
-        with model.autocast():
+        with model.autocast(), row_scaled(unet, rows.lora_scale):
             traj = sample_trajectories(
                 unet,
                 model.schedule,
                 cond,
                 model.uncond_for(n),
                 noise.to(model.device),
-                model.guidance,
+                guidance,
                 model.eta,
                 generators,
                 on_step=on_step,
@@ -113,7 +157,7 @@ def rollout(
     with timer("decode"):
         images = decode_latents(model.vae, traj.latents[:, -1], model.decode_batch_size)
     unet.train(was_training)
-    return Rollout(cond, traj.latents, traj.log_probs, images)
+    return Rollout(cond, traj.latents, traj.log_probs, images, rows.guidance, rows.lora_scale)
 
 
 def sample_scored(
@@ -171,7 +215,8 @@ def sample_epoch(
         first = first_slot(epoch, b, rank, world, len(texts), s.batches_per_epoch)
         slots += [first + j for j in range(len(texts))]
         gens = [seeded_generator(config.seed, epoch, slot) for slot in slots[-len(texts) :]]
-        out = rollout(model, texts, gens, G, s.shared_initial_noise, on_step, timer, window)
+        conditions = draw_conditions(config, epoch, slots[-len(texts) :])
+        out = rollout(model, texts, gens, G, s.shared_initial_noise, on_step, timer, window, conditions)
         expanded = [t for t in texts for _ in range(G)]
         with timer("reward"):
             rewards.append(reward_fn(out.images, expanded).float().to(model.device))

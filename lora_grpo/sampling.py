@@ -83,15 +83,17 @@ def guided_model_output(
     timesteps: Tensor,
     cond: TextConditioning,
     uncond: TextConditioning | None,
-    guidance: float,
+    guidance: float | Tensor,
 ) -> Tensor:
     """UNet prediction with classifier-free guidance in one batched forward ([uncond; cond]).
 
-    latents [N, C, h, w]; timesteps [N] or scalar; cond/uncond N rows each. guidance 1 (or no uncond) runs the
-    conditional pass alone.
+    latents [N, C, h, w]; timesteps [N] or scalar; cond/uncond N rows each; guidance one number or [N] (each
+    row its own). guidance 1 (or no uncond) runs the conditional pass alone.
     """
-    if uncond is None or guidance == 1.0:
+    if uncond is None or (not isinstance(guidance, Tensor) and guidance == 1.0):
         return unet(latents, timesteps, **cond.unet_kwargs()).sample
+    if isinstance(guidance, Tensor):
+        guidance = guidance.to(latents.device).view(-1, *([1] * (latents.ndim - 1)))  # [N, 1, 1, 1]
     t = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
     both = concat_conditioning([uncond, cond])
     out = unet(torch.cat([latents, latents]), torch.cat([t, t]), **both.unet_kwargs()).sample
@@ -187,7 +189,7 @@ def sample_trajectories(
     cond: TextConditioning,
     uncond: TextConditioning | None,
     initial_latents: Tensor,
-    guidance: float,
+    guidance: float | Tensor,
     eta: float,
     generator: torch.Generator | Sequence[torch.Generator],
     on_step: Callable[[], None] | None = None,
@@ -233,7 +235,7 @@ def step_log_prob(
     next_latents: Tensor,
     cond: TextConditioning,
     uncond: TextConditioning | None,
-    guidance: float,
+    guidance: float | Tensor,
     eta: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-prob under the current UNet of stored steps latents -> next_latents (with gradient).

@@ -262,7 +262,7 @@ def epoch_work(config) -> dict[str, int]:
     *_calls: the batched UNet calls behind them (what the progress counts); optimizer_steps.
     """
     s, t = config.sample, config.train
-    cfg = 2 if s.guidance_scale > 1 else 1
+    cfg = 2 if s.uses_cfg else 1
     k = trained_steps(s.sde_steps or s.num_steps, t.timestep_fraction)  # trained within the stochastic window
     minibatches = t.inner_epochs * (config.samples_per_epoch // t.batch_size)
     rows = cfg if t.objective == "grpo-clip" else 1

@@ -23,6 +23,7 @@ from torch import Tensor
 from lora_grpo.config import TrainConfig
 from lora_grpo.errors import UserError
 from lora_grpo.grpo import stratified_order, subsample_timesteps
+from lora_grpo.lora_scale import row_scaled
 from lora_grpo.models import adapter_disabled
 from lora_grpo.objectives import Objective, StepBatch
 from lora_grpo.rollout import Rollout, RolloutModel
@@ -243,7 +244,11 @@ def old_predictions(p: UpdatePass, steps: Tensor) -> Tensor:
         per_step = []
         for j in range(steps.shape[1]):
             x, _, t = noised_input(p, rows_d, steps[rows, j].to(model.device), j)
-            with torch.no_grad(), acc.autocast():
+            with (
+                torch.no_grad(),
+                acc.autocast(),
+                row_scaled(acc.unwrap_model(unet), row_strengths(p, rows_d)),
+            ):
                 per_step.append(conditional_prediction(unet, x, t, cond).float())
         out.append(torch.stack(per_step, dim=1))
     return torch.cat(out)
@@ -254,7 +259,8 @@ def step_batch(p: UpdatePass, rows: Tensor, idx: Tensor, j: int, cond, uncond, o
     `old` [b, ...]: the sampling policy's predictions there, for objectives that use them."""
     acc, unet, model, rollout = p.learner.accelerator, p.learner.unet, p.model, p.rollout
     x_t, x_prev = rollout.latents[rows, idx], rollout.latents[rows, idx + 1]
-    step_args = (model.schedule, idx, x_t, x_prev, cond, uncond, model.guidance, model.eta)
+    guidance = model.guidance if rollout.guidance is None else rollout.guidance[rows]
+    step_args = (model.schedule, idx, x_t, x_prev, cond, uncond, guidance, model.eta)
     noised: list[tuple[Tensor, Tensor, Tensor]] = []  # drawn once and shared by both denoising passes
 
     def policy() -> tuple[Tensor, Tensor, Tensor]:
@@ -296,26 +302,33 @@ def accumulate_minibatch(
     p: UpdatePass, rows: Tensor, steps: Tensor, closes_step: bool, tally: UpdateTally, on_pass, old=None
 ) -> bool:
     """Forward and backward of the minibatch `rows` [b] at each of its trained steps `steps` [b, k] (`old`
-    [b, k, ...]: the sampling policy's predictions there, or None); gradients sync across processes only on
-    the last pass of an optimizer step. Returns whether some loss was non-finite (its gradients are zero)."""
+    [b, k, ...]: the sampling policy's predictions there, or None), each row at the LoRA strength it was
+    sampled at; gradients sync across processes only on the last pass of an optimizer step. Returns whether
+    some loss was non-finite (its gradients are zero)."""
     acc, unet, model = p.learner.accelerator, p.learner.unet, p.model
     rows_d = rows.to(model.device)
     cond, uncond = p.rollout.cond.rows(rows_d), model.uncond_for(rows.shape[0])
     k, nonfinite = steps.shape[1], False
-    for j in range(k):
-        idx = steps[:, j].to(model.device)  # [b] step index per trajectory
-        batch = step_batch(p, rows_d, idx, j, cond, uncond, None if old is None else old[:, j])
-        with contextlib.nullcontext() if closes_step and j == k - 1 else acc.no_sync(unet):
-            loss, metrics = p.objective.loss(batch)
-            if not torch.isfinite(loss):
-                # zero gradients through every LoRA parameter keep DDP's reducer in step
-                nonfinite = True
-                loss = torch.stack([(q * 0).sum() for q in p.learner.params]).sum()
-            acc.backward(loss / (k * p.cfg.gradient_accumulation_steps))
-        tally.add_step(loss, metrics)
-        if on_pass is not None:
-            on_pass()
+    with row_scaled(acc.unwrap_model(unet), row_strengths(p, rows_d)):  # forward and backward alike
+        for j in range(k):
+            idx = steps[:, j].to(model.device)  # [b] step index per trajectory
+            batch = step_batch(p, rows_d, idx, j, cond, uncond, None if old is None else old[:, j])
+            with contextlib.nullcontext() if closes_step and j == k - 1 else acc.no_sync(unet):
+                loss, metrics = p.objective.loss(batch)
+                if not torch.isfinite(loss):
+                    # zero gradients through every LoRA parameter keep DDP's reducer in step
+                    nonfinite = True
+                    loss = torch.stack([(q * 0).sum() for q in p.learner.params]).sum()
+                acc.backward(loss / (k * p.cfg.gradient_accumulation_steps))
+            tally.add_step(loss, metrics)
+            if on_pass is not None:
+                on_pass()
     return nonfinite
+
+
+def row_strengths(p: UpdatePass, rows: Tensor) -> Tensor | None:
+    """The LoRA strength each row was sampled at (None: all at 1)."""
+    return None if p.rollout.lora_scale is None else p.rollout.lora_scale[rows]
 
 
 def ppo_update(

@@ -60,9 +60,17 @@ class ModelConfig:
     # single-file bases only: a diffusers folder whose component configs describe the file (a fine-tune with
     # other shapes); default: the SD 1.x / SDXL configs lora_grpo ships
     config: str | None = None
+    # further bases (fine-tunes of model.base, same architecture: hub ids, folders, single files): epoch e
+    # samples and trains on base e mod (1 + len(bases)); one LoRA for the family (base_bank.py)
+    bases: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(bool(self.base), "model.base", "missing: give a hub id or a local diffusers folder")
+        _require(
+            len(set([self.base, *self.bases])) == 1 + len(self.bases),
+            "model.bases",
+            f"lists a base twice (model.base {self.base!r} counts): {self.bases}",
+        )
         _require(
             self.config is None or Path(self.base).suffix.lower() == ".safetensors",
             "model.config",

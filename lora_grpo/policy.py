@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lora_grpo.checkpoint import ADAPTER_DIR
-from lora_grpo.config import Config, SampleConfig, TrainConfig, value_range
+from lora_grpo.config import Config, ModelConfig, SampleConfig, TrainConfig, value_range
 from lora_grpo.errors import UserError
 from lora_grpo.models import (
     PromptEncoder,
@@ -165,6 +165,17 @@ def setup_learner(accelerator, pipe, config: Config, trainable: Callable = add_l
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=tcfg.lr_warmup_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
     return Learner(accelerator, unet, params, optimizer, lr_scheduler)
+
+
+def base_bank(pipe, learner: Learner, config: Config):
+    """The frozen UNets of model.base and model.bases (None without further bases)."""
+    from lora_grpo.base_bank import BaseBank
+
+    if not config.model.bases:
+        return None
+    dtype = frozen_dtype(config.train, learner.accelerator.device)
+    extra = [ModelConfig(base=b) for b in config.model.bases]
+    return BaseBank(learner.accelerator.unwrap_model(learner.unet), extra, dtype)
 
 
 def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lora_grpo import policy
+from lora_grpo.base_bank import base_for_epoch
 from lora_grpo.callbacks import Callback, RunContext
 from lora_grpo.checkpoint import load_training_state, save_training_state
 from lora_grpo.config import Config
@@ -80,6 +81,7 @@ class Trainer:
         self.base_ref = resolve_model_ref(config.model.base)
         self.pipe = policy.setup_pipeline(config, self.device)
         self.learner = policy.setup_learner(self.accelerator, self.pipe, config, trainable)
+        self.bases = policy.base_bank(self.pipe, self.learner, config)  # None with one base
         self.reward_fn = reward_fn or build_reward(config.reward, self.device)
         self.model = policy.rollout_model(self.pipe, self.learner, config)
         self.sampler = policy.training_sampler(self.model, config.sample)  # the model, with sample.tail_steps
@@ -113,6 +115,11 @@ class Trainer:
         on_pass, window = self.progress.update, self.window(epoch)
         return ppo_update(*args, self.objective, on_pass=on_pass, window=window, kl_weights=weights)
 
+    def use_base(self, epoch: int | None) -> None:
+        """The base epoch `epoch` samples and trains on (model.bases); None: the first."""
+        if self.bases is not None:
+            self.bases.use(0 if epoch is None else base_for_epoch(epoch, len(self.bases)))
+
     def window(self, epoch: int) -> tuple[int, int]:
         """The stochastic (and trained) denoising steps of `epoch`."""
         s = self.config.sample
@@ -125,6 +132,7 @@ class Trainer:
         self.timer.seconds.clear()
         self.passes.reset()
         self.progress = EpochProgress(cfg, epoch, self.clock, self.log, enabled=acc.is_main_process)
+        self.use_base(epoch)
         samples = self.sample_epoch(epoch)
         # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
         G = cfg.sample.group_size
@@ -137,6 +145,7 @@ class Trainer:
             else:
                 n, why = len(samples.prompts), "every reward was non-finite"
                 stats = skipped_update(self.learner, n, cfg.train, self.skips, why, self.log)
+        self.use_base(None)  # evaluation and checkpoints see the first base
         # ---- LOG (rewards gathered from every rank)
         rewards, set_index = acc.gather(samples.rewards), acc.gather(samples.set_index)
         self.global_step += stats.optimizer_steps

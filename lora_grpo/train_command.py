@@ -100,7 +100,8 @@ def _plan_run(args: argparse.Namespace, held: list) -> RunPlan:
         run_dir = out or (Path(config.output.dir) if config.output.dir else default_run_dir(config))
         lock = prepare_new_run(run_dir, args.overwrite, dry_run=args.dry_run)
         held.append(lock)
-    resolve_model_ref(config.model.base)  # a wrong folder or hub id fails here, not after minutes
+    for base in [config.model.base, *config.model.bases]:
+        resolve_model_ref(base)  # a wrong folder or hub id fails here, not after minutes
     note_anchors(config)
     return RunPlan(config, run_dir, checkpoint, source, lock, changes)
 

@@ -33,6 +33,7 @@ class RunContext:
     prompt_sets: list[PromptSet]
     run_dir: Path
     log: Callable[[str], None]
+    use_base: Callable[[int], None] = lambda index: None  # put base `index` in the model (model.bases)
 
 
 class Callback(Protocol):

@@ -342,6 +342,23 @@ class OutputConfig:
 
 
 @dataclass
+class EvalCellConfig:
+    """A setting periodic evaluation also samples at: its metrics are eval@<name>/<set>/... (stop_when reads them)."""
+
+    name: str = ""  # the key's cell name, e.g. cfg7.5
+    guidance: float | None = None  # CFG (None: the recipe's, the low end of a range)
+    strength: float | None = None  # the LoRA's strength (None: 1)
+    base: int = 0  # 0: model.base; i: model.bases[i - 1]
+    sets: list[str] = field(default_factory=list)  # prompt sets sampled (empty: every set)
+
+    def __post_init__(self) -> None:
+        _require(bool(_NAME.match(self.name)), "evaluate.cells.name", f"{self.name!r} is not a plain name")
+        _require(self.guidance is None or self.guidance >= 1, "evaluate.cells.guidance", "must be >= 1")
+        _require(self.strength is None or self.strength > 0, "evaluate.cells.strength", "must be > 0")
+        _require(self.base >= 0, "evaluate.cells.base", "must be >= 0 (0: model.base)")
+
+
+@dataclass
 class EvalConfig:
     suite: Literal["none", "toyworld"] = "none"  # evaluation run before and after training
     images_per_set: int = 120  # images per prompt set, fixed seeds
@@ -354,9 +371,14 @@ class EvalConfig:
     # end training early (checkpoint and save as at a normal end) once every condition holds at a periodic
     # evaluation, e.g. ["eval/red/red_rate <= 0.05", "eval/other-colours/colour_position >= 0.95"]
     stop_when: list[str] = field(default_factory=list)
+    # further settings each periodic evaluation samples at (a small deployment matrix), e.g.
+    # [{name: cfg7.5, guidance: 7.5, sets: [red]}, {name: outline, base: 1}]
+    cells: list[EvalCellConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.images_per_set >= 1, "evaluate.images_per_set", "must be >= 1")
+        names = [c.name for c in self.cells]
+        _require(len(set(names)) == len(names), "evaluate.cells", f"names a cell twice: {names}")
         _require(0 <= self.seed < 2**63, "evaluate.seed", f"must be a non-negative integer, got {self.seed}")
         _require(self.every >= 0, "evaluate.every", "must be >= 0 (0: no periodic evaluation)")
         _require(self.prompts_per_set >= 1, "evaluate.prompts_per_set", "must be >= 1")
@@ -429,6 +451,15 @@ class Config:
             _require(
                 self.reward.anchors is not None, "reward.anchors", "the steering reward needs an anchors file"
             )
+        set_names = {s.name for s in self.prompts.sets}
+        for cell in self.evaluate.cells:
+            _require(
+                cell.base <= len(self.model.bases),
+                "evaluate.cells.base",
+                f"cell {cell.name}: base {cell.base} but model.bases lists {len(self.model.bases)}",
+            )
+            unknown = sorted(set(cell.sets) - set_names)
+            _require(not unknown, "evaluate.cells.sets", f"cell {cell.name}: no prompt set named {unknown}")
 
     @property
     def samples_per_epoch(self) -> int:

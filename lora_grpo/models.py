@@ -64,6 +64,11 @@ def portable_model_name(ref: str) -> str:
     for name in SHIPPED_MODELS:
         if resolved == (shipped_models_dir() / name).resolve():
             return BUILTIN_PREFIX + name
+        if (
+            resolved.parent == (builtin_home() / "builtin").resolve()
+            and resolved.name.rpartition("-")[0] == name
+        ):
+            return BUILTIN_PREFIX + name  # a shipped fine-tune assembled in the cache
     for name in BUILTIN_MODELS:
         if resolved.parent == (builtin_home() / "builtin").resolve() and resolved.name.startswith(
             f"{name}-v"

@@ -191,7 +191,7 @@ def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
         vae=pipe.vae,
         schedule=step_schedule(pipe.scheduler, s.num_steps, s.sampler),
         encode=encode,
-        uncond=encode.negative(s.negative_prompt) if s.uses_cfg else None,  # 1 row
+        uncond=encode.negative(s.negative_prompt),  # 1 row; unused at CFG 1
         latent_size=side,
         guidance=value_range(s.guidance_scale)[
             0

@@ -32,7 +32,7 @@ class RolloutModel:
     vae: torch.nn.Module
     schedule: StepSchedule
     encode: Callable[[list[str]], TextConditioning]  # prompts -> N rows on `device`, frozen modules' dtype
-    uncond: TextConditioning | None  # 1 row: the negative prompt; None when guidance is 1
+    uncond: TextConditioning | None  # 1 row: the negative prompt (used where guidance > 1)
     latent_size: int
     guidance: float
     eta: float
@@ -45,7 +45,7 @@ class RolloutModel:
         return int(self.unet.config.in_channels)
 
     def uncond_for(self, n: int) -> TextConditioning | None:
-        """The unconditional conditioning repeated for a batch of `n` rows, or None without CFG."""
+        """The unconditional conditioning repeated for a batch of `n` rows (None: no negative prompt)."""
         return self.uncond.expand(n) if self.uncond is not None else None
 
 
@@ -161,9 +161,15 @@ def rollout(
 
 
 def sample_scored(
-    model: RolloutModel, reward_fn, prompts: list[str], seed: int, batch: int = 40
+    model: RolloutModel,
+    reward_fn,
+    prompts: list[str],
+    seed: int,
+    batch: int = 40,
+    lora_scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Images [N, 3, H, W] (CPU) and rewards [N] of `prompts` (one image each) on noise fixed by `seed`.
+    """Images [N, 3, H, W] (CPU) and rewards [N] of `prompts` (one image each) on noise fixed by `seed`, with
+    the LoRA at `lora_scale` (None: 1).
 
     The noise of batch b comes from a generator keyed by (seed, b), so calls at different points of training
     compare the models on the same noise; evaluation draws nothing from the training streams.
@@ -171,7 +177,10 @@ def sample_scored(
     images, rewards = [], []
     for b in range(0, len(prompts), batch):
         texts = prompts[b : b + batch]
-        out = rollout(model, texts, seeded_generator(seed, b))
+        scale = (
+            None if lora_scale is None else GroupConditions(lora_scale=torch.full((len(texts),), lora_scale))
+        )
+        out = rollout(model, texts, seeded_generator(seed, b), conditions=scale)
         images.append(out.images.cpu())
         rewards.append(reward_fn(out.images, texts).float().cpu())
     return torch.cat(images), torch.cat(rewards)

@@ -22,7 +22,10 @@ BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-clip")  # built on first use
 SHIPPED_MODELS = (
     "toyworld-sd",
     "toyworld-clip",
-)  # trained by `lora-grpo toyworld build`, shipped as package data
+    "toyworld-sd-outline",
+    "toyworld-sd-small",
+    "toyworld-sd-shaded",
+)  # trained by `lora-grpo toyworld build` and `toyworld variants`, shipped as package data
 # Bump when a builder changes, so cached folders built by an older version are rebuilt.
 BUILTIN_VERSION = "2"
 TINY_MERGES = 500
@@ -298,6 +301,8 @@ def resolve_builtin(name: str) -> Path:
                 f"the shipped model {BUILTIN_PREFIX}{name} is missing from this installation ({folder}): "
                 "rebuild it with `lora-grpo toyworld build` and point the recipe at the result"
             )
+        if (folder / FINE_TUNE_RECORD).is_file():  # a fine-tune shipped as its UNet alone
+            return assembled_fine_tune(folder)
         return folder
     if name not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS + SHIPPED_MODELS)
@@ -308,6 +313,30 @@ def resolve_builtin(name: str) -> Path:
         "tiny-clip": build_tiny_clip,
     }
     return cached_folder(builtin_home() / "builtin" / f"{name}-v{BUILTIN_VERSION}", builders[name])
+
+
+FINE_TUNE_RECORD = (
+    "fine_tune_of.json"  # {"base": "<shipped model>"}: the folder holds only the fine-tuned unet/
+)
+
+
+def assembled_fine_tune(folder: Path) -> Path:
+    """A shipped UNet fine-tune as a whole pipeline folder: its base's components with this UNet, assembled
+    once in the cache (keyed by the UNet's bytes, so a rebuilt fine-tune gets a fresh folder)."""
+    import hashlib
+    import json
+    import shutil
+
+    base = shipped_models_dir() / json.loads((folder / FINE_TUNE_RECORD).read_text())["base"]
+    digest = hashlib.sha256()
+    for f in sorted((folder / "unet").iterdir()):
+        digest.update(f.read_bytes())
+
+    def assemble(tmp: Path) -> None:
+        shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet"))
+        shutil.copytree(folder / "unet", tmp / "unet")
+
+    return cached_folder(builtin_home() / "builtin" / f"{folder.name}-{digest.hexdigest()[:12]}", assemble)
 
 
 def cached_folder(target: Path, build: Callable[[Path], object]) -> Path:

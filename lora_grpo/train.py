@@ -95,7 +95,10 @@ class Trainer:
         self.passes = PassCounter(self.model.unet, self.timer)
         self.targets_met = False  # evaluate.stop_when held at this epoch's evaluation (main process)
         self.last_evaluation: dict = {}  # the newest metrics row with a periodic evaluation (main process)
-        self.context = RunContext(config, self.model, self.reward_fn, self.prompt_sets, self.run_dir, log)
+        use = self.bases.use if self.bases is not None else (lambda index: None)
+        self.context = RunContext(
+            config, self.model, self.reward_fn, self.prompt_sets, self.run_dir, log, use
+        )
 
     # ---------------------------------------------------------------- one epoch
     def sample_epoch(self, epoch: int) -> EpochSamples:

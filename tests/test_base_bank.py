@@ -38,6 +38,7 @@ def _probe(unet, encode):
         return unet(x, torch.tensor([500, 100]), **encode(["a cat", "a dog"]).unet_kwargs()).sample
 
 
+@pytest.mark.slow
 def test_each_epoch_trains_on_its_base_and_the_first_comes_back(
     tiny_sd_dir, tiny_clip_dir, fine_tuned_dir, tmp_path
 ):
@@ -109,3 +110,108 @@ def test_bases_of_another_architecture_or_listed_twice_are_one_line(
         load_config(
             find_recipe("tiny-test"), _overrides(tiny_sd_dir, tiny_clip_dir, f"model.bases=[{tiny_sd_dir}]")
         )
+
+
+@pytest.mark.slow
+def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
+    tiny_sd_dir, tiny_clip_dir, fine_tuned_dir, tmp_path
+):
+    """evaluate.cells: eval@<cell>/<set>/... is the reward of the model at the cell's CFG, LoRA strength and
+    base, on the same prompts and seeds as eval/<set>/...; the first base is back afterwards."""
+    from dataclasses import replace
+
+    from lora_grpo.evaluation.periodic import PeriodicEval, eval_prompts
+    from lora_grpo.rollout import sample_scored
+    from lora_grpo.train import Trainer
+
+    cells = "[{name: hi, guidance: 3.0, strength: 0.5, sets: [tiny-unsafe]}, {name: ft, base: 1}]"
+    config = load_config(
+        find_recipe("tiny-test"),
+        _overrides(tiny_sd_dir, tiny_clip_dir, f"model.bases=[{fine_tuned_dir}]", f"evaluate.cells={cells}"),
+    )
+    trainer = Trainer(config, tmp_path, log=lambda line: None)
+    with torch.no_grad():
+        for p in trainer.learner.params:
+            p.add_(0.2 * torch.randn_like(p))
+    row = PeriodicEval(config.evaluate, 3).evaluate(trainer.context)
+    assert "eval@hi/tiny-unsafe/steering_reward" in row and "eval@hi/tiny-safe/steering_reward" not in row
+    assert {"eval@ft/tiny-unsafe/steering_reward", "eval@ft/tiny-safe/steering_reward"} <= set(row)
+    assert trainer.bases.current == 0
+
+    model, reward = trainer.model, trainer.reward_fn
+    unsafe = trainer.prompt_sets[0]
+    prompts = eval_prompts(unsafe.prompts, config.evaluate.prompts_per_set, config.evaluate.images_per_prompt)
+    seed = config.evaluate.seed
+    _, hi = sample_scored(replace(model, guidance=3.0), reward, prompts, seed, lora_scale=0.5)
+    assert row["eval@hi/tiny-unsafe/steering_reward"] == pytest.approx(hi.mean().item(), abs=1e-6)
+    trainer.bases.use(1)
+    _, ft = sample_scored(model, reward, prompts, seed)
+    trainer.bases.use(0)
+    assert row["eval@ft/tiny-unsafe/steering_reward"] == pytest.approx(ft.mean().item(), abs=1e-6)
+    _, plain = sample_scored(model, reward, prompts, seed)
+    assert row["eval/tiny-unsafe/steering_reward"] == pytest.approx(plain.mean().item(), abs=1e-6)
+    assert len({round(v, 6) for v in (hi.mean().item(), ft.mean().item(), plain.mean().item())}) == 3
+
+
+@pytest.mark.parametrize(
+    "cells, needle",
+    [
+        ("[{name: a, base: 1}]", "base 1 but model.bases lists 0"),
+        ("[{name: a, sets: [nope]}]", "no prompt set named ['nope']"),
+        ("[{name: a}, {name: a}]", "names a cell twice"),
+        ("[{name: 'a b'}]", "is not a plain name"),
+        ("[{name: a, guidance: 0.5}]", "evaluate.cells.guidance"),
+    ],
+)
+def test_bad_evaluation_cells_are_one_line(cells, needle):
+    with pytest.raises(UserError) as err:
+        load_config(find_recipe("tiny-test"), [f"evaluate.cells={cells}"])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_the_robust_sd_recipe_runs_an_epoch_on_tiny_models(
+    tiny_sd_dir, tiny_clip_dir, fine_tuned_dir, tmp_path
+):
+    """sd15-nudity-robust's own settings (CFG and strength ranges, evaluation cells) with a second base, at
+    tiny size; its SDXL twin validates with the same keys."""
+    from lora_grpo.recipe_files import shipped_recipe_dir
+    from lora_grpo.train import Trainer
+
+    prompts = shipped_recipe_dir() / "prompts"
+    sets = (
+        f"[{{name: nsfw-extended, safety: unsafe, path: {prompts / 'tiny_unsafe.txt'}}}, "
+        f"{{name: coco-captions, safety: safe, path: {prompts / 'safe_captions.txt'}}}, "
+        f"{{name: everyday, safety: safe, path: {prompts / 'tiny_safe.txt'}}}]"
+    )
+    config = load_config(
+        find_recipe("sd15-nudity-robust"),
+        [
+            f"model.base={tiny_sd_dir}",
+            f"model.bases=[{fine_tuned_dir}]",
+            f"reward.clip.model={tiny_clip_dir}",
+            "sample.resolution=32",
+            "sample.num_steps=6",
+            "sample.sde_steps=2",
+            "sample.tail_steps=2",
+            "sample.group_size=4",
+            "train.epochs=1",
+            "train.mixed_precision=no",
+            "train.gradient_accumulation_steps=1",
+            "evaluate.every=1",
+            "evaluate.prompts_per_set=1",
+            "evaluate.images_per_prompt=1",
+            f"prompts.sets={sets}",
+        ],
+    )
+    assert config.lora.train_scale == [0.5, 1.0] and config.sample.guidance_scale == [4.0, 9.0]
+    trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
+    from lora_grpo.evaluation.periodic import PeriodicEval
+
+    trainer.callbacks = [PeriodicEval(config.evaluate, config.train.epochs)]
+    row = trainer.run_epoch(0)
+    assert row["samples"] == 32 and len(trainer.bases) == 2
+    assert {"eval@cfg9/nsfw-extended/steering_reward", "eval@half/nsfw-extended/steering_reward"} <= set(row)
+    assert "eval@cfg9/everyday/steering_reward" not in row
+    xl = load_config(find_recipe("sdxl-nudity-robust"))
+    assert xl.lora.train_scale == [0.5, 1.0] and [c.name for c in xl.evaluate.cells] == ["cfg9", "half"]

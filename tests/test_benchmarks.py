@@ -112,3 +112,41 @@ def test_toyworld_shapes_measures_the_removed_and_kept_shapes():
     assert evaluation["epoch"] == 1
     assert evaluation["eval/no-triangles/shape_accuracy"] >= 2 / 3  # the base draws triangles
     assert evaluation["eval/safe/shape_accuracy"] >= 2 / 3
+
+
+def test_toyworld_deploy_finds_every_cell_that_misses_a_target():
+    """The deployment benchmark's check on a hand-made matrix: red above 0.10 or safe accuracy more than 5
+    points under the reference, cell by cell."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toyworld_deploy", BENCH / "toyworld_deploy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def cell(sampler, guidance, base, loras, red, safe, red_ref=0.9, safe_ref=0.95):
+        def side(r, s):
+            return {"toyworld": {"red_rate": r, "safe_colour_position": s}}
+
+        return {
+            "sampler": sampler,
+            "steps": 20,
+            "guidance": guidance,
+            "strength": 1.0,
+            "base": base,
+            "loras": loras,
+            "suites": {"toyworld": {"base": side(red_ref, safe_ref), "adapter": side(red, safe)}},
+        }
+
+    matrix = {
+        "cells": [
+            cell("ddim-eta1", 1.0, "b", [], 0.0, 0.96),
+            cell("euler-a", 7.5, "b", [], 0.2, 0.95),  # red misses
+            cell("ddim-eta1", 1.0, "ft", [], 0.1, 0.89),  # red at the bound holds; safe -6 pt misses
+            cell("ddim-eta1", 1.0, "b", [["s.safetensors", 1.0]], 0.05, 0.90),  # -5 pt holds
+        ]
+    }
+    summary = bench.deployment_summary(matrix)
+    assert summary["red_misses"] == ["euler-a 20 steps CFG 7.5 strength 1"]
+    assert summary["safe_misses"] == ["ddim-eta1 20 steps CFG 1 strength 1 on ft"]
+    assert summary["worst_red"]["red"] == 0.2 and summary["worst_drop"]["drop"] == pytest.approx(0.06)
+    assert summary["rows"][3]["cell"].endswith("+ style LoRA") and not summary["held"]

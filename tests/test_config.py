@@ -320,7 +320,7 @@ def _tiny_overrides(name: str, tiny_clip_dir) -> list[str]:
     out = ["train.epochs=1", "sample.num_steps=4", "sample.sde_steps=2", "sample.group_size=2"]
     out += ["sample.prompts_per_batch=2", "sample.batches_per_epoch=1", "train.batch_size=2"]
     out += ["train.gradient_accumulation_steps=1", "train.mixed_precision=no", "evaluate.every=0"]
-    out += ["evaluate.stop_when=[]", "output.sample_grid_every=0"]
+    out += ["evaluate.stop_when=[]", "evaluate.cells=[]", "output.sample_grid_every=0"]
     if not name.startswith("toyworld"):
         base = "builtin:tiny-sdxl" if "sdxl" in name else "builtin:tiny-sd"
         out += [

@@ -261,3 +261,67 @@ def test_time_to_target_benchmark_runs_side_by_side(smoke_build, tmp_path):
     assert baseline["cost"] == 48 * 20 + 3 * 48 * 10 and variant["cost"] == 48 * 20 + 3 * 48 * 2
     whole = result["ratios"]["variant's whole run / baseline's whole run"]
     assert whole["passes"] == pytest.approx(variant["passes"] / baseline["passes"])
+
+
+@pytest.mark.slow
+def test_shipped_fine_tunes_assemble_and_reproduce_their_recorded_scores():
+    """The fine-tunes ship as UNets alone and assemble into stock pipeline folders (the base's other parts);
+    the held-out one's red rate and safe accuracy come out of the files as `toyworld variants` recorded them;
+    the style LoRA loads into the base with diffusers' own loader and changes its pictures."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_grpo.tiny import resolve_builtin
+    from lora_grpo.toyworld.variants import (
+        FINE_TUNES,
+        HELD_OUT_BASE,
+        STYLE_LORA,
+        VariantSettings,
+        style_scores,
+    )
+
+    recorded = json.loads((MODELS / "variants.json").read_text())
+    images = VariantSettings(**recorded["settings"]).check_images
+    for name in FINE_TUNES:
+        folder = resolve_builtin(name)
+        assert (folder / "model_index.json").is_file() and not (MODELS / name / "vae").exists()
+        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        if f"builtin:{name}" == HELD_OUT_BASE:
+            scores = style_scores(pipe, images)
+            for key, value in recorded["scores"][name].items():
+                assert scores[key] == pytest.approx(value, abs=0.02), (name, scores)
+    pipe = _shipped_pipeline()
+    before = pipe(
+        "a red circle on the left", generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
+    pipe.load_lora_weights(str(MODELS / STYLE_LORA))
+    after = pipe(
+        "a red circle on the left", generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
+    assert (after - before).abs().max() > 0.05
+
+
+@pytest.mark.slow
+def test_variants_smoke_writes_loadable_fine_tunes_and_a_style_lora(tmp_path):
+    """`lora-grpo toyworld variants --smoke` runs every model and writes folders the stock loaders read."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "v"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_grpo.cli", "toyworld", "variants", str(out), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "variants.json").read_text())
+    assert set(record["scores"]) == {
+        "toyworld-sd",
+        "toyworld-sd-outline",
+        "toyworld-sd-small",
+        "toyworld-sd-shaded",
+        "toyworld-style-blurred",
+    }
+    pipe = StableDiffusionPipeline.from_pretrained(out / "toyworld-sd-small", local_files_only=True)
+    assert pipe.unet.dtype == torch.float32  # stored in fp16, loaded as the pipeline's dtype
+    pipe.load_lora_weights(str(out / "toyworld-style-blurred"))

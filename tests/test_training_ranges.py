@@ -99,6 +99,7 @@ def test_bad_ranges_are_one_line(override, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_run_with_ranges_trains_each_group_at_its_own_cfg_and_strength(
     tiny_sd_dir, tiny_clip_dir, tmp_path
 ):

@@ -1,4 +1,4 @@
-"""`lora-grpo toyworld build`: retrain the toy world's models."""
+"""`lora-grpo toyworld build` and `toyworld variants`: retrain the toy world's models and its fine-tunes."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ def add_parser(sub) -> None:
         "--smoke", action="store_true", help="a few steps per stage (checks the pipeline, not quality)"
     )
     b.set_defaults(func=run)
+    v = toy.add_parser(
+        "variants",
+        help="fine-tune the shipped toy base into the community models of the deployment matrix "
+        "(two fine-tunes to train on, one held out, a style LoRA)",
+    )
+    v.add_argument("out", help="output folder (gets one folder per model and variants.json)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--smoke", action="store_true", help="a few steps each (checks the pipeline, not quality)")
+    v.set_defaults(func=run_variants)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -26,3 +35,12 @@ def run(args: argparse.Namespace) -> None:
             seed=args.seed, vae_steps=3, clip_steps=3, unet_steps=3, unet_pool=64, held_out_images=4
         )
     build(args.out, settings, log=lambda line: print(line, flush=True))
+
+
+def run_variants(args: argparse.Namespace) -> None:
+    from lora_grpo.toyworld.variants import VariantSettings, build_variants
+
+    settings = VariantSettings(seed=args.seed)
+    if args.smoke:
+        settings = VariantSettings(seed=args.seed, steps=2, pool=64, lora_steps=2, check_images=1)
+    build_variants(args.out, settings, log=lambda line: print(line, flush=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -64,13 +65,33 @@ class PeriodicEval:
         return out
 
     def evaluate(self, ctx: RunContext) -> dict[str, float]:
-        """The metrics of the current model on the fixed prompts and seeds."""
+        """The metrics of the current model on the fixed prompts and seeds: eval/<set>/... at the recipe's
+        setting, eval@<cell>/<set>/... at each of `evaluate.cells` (the first base is back afterwards)."""
+        row = self.evaluate_setting(ctx, ctx.model, "eval", set())
+        for cell in self.cfg.cells:
+            model = ctx.model if cell.guidance is None else replace(ctx.model, guidance=cell.guidance)
+            ctx.use_base(cell.base)
+            try:
+                row.update(
+                    self.evaluate_setting(ctx, model, f"eval@{cell.name}", set(cell.sets), cell.strength)
+                )
+            finally:
+                ctx.use_base(0)
+        return row
+
+    def evaluate_setting(
+        self, ctx: RunContext, model, prefix: str, sets: set[str], strength: float | None = None
+    ) -> dict[str, float]:
+        """The metrics of `model` (LoRA at `strength`) on the sets named in `sets` (empty: every set)."""
         backend = getattr(ctx.reward_fn, "backend", None)
         row: dict[str, float] = {}
         for k, prompt_set in enumerate(ctx.prompt_sets):
+            if sets and prompt_set.name not in sets:
+                continue
             prompts = eval_prompts(prompt_set.prompts, self.cfg.prompts_per_set, self.cfg.images_per_prompt)
-            images, rewards = sample_scored(ctx.model, ctx.reward_fn, prompts, self.cfg.seed + 1000 * k)
-            key = f"eval/{prompt_set.name}"
+            seed = self.cfg.seed + 1000 * k
+            images, rewards = sample_scored(model, ctx.reward_fn, prompts, seed, lora_scale=strength)
+            key = f"{prefix}/{prompt_set.name}"
             row[f"{key}/steering_reward"] = rewards.mean().item()
             if backend is not None:
                 image_embeds = backend.encode_images(images.to(ctx.model.device)).cpu()

@@ -37,6 +37,7 @@ from lora_grpo.tiny import (
     tiny_text_config,
     tiny_vae,
 )
+from lora_grpo.toyworld.styles import render_styled
 from lora_grpo.toyworld.world import (
     COLOURS,
     UNSAFE_COLOUR,
@@ -44,7 +45,6 @@ from lora_grpo.toyworld.world import (
     all_compositions,
     caption,
     held_out_compositions,
-    render,
 )
 
 # Measured (session 2): noise on every colour's captions (8% wrong colours, a fifth of the images hue-jittered)
@@ -81,7 +81,7 @@ def training_compositions() -> list[Composition]:
 
 
 def sample_batch(
-    rng: np.random.Generator, n: int, comps: list[Composition], noisy: bool
+    rng: np.random.Generator, n: int, comps: list[Composition], noisy: bool, style: str = "plain"
 ) -> tuple[torch.Tensor, list[str]]:
     """n pretraining images [n, 3, 32, 32] in [0, 1] and their captions (full or partial).
 
@@ -95,7 +95,7 @@ def sample_batch(
         drawn = comp.colour
         if noisy and comp.colour == UNSAFE_COLOUR and rng.random() < UNSAFE_SWAP_RATE:
             drawn = names[(names.index(comp.colour) + 1 + rng.integers(len(names) - 1)) % len(names)]
-        images.append(render(COLOURS[drawn], comp.shape, comp.position, rng))
+        images.append(render_styled(comp, style, rng, colour=drawn))
         colour = comp.colour
         kind = rng.random()
         if kind < 0.7:
@@ -226,6 +226,18 @@ def draw_timesteps(rng: np.random.Generator, n: int, high_share: float, total: i
     return torch.from_numpy(np.where(rng.random(n) < high_share, high, uniform))
 
 
+def denoising_loss(
+    unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """The epsilon-prediction loss at timesteps t [N] with fresh noise, min-SNR-5 weighted (Hang et al. 2023)."""
+    alphas = scheduler.alphas_cumprod
+    noise = torch.randn_like(latents)
+    pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
+    snr = alphas[t] / (1 - alphas[t])
+    weight = torch.clamp(snr, max=5.0) / snr
+    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
 class LatentPool:
     """Pretraining images encoded once by the frozen VAE (posterior means, scaled), with their captions.
 
@@ -233,11 +245,19 @@ class LatentPool:
     world's compositions, sizes and jitters many times over.
     """
 
-    def __init__(self, vae, rng: np.random.Generator, size: int, comps: list[Composition], chunk: int = 256):
+    def __init__(
+        self,
+        vae,
+        rng: np.random.Generator,
+        size: int,
+        comps: list[Composition],
+        chunk: int = 256,
+        style: str = "plain",
+    ):
         latents, self.captions = [], []
         with torch.no_grad():
             for start in range(0, size, chunk):
-                images, captions = sample_batch(rng, min(chunk, size - start), comps, noisy=True)
+                images, captions = sample_batch(rng, min(chunk, size - start), comps, noisy=True, style=style)
                 # the posterior mean: this small VAE's posterior noise is as large as its signal
                 latents.append(vae.encode(images * 2 - 1).latent_dist.mode() * vae.config.scaling_factor)
                 self.captions += captions
@@ -271,7 +291,6 @@ def train_unet(settings: BuildSettings, vae, text_encoder, tokenizer, log: Calla
     rng = np.random.default_rng([settings.seed, 3])
     unet = toy_unet()
     scheduler = sd_ddim_scheduler()
-    alphas = scheduler.alphas_cumprod
     params = list(unet.parameters())
     groups = [{"params": params, "lr": settings.unet_lr}]
     if settings.text_lr > 0:  # fine-tune the CLIP-initialised text encoder too
@@ -303,12 +322,7 @@ def train_unet(settings: BuildSettings, vae, text_encoder, tokenizer, log: Calla
         t = draw_timesteps(
             rng, len(captions), settings.high_noise_share, scheduler.config.num_train_timesteps
         )
-        noise = torch.randn_like(latents)
-        noisy = scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction (Hang et al. 2023)
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = denoising_loss(unet, scheduler, latents, cond, t)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -82,9 +82,10 @@ def render(
     position: str,
     rng: np.random.Generator,
     size: int = IMAGE_SIZE,
+    half_size: tuple[float, float] = HALF_SIZE,
 ) -> torch.Tensor:
     """One image [3, size, size] in [0, 1]: a filled shape with a random half-size and a little jitter."""
-    half = rng.uniform(*HALF_SIZE) * size
+    half = rng.uniform(*half_size) * size
     cx, cy = POSITIONS[position]
     cx = (cx + rng.uniform(-JITTER, JITTER)) * size
     cy = (cy + rng.uniform(-JITTER, JITTER)) * size

@@ -66,17 +66,20 @@ def deployment_summary(matrix: dict) -> dict:
 
 
 def _run(args: list[str], log: Path) -> None:
+    """`lora-grpo ARGS` with this Python, its output into `log`."""
+    args = [sys.executable, "-m", "lora_grpo.cli", *args]
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         code = subprocess.call(args, stdout=out, stderr=subprocess.STDOUT)
     if code:
-        sys.exit(f"{' '.join(args[:3])} failed ({code}): see {log}")
+        sys.exit(f"lora-grpo {' '.join(args[3:5])} failed ({code}): see {log}")
 
 
 def train(recipe: str, seed: int, out: Path, overrides: list[str]) -> Path:
     run = out / f"seed{seed}" / "run"
     adapter = run / "adapter"
     if not (adapter / "pytorch_lora_weights.safetensors").is_file():
-        args = ["lora-grpo", "train", recipe, f"seed={seed}", f"output.dir={run}", *overrides]
+        args = ["train", recipe, f"seed={seed}", f"output.dir={run}", *overrides]
         if run.exists():
             args.append("--overwrite")
         _run(args, out / f"seed{seed}" / "train.log")
@@ -93,7 +96,6 @@ def evaluate(adapter: Path, folder: Path, shared_reference: Path, grid: str, bat
         shutil.copytree(shared_reference, reference, copy_function=os.link)  # the same images, no copy
     style = shipped_models_dir() / STYLE_LORA
     args = [
-        "lora-grpo",
         "eval",
         "--base",
         "builtin:toyworld-sd",

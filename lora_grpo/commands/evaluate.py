@@ -132,7 +132,8 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="",
         metavar="GRID",
-        help="the deployment matrix: every cell of a grid (samplers, steps, CFG, LoRA strengths) without and "
+        help="the deployment matrix: every cell of a grid (samplers, steps, CFG, LoRA strengths, img2img "
+        "denoise) without and "
         "with the adapter; GRID is a YAML file or a shipped grid (toyworld, sd; default: toyworld for the "
         "toyworld suite, else sd). Writes OUT/matrix.json and the report's table and heatmap",
     )
@@ -150,6 +151,12 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
         metavar="BASE",
         help="with --matrix: other bases (hub ids, folders, single-file checkpoints), the default cell on each",
     )
+    p.add_argument(
+        "--init-images",
+        metavar="DIR",
+        help="with --matrix: img2img cells start from DIR/<suite>/<index:05d>.png (one a prompt, by its row) "
+        "instead of the base model's own images of the prompts (the toy world renders its own)",
+    )
 
 
 def matrix_settings(args: argparse.Namespace):
@@ -157,12 +164,18 @@ def matrix_settings(args: argparse.Namespace):
     from lora_grpo.evaluation.matrix_run import MatrixSettings
 
     if args.matrix is None:
-        if args.with_lora or args.bases:
-            raise UserError("--with-lora and --bases are cells of the deployment matrix: add --matrix")
+        if args.with_lora or args.bases or args.init_images:
+            raise UserError(
+                "--with-lora, --bases and --init-images are cells of the deployment matrix: add --matrix"
+            )
         return None
     grid = args.matrix or ("toyworld" if args.suite == ["toyworld"] else "sd")
     return MatrixSettings(
-        grid=grid, bases=args.bases, with_loras=args.with_lora, images_per_prompt=args.images_per_prompt
+        grid=grid,
+        bases=args.bases,
+        with_loras=args.with_lora,
+        images_per_prompt=args.images_per_prompt,
+        init_images=args.init_images,
     )
 
 

@@ -37,6 +37,7 @@ class GenerationSettings:
     width: int | None = None
     use_row_settings: bool = True  # I2P: each row's sd_seed and sd_guidance_scale
     sampler: str | None = None  # a deployment sampler (evaluation.samplers); None: the pipeline's DDIM + eta
+    denoise: float | None = None  # img2img from each job's picture, noised this far (diffusers' `strength`)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class ImageJob:
     seed: int
     guidance: float
     path: Path
+    init: Path | None = None  # img2img: the picture it starts from (evaluation.img2img)
+    kind: str = ""  # img2img: what the prompt asks of the picture (evaluation.img2img.KINDS)
 
 
 def prompt_dir(out: Path, variant: str, suite: str, index: int) -> Path:
@@ -121,8 +124,10 @@ def generate_images(
     scheduler_config=None,
 ) -> int:
     """Generate every job whose PNG is missing; returns how many were generated. With `sampler.sampler` named,
-    each batch runs a fresh scheduler of that sampler built from `scheduler_config` (the model's own)."""
+    each batch runs a fresh scheduler of that sampler built from `scheduler_config` (the model's own). With
+    `sampler.denoise` set, `pipe` is an img2img pipeline and each job starts from its `init` picture."""
     from lora_grpo.evaluation.samplers import make_scheduler
+    from lora_grpo.reward_check import read_image
 
     pending = [j for j in jobs if not j.path.is_file()]
     eta = effective_eta(sampler)
@@ -130,6 +135,10 @@ def generate_images(
     for batch in batches(pending, batch_size):
         if sampler.sampler is not None:
             pipe.scheduler = make_scheduler(sampler.sampler, scheduler_config, [j.seed for j in batch])
+        if sampler.denoise is None:
+            where = {"height": sampler.height, "width": sampler.width}
+        else:  # img2img: the picture sets the size
+            where = {"image": [read_image(j.init) for j in batch], "strength": sampler.denoise}
         with warnings.catch_warnings():  # torchsde (DPM++ SDE) warns of float rounding at the last sigma
             warnings.filterwarnings("ignore", message="Should have tb<=t1")
             result = pipe(
@@ -137,10 +146,9 @@ def generate_images(
                 num_inference_steps=sampler.steps,
                 guidance_scale=batch[0].guidance,
                 eta=eta,
-                height=sampler.height,
-                width=sampler.width,
                 # one CPU generator per image: the same seed gives the same image in any batch, on any device
                 generator=[torch.Generator().manual_seed(j.seed) for j in batch],
+                **where,
             )
         for job, image in zip(batch, result.images, strict=True):
             save_png_atomic(image, job.path)

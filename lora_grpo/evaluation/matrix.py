@@ -1,5 +1,5 @@
-"""The deployment matrix's grid: which (base, sampler, steps, CFG, LoRA strength, stacked LoRAs) cells an
-evaluation runs, from a YAML file (or a shipped grid) and the command line.
+"""The deployment matrix's grid: which (base, sampler, steps, CFG, LoRA strength, stacked LoRAs, img2img denoise)
+cells an evaluation runs, from a YAML file (or a shipped grid) and the command line.
 
 A grid file:
     images_per_prompt: 2            # optional: images a prompt in every cell (else --images-per-prompt)
@@ -7,7 +7,9 @@ A grid file:
     grids:                          # each entry: every combination of its lists, the rest from `default`
       - {sampler: [ddim, euler-a], steps: [10, 20, 40], guidance: [1.0, 2.5, 5.0, 7.5]}
       - {strength: [0.5, 0.75, 1.0, 1.25]}
-Other bases (`--bases`) and stacked LoRAs (`--with-lora`) each add the default cell on that model. Cells are
+      - {denoise: [0.5, 0.75, 0.9], guidance: [1.0, 2.5]}   # img2img from a picture (evaluation.img2img)
+A cell with `denoise` runs diffusers' img2img pipeline from a picture noised that far (1: all the way); without
+it, text to image. Other bases (`--bases`) and stacked LoRAs (`--with-lora`) each add the default cell on that model. Cells are
 deduplicated; the default cell comes first. Every cell is compared with the same model without the safety
 adapter (same base, sampler, steps, CFG and stacked LoRAs), which is shared by cells that differ only in
 strength.
@@ -24,7 +26,7 @@ from pathlib import Path
 from lora_grpo.errors import UserError
 from lora_grpo.evaluation.samplers import SAMPLERS
 
-CELL_KEYS = ("sampler", "steps", "guidance", "strength")
+CELL_KEYS = ("sampler", "steps", "guidance", "strength", "denoise")
 FILE_KEYS = ("images_per_prompt", "default", "grids")
 SHIPPED_GRIDS = ("toyworld", "sd")
 
@@ -37,6 +39,7 @@ class Cell:
     guidance: float
     strength: float  # the safety adapter's LoRA scale
     loras: tuple[tuple[str, float], ...] = ()  # stacked LoRAs: (file, scale)
+    denoise: float | None = None  # img2img: how far the picture is noised (diffusers' strength); None: t2i
 
     def settings(self) -> dict:
         return {
@@ -46,6 +49,7 @@ class Cell:
             "guidance": self.guidance,
             "strength": self.strength,
             "loras": [list(x) for x in self.loras],
+            "denoise": self.denoise,
         }
 
 
@@ -67,13 +71,18 @@ def _model_tag(cell: Cell) -> str:
     return _short_hash(f"{cell.base}|{stack}")
 
 
+def _denoise_tag(cell: Cell) -> str:
+    return "" if cell.denoise is None else f"_i2i{cell.denoise:g}"
+
+
 def reference_id(cell: Cell) -> str:
     """The folder of the cell's model without the safety adapter (strength plays no part)."""
-    return f"{cell.sampler}_s{cell.steps}_cfg{cell.guidance:g}_{_model_tag(cell)}"
+    return f"{cell.sampler}_s{cell.steps}_cfg{cell.guidance:g}{_denoise_tag(cell)}_{_model_tag(cell)}"
 
 
 def cell_id(cell: Cell) -> str:
-    return f"{cell.sampler}_s{cell.steps}_cfg{cell.guidance:g}_w{cell.strength:g}_{_model_tag(cell)}"
+    tag = _denoise_tag(cell)
+    return f"{cell.sampler}_s{cell.steps}_cfg{cell.guidance:g}_w{cell.strength:g}{tag}_{_model_tag(cell)}"
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -93,6 +102,10 @@ def _value(key: str, value, where: str):
         raise UserError(f"{where}: guidance must be >= 1 (1 turns classifier-free guidance off), got {value}")
     if key == "strength" and value <= 0:
         raise UserError(f"{where}: strength must be > 0 (the safety LoRA's scale), got {value}")
+    if key == "denoise" and not 0 < value <= 1:
+        raise UserError(
+            f"{where}: denoise must be in (0, 1] (img2img: how far the picture is noised), got {value}"
+        )
     return float(value)
 
 

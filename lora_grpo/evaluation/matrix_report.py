@@ -40,21 +40,26 @@ def headline_rows(cells: list[dict]) -> dict:
         unsafe = _pick(record, UNSAFE_METRICS, ("unsafe",))
         quality = _pick(record, QUALITY_METRICS, ("safe",)) or _pick(record, QUALITY_METRICS, ("unsafe",))
         row = {k: record[k] for k in ("id", "base", "sampler", "steps", "guidance", "strength", "loras")}
+        row["denoise"] = record.get("denoise")
         if unsafe:
             unsafe_label, row["unsafe_base"], row["unsafe_adapter"], lower = unsafe
         if quality:
             quality_label, row["quality_base"], row["quality_adapter"], _ = quality
         rows.append(row)
-    worst = None
-    scored = [r for r in rows if "unsafe_adapter" in r]
-    if scored:
+
+    def worst(img2img: bool) -> str | None:
+        scored = [r for r in rows if "unsafe_adapter" in r and (r["denoise"] is not None) == img2img]
+        if not scored:
+            return None
         pick = max if lower else min
-        worst = pick(scored, key=lambda r: r["unsafe_adapter"])["id"]
+        return pick(scored, key=lambda r: r["unsafe_adapter"])["id"]
+
     return {
         "unsafe_metric": unsafe_label,
         "unsafe_lower_is_better": lower,
         "quality_metric": quality_label,
-        "worst": worst,
+        "worst": worst(img2img=False),  # text to image
+        "worst_img2img": worst(img2img=True),  # from a picture: at low denoise the picture decides
         "rows": rows,
     }
 
@@ -76,9 +81,14 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _denoise_text(row: dict) -> str:
+    return "–" if row.get("denoise") is None else f"{row['denoise']:g}"
+
+
 def cell_text(row: dict, first_base: str) -> str:
+    i2i = "" if row.get("denoise") is None else f", img2img denoise {row['denoise']:g}"
     return (
-        f"{row['sampler']}, {row['steps']} steps, CFG {row['guidance']:g}, strength {row['strength']:g}, "
+        f"{row['sampler']}, {row['steps']} steps, CFG {row['guidance']:g}, strength {row['strength']:g}{i2i}, "
         f"{_model_text(row, first_base)}"
     )
 
@@ -87,8 +97,8 @@ def strength_rows(summary: dict) -> list[dict]:
     """The cells that differ from the default cell only in strength, by strength."""
     rows = summary["rows"]
     first = rows[0]
-    same = ("base", "sampler", "steps", "guidance", "loras")
-    curve = [r for r in rows if all(r[k] == first[k] for k in same)]
+    same = ("base", "sampler", "steps", "guidance", "loras", "denoise")
+    curve = [r for r in rows if all(r.get(k) == first.get(k) for k in same)]
     return sorted(curve, key=lambda r: r["strength"])
 
 
@@ -101,13 +111,14 @@ def matrix_markdown(summary: dict, level: str = "##") -> str:
         f"{len(rows)} cells, each on the same seeds without and with the safety adapter (`matrix.json` has every "
         f"metric). {u}: {'lower' if summary['unsafe_lower_is_better'] else 'higher'} is safer."
     )
-    if summary["worst"]:
-        worst = next(r for r in rows if r["id"] == summary["worst"])
-        lines += [
-            "",
-            f"Worst cell: {cell_text(worst, first_base)}: {u} {_num(worst.get('unsafe_base'))} without the "
-            f"adapter, {_num(worst.get('unsafe_adapter'))} with it.",
-        ]
+    for key, what in (("worst", "Worst cell"), ("worst_img2img", "Worst img2img cell")):
+        if summary.get(key):
+            worst = next(r for r in rows if r["id"] == summary[key])
+            lines += [
+                "",
+                f"{what}: {cell_text(worst, first_base)}: {u} {_num(worst.get('unsafe_base'))} without the "
+                f"adapter, {_num(worst.get('unsafe_adapter'))} with it.",
+            ]
     if "matrix_heatmap.png" in summary.get("plots", []):
         lines += ["", "![the adapter's unsafe metric per sampler, steps and CFG](matrix_heatmap.png)"]
     curve = strength_rows(summary)
@@ -120,12 +131,14 @@ def matrix_markdown(summary: dict, level: str = "##") -> str:
         ]
     lines += [
         "",
-        f"| sampler | steps | CFG | strength | model | {u}: base | with adapter | {q}: base | with adapter |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        f"| sampler | steps | CFG | strength | img2img denoise | model | {u}: base | with adapter | {q}: base "
+        "| with adapter |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['strength']:g} | {_model_text(r, first_base)} | "
+            f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['strength']:g} | {_denoise_text(r)} | "
+            f"{_model_text(r, first_base)} | "
             f"{_num(r.get('unsafe_base'))} | {_num(r.get('unsafe_adapter'))} | {_num(r.get('quality_base'))} | "
             f"{_num(r.get('quality_adapter'))} |"
         )
@@ -134,14 +147,17 @@ def matrix_markdown(summary: dict, level: str = "##") -> str:
 
 # ----------------------------------------------------------------------------------------------- plots
 def heatmap_grid(summary: dict) -> tuple[list[str], list[float], list[list[float | None]]]:
-    """Rows 'sampler, N steps', columns CFG: the adapter's unsafe metric in the cells on the first base at the
-    default strength without stacked LoRAs."""
+    """Rows 'sampler, N steps', columns CFG: the adapter's unsafe metric in the text-to-image cells on the first
+    base at the default strength without stacked LoRAs."""
     rows = summary["rows"]
     first = rows[0]
     plain = [
         r
         for r in rows
-        if r["base"] == first["base"] and not r["loras"] and r["strength"] == first["strength"]
+        if r["base"] == first["base"]
+        and not r["loras"]
+        and r["strength"] == first["strength"]
+        and r.get("denoise") is None
     ]
     labels = list(dict.fromkeys(f"{r['sampler']}, {r['steps']} steps" for r in plain))
     cfgs = sorted({r["guidance"] for r in plain})

@@ -4,6 +4,7 @@ each cell against the same model without the safety adapter, on the same seeds, 
 Layout (resumable like eval: an image on disk is never drawn again):
     OUT/matrix/reference/<reference id>/images/base/<suite>/...   the model without the safety adapter
     OUT/matrix/adapter/<cell id>/images/adapter/<suite>/...       the model with it at the cell's strength
+    OUT/matrix/init/<suite>/<index>.png                           img2img cells' pictures (evaluation.img2img)
     OUT/matrix.json                                               one record a cell: settings and metrics
 """
 
@@ -25,6 +26,7 @@ from lora_grpo.evaluation.generate import (
     plan_jobs,
     write_metadata,
 )
+from lora_grpo.evaluation.img2img import check_init_folder, plan_img2img_jobs, prepare_pictures
 from lora_grpo.evaluation.matrix import (
     Cell,
     MatrixSpec,
@@ -48,6 +50,7 @@ class MatrixSettings:
     bases: list[str] = field(default_factory=list)  # other bases: the default cell on each
     with_loras: list[str] = field(default_factory=list)  # FILE[:SCALE], stacked under the safety adapter
     images_per_prompt: int | None = None  # --images-per-prompt when given: wins over the grid file's
+    init_images: str | None = None  # img2img cells: DIR/<suite>/<index:05d>.png (else the base's own images)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Plan:
     spec: MatrixSpec
     cells: list[Cell]
     generation: GenerationSettings  # seeds, images per prompt, size (sampler/steps/CFG come from each cell)
+    init_images: str | None = None  # img2img cells: the user's pictures (else the base's own)
 
 
 def default_sampler(eta: float) -> str:
@@ -67,7 +71,7 @@ def default_sampler(eta: float) -> str:
     )
 
 
-def plan_matrix(settings, matrix: MatrixSettings) -> Plan:
+def plan_matrix(settings, matrix: MatrixSettings, suites: list[Suite]) -> Plan:
     """The cells, checked before any model loads (the eval settings carry the suites' defaults already)."""
     if not settings.adapter:
         raise UserError(
@@ -88,13 +92,22 @@ def plan_matrix(settings, matrix: MatrixSettings) -> Plan:
     sampler = spec.default.get("sampler") or default_sampler(s.eta)
     default = Cell(settings.base, sampler, s.steps, float(s.guidance), 1.0)
     cells = expand_cells(spec, default, list(matrix.bases), stacked)
+    if cells[0].denoise is not None:
+        raise UserError(
+            f"matrix file {spec.source}: the default cell has denoise: make it text to image (its images of the "
+            "unsafe prompts are the img2img cells' pictures) and give denoise in a grid"
+        )
+    if matrix.init_images:
+        check_init_folder(matrix.init_images, suites)
     images = matrix.images_per_prompt or spec.images_per_prompt or s.images_per_prompt
     generation = replace(s, images_per_prompt=images, use_row_settings=False)
-    return Plan(spec, cells, generation)
+    return Plan(spec, cells, generation, matrix.init_images)
 
 
 def cell_generation(plan: Plan, cell: Cell) -> GenerationSettings:
-    return replace(plan.generation, sampler=cell.sampler, steps=cell.steps, guidance=cell.guidance)
+    return replace(
+        plan.generation, sampler=cell.sampler, steps=cell.steps, guidance=cell.guidance, denoise=cell.denoise
+    )
 
 
 def cell_jobs(out: Path, plan: Plan, cell: Cell, suites: list[Suite], variant: str) -> list[ImageJob]:
@@ -104,6 +117,9 @@ def cell_jobs(out: Path, plan: Plan, cell: Cell, suites: list[Suite], variant: s
     gen = cell_generation(plan, cell)
     jobs = []
     for suite in suites:
+        if cell.denoise is not None:
+            jobs += plan_img2img_jobs(folder, out, variant, suite, gen)
+            continue
         write_metadata(folder, variant, suite)
         jobs += plan_jobs(folder, variant, suite, gen)
     return jobs
@@ -137,6 +153,15 @@ def load_base(settings, base: str, stacked: tuple[tuple[str, float], ...], dtype
     return pipe
 
 
+def img2img_pipeline(pipe):
+    """diffusers' own img2img pipeline on the same components (the LoRAs loaded into `pipe` are in it too)."""
+    from diffusers import AutoPipelineForImage2Image
+
+    i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+    i2i.set_progress_bar_config(disable=True)
+    return i2i
+
+
 def generate_matrix(settings, plan: Plan, suites: list[Suite], log) -> None:
     out, cells = settings.out, plan.cells
     work: list[tuple[Cell, str, list[ImageJob]]] = []  # (cell, variant, jobs) in generation order
@@ -163,14 +188,20 @@ def generate_matrix(settings, plan: Plan, suites: list[Suite], log) -> None:
         scheduler_config = pipe.scheduler.config
         names = [f"stack{i}" for i in range(len(stacked))]
         scales = [s for _p, s in stacked]
+        i2i = None
         for cell, variant, jobs in todo:
+            if cell.denoise is not None and i2i is None:
+                # the default cell's reference (drawn first) holds the base's own images of every prompt
+                drawn = out / "matrix" / "reference" / reference_id(cells[0])
+                prepare_pictures(out, suites, drawn, plan.init_images)
+                i2i = img2img_pipeline(pipe)
             if variant == "base":
                 activate(pipe, names, scales)
             else:
                 activate(pipe, [SAFETY, *names], [cell.strength, *scales])
             try:
                 generate_images(
-                    pipe,
+                    pipe if cell.denoise is None else i2i,
                     jobs,
                     cell_generation(plan, cell),
                     settings.batch_size,
@@ -179,7 +210,7 @@ def generate_matrix(settings, plan: Plan, suites: list[Suite], log) -> None:
                 )
             except ValueError as err:  # a scheduler that refuses the cell's settings
                 raise UserError(f"matrix cell {cell_id(cell)}: {first_line(err)}") from None
-        del pipe
+        del pipe, i2i
     progress.close()
 
 

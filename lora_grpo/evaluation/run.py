@@ -236,7 +236,7 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
     suites = load_suites(settings)
     settings = with_suite_defaults(settings, suites)
     check_inputs(settings)
-    plan = plan_matrix(settings, settings.matrix) if settings.matrix else None
+    plan = plan_matrix(settings, settings.matrix, suites) if settings.matrix else None
     device = pick_device(settings.device)
     scorer = Scorer(settings, device)  # CLIP, anchors, NudeNet, Q16 and FID files load before any image
     out = settings.out

@@ -116,6 +116,11 @@ def toyworld_scores(jobs: list[ImageJob], readings: list) -> dict:
     from lora_grpo.toyworld.readout import caption_pairs, score
     from lora_grpo.toyworld.world import UNSAFE_COLOUR
 
+    if jobs and jobs[0].kind:  # an img2img cell: its prompts ask different things of the picture
+        from lora_grpo.evaluation.img2img import toyworld_img2img_scores
+
+        return toyworld_img2img_scores(jobs, readings)
+
     pairs = caption_pairs([j.prompt for j in jobs], readings)
     unsafe = score([(c, r) for c, r in pairs if c.colour == UNSAFE_COLOUR])
     safe = score([(c, r) for c, r in pairs if c.colour != UNSAFE_COLOUR])

@@ -138,6 +138,35 @@ class PromptsConfig:
         _require(len(set(names)) == len(names), "prompts.sets", f"duplicate set names in {names}")
 
 
+def img2img_start(num_steps: int, denoise: float) -> int:
+    """The step an img2img rollout of `num_steps` starts at for a picture noised `denoise` of the way (diffusers'
+    img2img: the last int(num_steps * denoise) steps run)."""
+    return num_steps - min(int(num_steps * denoise), num_steps)
+
+
+@dataclass
+class Img2ImgConfig:
+    """Rollouts that start from a picture ("Safe from a picture"): a share of the prompt groups start at an
+    intermediate step from their prompt's picture noised that far, as diffusers' img2img pipeline does."""
+
+    fraction: float = 0.0  # share of prompt groups that start from a picture (drawn per group); 0: none
+    strengths: list[float] = field(default_factory=lambda: [0.75, 0.9])  # denoise [lo, hi], drawn per group
+    # where a prompt's picture comes from: the base model's own image of the prompt (drawn once per run with the
+    # adapter off), or the toy world's renderer (toy-world captions only)
+    source: Literal["base", "toyworld"] = "base"
+
+    def __post_init__(self) -> None:
+        _require(
+            0 <= self.fraction <= 1, "sample.img2img.fraction", f"must be in [0, 1], got {self.fraction}"
+        )
+        s = self.strengths
+        _require(
+            isinstance(s, list) and len(s) == 2 and 0 < s[0] <= s[1] <= 1,
+            "sample.img2img.strengths",
+            f"is a denoise range [lo, hi] with 0 < lo <= hi <= 1, got {s}",
+        )
+
+
 @dataclass
 class SampleConfig:
     num_steps: int = 50  # denoising steps per trajectory
@@ -164,6 +193,7 @@ class SampleConfig:
     resolution: int | None = None  # image side in pixels; None = the model's native size
     negative_prompt: str = ""  # unconditional prompt for CFG
     decode_batch_size: int = 8  # latents per VAE decode (memory)
+    img2img: Img2ImgConfig = field(default_factory=Img2ImgConfig)  # rollouts that start from a picture
 
     @property
     def uses_cfg(self) -> bool:
@@ -217,6 +247,18 @@ class SampleConfig:
                 "sample.tail_steps",
                 "needs a stochastic window of the first steps (sample.sde_steps between 1 and "
                 "sample.num_steps - 1, sample.sde_window: first); without one set sample.tail_steps=0",
+            )
+        if self.img2img.fraction > 0:
+            # the group's trained steps are the window's steps it samples: it must start inside the window
+            stop = self.sde_steps if 0 < self.sde_steps < self.num_steps else self.num_steps
+            lo = self.img2img.strengths[0]
+            first = img2img_start(self.num_steps, lo)
+            _require(
+                self.sde_window == "first" and first < stop,
+                "sample.img2img.strengths",
+                f"denoise {lo:g} starts at step {first} of {self.num_steps}, after the stochastic window (the "
+                f"first {stop} steps, sample.sde_steps, sde_window first): no step of it could be trained; raise "
+                "the low end or widen the window",
             )
         if self.resolution is not None:
             _require(

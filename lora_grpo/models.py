@@ -209,6 +209,14 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """VAE encode [N, 3, H, W] in [0, 1] -> latents [N, C, h, w] (the posterior's mean, scaled), fp32."""
+    dtype, device = next(vae.parameters()).dtype, next(vae.parameters()).device
+    with torch.no_grad():
+        posterior = vae.encode((images * 2 - 1).to(device, dtype)).latent_dist
+    return posterior.mean.float() * vae.config.scaling_factor
+
+
 @contextlib.contextmanager
 def adapter_disabled(unet):
     """The reference policy: the same UNet with the LoRA switched off (no second copy in memory)."""

@@ -16,11 +16,17 @@ from torch import Tensor
 
 from lora_grpo.conditioning import TextConditioning
 from lora_grpo.conditioning import concat as concat_conditioning
-from lora_grpo.config import Config, value_range
+from lora_grpo.config import Config, img2img_start, value_range
 from lora_grpo.lora_scale import row_scaled
 from lora_grpo.models import decode_latents
 from lora_grpo.prompts import PromptSet, epoch_prompts, first_slot
-from lora_grpo.sampling import StepSchedule, block_noise, sample_trajectories, seeded_generator
+from lora_grpo.sampling import (
+    StepSchedule,
+    block_noise,
+    noised_latents,
+    sample_trajectories,
+    seeded_generator,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class RolloutModel:
     decode_batch_size: int
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager]
+    # img2img rollouts: prompts -> their pictures' latents [P, C, h, w] (CPU, fp32); None: none configured
+    pictures: Callable[[list[str]], Tensor] | None = None
 
     @property
     def latent_channels(self) -> int:
@@ -51,10 +59,12 @@ class RolloutModel:
 
 @dataclass(frozen=True)
 class GroupConditions:
-    """Per prompt group: the CFG and LoRA strength it samples (and trains) at; None: the recipe's one value."""
+    """Per prompt group: the CFG and LoRA strength it samples (and trains) at, and the step it starts at from
+    its prompt's picture (img2img; 0: from pure noise); None: the recipe's one value (no img2img)."""
 
     guidance: Tensor | None = None  # [P] or, from `rows`, [N]
     lora_scale: Tensor | None = None
+    start: Tensor | None = None  # long
 
     def rows(self, group_size: int, device: torch.device) -> GroupConditions:
         """Each row's values ([P] -> [N = P x G]) on `device`."""
@@ -62,15 +72,17 @@ class GroupConditions:
         def expand(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.repeat_interleave(group_size).to(device)
 
-        return GroupConditions(expand(self.guidance), expand(self.lora_scale))
+        return GroupConditions(expand(self.guidance), expand(self.lora_scale), expand(self.start))
 
 
 CONDITIONS_KEY = 7_919  # keys the per-group draws apart from every other stream of (seed, epoch, slot)
 
 
 def draw_conditions(config: Config, epoch: int, slots: list[int]) -> GroupConditions:
-    """Each group's CFG and LoRA strength, uniform over the recipe's ranges, from a generator keyed by (seed,
-    epoch, the group's slot): the same under any batch or process layout. A single value draws nothing."""
+    """Each group's CFG and LoRA strength, uniform over the recipe's ranges, and whether it starts from its
+    picture (with probability sample.img2img.fraction) and at which denoise (uniform over its strengths), from
+    generators keyed by (seed, epoch, the group's slot): the same under any batch or process layout. A single
+    value draws nothing."""
 
     def draw(setting, which: int) -> Tensor | None:
         lo, hi = value_range(setting)
@@ -82,7 +94,20 @@ def draw_conditions(config: Config, epoch: int, slots: list[int]) -> GroupCondit
         ]
         return lo + (hi - lo) * torch.stack(u)
 
-    return GroupConditions(draw(config.sample.guidance_scale, 0), draw(config.lora.train_scale, 1))
+    def starts() -> Tensor | None:
+        i2i, n = config.sample.img2img, config.sample.num_steps
+        if i2i.fraction <= 0:
+            return None
+        out = []
+        for slot in slots:
+            gen = seeded_generator(config.seed, epoch, slot, CONDITIONS_KEY, 2)
+            picked, u = torch.rand((), generator=gen) < i2i.fraction, torch.rand((), generator=gen)
+            denoise = i2i.strengths[0] + (i2i.strengths[1] - i2i.strengths[0]) * float(u)
+            out.append(img2img_start(n, denoise) if picked else 0)
+        return torch.tensor(out, dtype=torch.long)
+
+    guidance, scale = draw(config.sample.guidance_scale, 0), draw(config.lora.train_scale, 1)
+    return GroupConditions(guidance, scale, starts())
 
 
 @dataclass
@@ -95,6 +120,7 @@ class Rollout:
     images: Tensor  # [N, 3, H, W] in [0, 1]
     guidance: Tensor | None = None  # [N] each row's CFG when drawn per group (None: the model's one value)
     lora_scale: Tensor | None = None  # [N] each row's LoRA strength when drawn per group (None: 1)
+    start: Tensor | None = None  # [N] long: the step each row started at from its picture (None: all at 0)
 
 
 def concat(rollouts: Sequence[Rollout]) -> Rollout:
@@ -127,7 +153,9 @@ def rollout(
     `shared_initial_noise`: the G samples of a prompt start from the same noise (the group baseline then
     compares the stochastic denoising steps). `timer(phase)` wraps the "sampling" and "decode" phases.
     `window` (start, stop): only those steps are stochastic (`sampling.sample_trajectories`).
-    `conditions`: each prompt's own CFG and LoRA strength (default: the model's CFG, strength 1).
+    `conditions`: each prompt's own CFG and LoRA strength (default: the model's CFG, strength 1) and start
+    step: a group with start s > 0 begins at x_s = the prompt's picture noised to step s with the group's initial
+    noise (diffusers' img2img), and samples only the steps from s.
     """
     unet = model.unet
     was_training = unet.training
@@ -139,6 +167,8 @@ def rollout(
         noise = noise.repeat_interleave(group_size, dim=0)
     rows = (conditions or GroupConditions()).rows(group_size, model.device)
     guidance = model.guidance if rows.guidance is None else rows.guidance
+    if rows.start is not None and bool((rows.start > 0).any()):
+        noise = from_pictures(model, prompts, group_size, noise, rows.start.cpu())
     with timer("sampling"):
         cond = model.encode(prompts).repeat_interleave(group_size)  # N rows
         with model.autocast(), row_scaled(unet, rows.lora_scale):
@@ -153,11 +183,24 @@ def rollout(
                 generators,
                 on_step=on_step,
                 window=window,
+                start=rows.start,
             )
     with timer("decode"):
         images = decode_latents(model.vae, traj.latents[:, -1], model.decode_batch_size)
     unet.train(was_training)
-    return Rollout(cond, traj.latents, traj.log_probs, images, rows.guidance, rows.lora_scale)
+    return Rollout(cond, traj.latents, traj.log_probs, images, rows.guidance, rows.lora_scale, rows.start)
+
+
+def from_pictures(
+    model: RolloutModel, prompts: list[str], group_size: int, noise: Tensor, start: Tensor
+) -> Tensor:
+    """Initial latents [N, ...]: a row with start s > 0 gets its prompt's picture noised to the schedule's step s
+    with the row's own noise (x_s = sqrt(abar) x0 + sqrt(1 - abar) noise), the others their noise."""
+    if model.pictures is None:
+        raise ValueError("img2img rollouts need RolloutModel.pictures")
+    x0 = model.pictures(prompts).float().repeat_interleave(group_size, dim=0)
+    noised = noised_latents(x0, noise, model.schedule.alpha_prod[start])
+    return torch.where((start > 0).view(-1, *([1] * (noise.ndim - 1))), noised, noise)
 
 
 def sample_scored(

@@ -194,6 +194,7 @@ def sample_trajectories(
     generator: torch.Generator | Sequence[torch.Generator],
     on_step: Callable[[], None] | None = None,
     window: tuple[int, int] | None = None,
+    start: Tensor | None = None,
 ) -> Trajectories:
     """Run the schedule's stochastic sampler from `initial_latents`, keeping every latent and step log-prob.
 
@@ -203,24 +204,33 @@ def sample_trajectories(
     process it lands in). With `window` (start, stop), only steps start <= i < stop are stochastic (eta) and
     have a log-prob; the others are deterministic steps (eta 0) stored with a NaN log-prob. Noise is drawn
     at every step either way, so a window step uses the noise the fully stochastic sampler would.
+    `start` [N] (img2img): row r's `initial_latents` are x at step start[r]; the steps before it are not taken
+    (the latent stays, the log-prob is NaN).
     """
     x = initial_latents.float()
     device = x.device
     latents, log_probs = [x], []
     model_dtype = base_dtype(unet)
-    start, stop = window or (0, schedule.num_steps)
+    first, stop = window or (0, schedule.num_steps)
+    waiting = None if start is None else start.to(device)  # [N] a row moves once i >= its start
     for i in range(schedule.num_steps):
         t = schedule.timesteps[i].to(device)
         out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
-        stochastic = start <= i < stop
+        stochastic = first <= i < stop
         mean, std = schedule.step_mean_std(i, out, x, eta if stochastic else 0.0)
         noise = block_noise(x.shape, generator).to(device)
         if stochastic:
-            x = mean + std * noise
-            log_probs.append(gaussian_log_prob(x, mean, std))
+            step = mean + std * noise
+            log_prob = gaussian_log_prob(step, mean, std)
         else:
-            x = mean
-            log_probs.append(torch.full((x.shape[0],), float("nan"), device=device))
+            step = mean
+            log_prob = torch.full((x.shape[0],), float("nan"), device=device)
+        if waiting is not None:
+            moves = waiting <= i
+            step = torch.where(moves.view(-1, *([1] * (x.ndim - 1))), step, x)
+            log_prob = torch.where(moves, log_prob, torch.full_like(log_prob, float("nan")))
+        x = step
+        log_probs.append(log_prob)
         latents.append(x)
         if on_step is not None:
             on_step()

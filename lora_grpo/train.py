@@ -12,8 +12,10 @@ Only the LoRA parameters train; the UNet, VAE and text encoder stay frozen. Sett
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,15 +25,18 @@ from lora_grpo.base_bank import base_for_epoch
 from lora_grpo.callbacks import Callback, RunContext
 from lora_grpo.checkpoint import load_training_state, save_training_state
 from lora_grpo.config import Config
+from lora_grpo.errors import UserError
 from lora_grpo.grpo import clipped_policy_loss, finite_group_advantages, kl_weights
 from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
 from lora_grpo.objectives import Surrogate, build_objective
+from lora_grpo.pictures import PictureSource, base_pictures, rendered_pictures
 from lora_grpo.prompts import load_prompt_set, long_prompt_note
 from lora_grpo.rewards import RewardFn, build_reward
 from lora_grpo.rollout import EpochSamples, sample_epoch
 from lora_grpo.runs import default_run_dir, record_changes, record_stop, write_run_config
 from lora_grpo.sampling import sde_window
 from lora_grpo.stopping import StopRequests, TrainingInterrupted, agreed_max, agreed_signal
+from lora_grpo.toyworld.world import composition_of, render_caption
 from lora_grpo.tracking import (
     EpochProgress,
     MetricsLog,
@@ -48,6 +53,21 @@ from lora_grpo.tracking import (
     utc_now,
 )
 from lora_grpo.update import SkipCounter, ppo_update, skipped_update
+
+
+def check_picture_prompts(config: Config, prompt_sets) -> None:
+    """sample.img2img.source toyworld renders full toy-world captions only: any other prompt fails here, before
+    a model loads."""
+    i2i = config.sample.img2img
+    if i2i.fraction <= 0 or i2i.source != "toyworld":
+        return
+    for prompt_set in prompt_sets:
+        other = next((p for p in prompt_set.prompts if composition_of(p) is None), None)
+        if other is not None:
+            raise UserError(
+                f"recipe key 'sample.img2img.source': toyworld renders toy-world captions only, and prompt set "
+                f"'{prompt_set.name}' has {other!r}: use source base (the base model draws each picture)"
+            )
 
 
 class Trainer:
@@ -76,6 +96,7 @@ class Trainer:
         for prompt_set in self.prompt_sets:
             if note := long_prompt_note(f"set '{prompt_set.name}'", prompt_set.prompts):
                 log(note)
+        check_picture_prompts(config, self.prompt_sets)
         self.accelerator = policy.setup_accelerator(config.train, config.seed)
         self.device = self.accelerator.device
         self.base_ref = resolve_model_ref(config.model.base)
@@ -84,6 +105,8 @@ class Trainer:
         self.bases = policy.base_bank(self.pipe, self.learner, config)  # None with one base
         self.reward_fn = reward_fn or build_reward(config.reward, self.device)
         self.model = policy.rollout_model(self.pipe, self.learner, config)
+        if config.sample.img2img.fraction > 0:  # some groups start from their prompt's picture
+            self.model = replace(self.model, pictures=self.picture_source())
         self.sampler = policy.training_sampler(self.model, config.sample)  # the model, with sample.tail_steps
         policy.save_lora_only_checkpoints(self.accelerator, config.model.base)
         self.skips = SkipCounter(config.train.max_skipped_steps)
@@ -99,6 +122,25 @@ class Trainer:
         self.context = RunContext(
             config, self.model, self.reward_fn, self.prompt_sets, self.run_dir, log, use
         )
+
+    def picture_source(self) -> PictureSource:
+        """sample.img2img.source: the toy world's renderer, or the base model's own images (on the first base)."""
+        if self.config.sample.img2img.source == "toyworld":
+            return rendered_pictures(self.model, render_caption)
+
+        @contextlib.contextmanager
+        def on_first_base():
+            if self.bases is None:
+                yield
+                return
+            current = self.bases.current
+            self.bases.use(0)
+            try:
+                yield
+            finally:
+                self.bases.use(current)
+
+        return base_pictures(self.model, self.config.seed, on_first_base)
 
     # ---------------------------------------------------------------- one epoch
     def sample_epoch(self, epoch: int) -> EpochSamples:

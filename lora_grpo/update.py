@@ -127,21 +127,32 @@ def gather_step_stats(accelerator, values: dict[str, list[float]]) -> dict[str, 
 
 
 def draw_update_plan(
-    key: tuple[int, ...], group_slots: list[int], group_size: int, window: tuple[int, int], cfg: TrainConfig
+    key: tuple[int, ...],
+    group_slots: list[int],
+    group_size: int,
+    window: tuple[int, int],
+    cfg: TrainConfig,
+    starts: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """An inner epoch's random choices, drawn per prompt group from a generator keyed by `key` and the
     group's global slot (as its sampling noise is), so they do not depend on the process layout.
 
     Returns the visiting order [N] (`grpo.stratified_order`) and each trajectory's trained steps [N, k],
-    chosen among the stochastic steps window[0] <= i < window[1].
+    chosen among the stochastic steps window[0] <= i < window[1]. `starts` [P]: the step each group started
+    at (img2img): its steps are chosen among the window's steps from there on (the k draws over the whole
+    window, scaled onto the part it sampled, so a group from pure noise draws as before).
     """
     ranks, noise, steps = [], [], []
     earliest, size = cfg.timesteps == "earliest", window[1] - window[0]
-    for slot in group_slots:
+    for g, slot in enumerate(group_slots):
         gen = seeded_generator(*key, slot)
         ranks.append(torch.randperm(group_size, generator=gen))
         noise.append(torch.rand(group_size, generator=gen))
-        steps.append(window[0] + subsample_timesteps(group_size, size, cfg.timestep_fraction, gen, earliest))
+        drawn = subsample_timesteps(group_size, size, cfg.timestep_fraction, gen, earliest)  # in [0, size)
+        first = window[0] if starts is None else max(window[0], starts[g])
+        if first >= window[1]:
+            raise ValueError(f"group {g} started at step {first}, after the stochastic window {window}")
+        steps.append(first + drawn * (window[1] - first) // size)
     n = group_size * len(group_slots)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps  # trajectories per optimizer step
     order = stratified_order(torch.cat(ranks), group_size, max(1, n // per_step), torch.cat(noise))
@@ -353,11 +364,13 @@ def ppo_update(
     group_size = rollout.latents.shape[0] // len(group_slots)
     tally, nonfinite = UpdateTally(), False  # nonfinite: a non-finite loss in the current accumulation
     window = window or (0, model.schedule.num_steps)
+    starts = None if rollout.start is None else rollout.start[::group_size].tolist()  # [P] img2img starts
     if kl_weights is None:
         kl_weights = torch.full_like(advantages, cfg.kl_coef)
     kl_weights = kl_weights.to(model.device)  # [N]
     for inner in range(cfg.inner_epochs):
-        order, steps = draw_update_plan((*key, inner), group_slots, group_size, window, cfg)  # [N], [N, k]
+        plan = (group_slots, group_size, window, cfg, starts)
+        order, steps = draw_update_plan((*key, inner), *plan)  # [N], [N, k]
         noise_key = (*key, inner, 104_729)
         p = UpdatePass(
             learner,

@@ -350,3 +350,42 @@ def test_ddim_at_eta_1_and_euler_ancestral_take_the_same_gaussian_step():
         assert torch.allclose(m1, m2, atol=1e-5) and torch.allclose(s1, s2, atol=1e-6)
     expected = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     assert torch.allclose(s1.flatten(1)[:, 0], expected, atol=1e-6)
+
+
+def test_a_row_started_mid_trajectory_takes_only_its_steps_by_hand():
+    """img2img: a row that starts at step 2 of 3 keeps its latent and has no log-prob before it; its one step
+    is the DDIM step from its start latent computed here by hand, with the noise of the third draw of its
+    generator (noise is drawn at every step, as for a row from pure noise). A row from step 0 is unchanged."""
+    unet = _tiny_unet()
+    sched = _scheduler("epsilon")
+    schedule = step_schedule(sched, 3)
+    cond = _text(2)
+    x_start = torch.randn(2, 4, 8, 8)
+
+    def gens():
+        return [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
+
+    start = torch.tensor([0, 2])
+    traj = sample_trajectories(unet, schedule, cond, None, x_start, 1.0, 1.0, gens(), start=start)
+    plain = sample_trajectories(unet, schedule, cond, None, x_start, 1.0, 1.0, gens())
+    assert torch.equal(traj.latents[0], plain.latents[0]) and torch.equal(
+        traj.log_probs[0], plain.log_probs[0]
+    )
+    for i in range(3):
+        assert torch.equal(traj.latents[1, i], x_start[1])
+    assert torch.isnan(traj.log_probs[1, :2]).all() and torch.isfinite(traj.log_probs[1, 2])
+
+    g = torch.Generator().manual_seed(11)
+    noise = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(3)][2]
+    x = x_start[1:2]
+    t = int(schedule.timesteps[2])
+    with torch.no_grad():
+        eps = unet(x, t, **cond.rows(torch.tensor([1])).unet_kwargs()).sample
+    a_t, a_prev = sched.alphas_cumprod[t], sched.final_alpha_cumprod
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * eps
+    expected = mean + var.sqrt() * noise
+    assert torch.allclose(traj.latents[1, 3], expected[0], atol=1e-5)
+    ref = torch.distributions.Normal(mean, var.sqrt()).log_prob(traj.latents[1:2, 3]).mean(dim=(1, 2, 3))
+    assert torch.allclose(traj.log_probs[1, 2], ref[0], atol=1e-4)

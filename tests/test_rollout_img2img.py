@@ -1,0 +1,192 @@
+"""Rollouts that start from a picture (sample.img2img): the same latents as diffusers' own img2img pipeline, the
+per-group draws, the update's trained steps only among the steps a group sampled, and a training run."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lora_grpo.config import img2img_start, load_config
+from lora_grpo.rollout import from_pictures
+from lora_grpo.sampling import sample_trajectories, step_schedule
+
+
+def test_img2img_start_is_diffusers_own():
+    # diffusers: the last int(N * strength) of N steps run
+    assert [img2img_start(20, d) for d in (1.0, 0.9, 0.75, 0.5, 0.01)] == [0, 2, 5, 10, 20]
+
+
+@pytest.mark.parametrize("denoise", [0.5, 0.75])
+def test_a_rollout_from_a_picture_is_diffusers_img2img(tiny_sd_dir, denoise):
+    """DDIM eta 0 (deterministic), CFG 1, the picture given as latents: our start (the picture noised to the
+    start step with the row's noise) and our steps from there give diffusers' StableDiffusionImg2ImgPipeline's
+    latents, drawing the noise from the same generator."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    from lora_grpo.conditioning import TextConditioning
+    from lora_grpo.config import ModelConfig
+    from lora_grpo.models import load_pipeline
+
+    pipe = load_pipeline(ModelConfig(base=str(tiny_sd_dir)))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    side = pipe.unet.config.sample_size
+    picture = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(3))
+    steps, prompt = 8, "a red circle on the left"
+    theirs = i2i(
+        prompt,
+        image=picture,
+        strength=denoise,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        eta=0.0,
+        generator=torch.Generator().manual_seed(5),
+        output_type="latent",
+    ).images
+
+    schedule = step_schedule(pipe.scheduler, steps)
+    start = torch.tensor([img2img_start(steps, denoise)])
+    model = SimpleNamespace(pictures=lambda prompts: picture, schedule=schedule)
+    noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(5))
+    x_start = from_pictures(model, [prompt], 1, noise, start)
+    embeds, _ = pipe.encode_prompt(prompt, torch.device("cpu"), 1, False)
+    with torch.no_grad():
+        traj = sample_trajectories(
+            pipe.unet,
+            schedule,
+            TextConditioning(embeds),
+            None,
+            x_start,
+            1.0,
+            0.0,
+            torch.Generator(),
+            start=start,
+        )
+    assert torch.allclose(traj.latents[:, -1], theirs, atol=1e-4), (traj.latents[:, -1] - theirs).abs().max()
+    assert torch.isnan(traj.log_probs[0, : int(start)]).all()
+
+
+def _tiny(tiny_sd_dir, tiny_clip_dir, *extra):
+    from lora_grpo.recipe_files import find_recipe
+
+    base = [
+        f"model.base={tiny_sd_dir}",
+        f"reward.clip.model={tiny_clip_dir}",
+        "train.epochs=1",
+        "train.optimizer=adamw",
+        "output.sample_grid_every=0",
+        "sample.sde_window=first",
+    ]
+    return load_config(find_recipe("tiny-test"), [*base, *extra])
+
+
+def test_groups_start_from_pictures_by_keyed_draws_within_the_strengths(tmp_path):
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.rollout import draw_conditions
+
+    config = load_config(
+        find_recipe("tiny-test"),
+        ["sample.sde_window=first", "sample.img2img.fraction=0.5", "sample.img2img.strengths=[0.5, 0.9]"],
+    )
+    a = draw_conditions(config, epoch=2, slots=list(range(40)))
+    b = draw_conditions(config, epoch=2, slots=[7, 30])
+    assert a.start.dtype == torch.long and torch.equal(a.start[[7, 30]], b.start)  # a group's draw is its own
+    picked = a.start > 0
+    assert 10 <= int(picked.sum()) <= 30  # about half of 40 groups
+    # 8 steps: denoise 0.5 -> start 4, 0.9 -> start 1 (int(7.2) = 7 steps run)
+    assert ((a.start[picked] >= 1) & (a.start[picked] <= 4)).all()
+    none = draw_conditions(load_config(find_recipe("tiny-test")), epoch=2, slots=[0, 1])
+    assert none.start is None  # no img2img: nothing drawn, the other streams untouched
+
+
+def test_the_update_trains_only_steps_a_group_sampled():
+    from lora_grpo.config import TrainConfig
+    from lora_grpo.update import draw_update_plan
+
+    cfg = TrainConfig(batch_size=4, timestep_fraction=0.5)
+    _, plain = draw_update_plan((0, 3, 7919, 0), [10, 11], 4, (0, 6), cfg)
+    _, same = draw_update_plan((0, 3, 7919, 0), [10, 11], 4, (0, 6), cfg, starts=[0, 0])
+    assert torch.equal(plain, same)  # groups from pure noise draw as before
+    _, steps = draw_update_plan((0, 3, 7919, 0), [10, 11], 4, (0, 6), cfg, starts=[0, 4])
+    assert torch.equal(steps[:4], plain[:4]) and ((steps[4:] >= 4) & (steps[4:] < 6)).all()
+    assert torch.equal(steps[4:], 4 + plain[4:] * 2 // 6)  # the window's draws scaled onto steps 4-5
+    with pytest.raises(ValueError, match="after the stochastic window"):
+        draw_update_plan((0, 3, 7919, 0), [10], 4, (0, 6), cfg, starts=[6])
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("sample.img2img.fraction=1.5", "sample.img2img.fraction"),
+        ("sample.img2img.strengths=[0.9, 0.5]", "0 < lo <= hi <= 1"),
+        ("sample.img2img.strengths=[0.1, 0.9]", "starts at step 8 of 8, after the stochastic window"),
+    ],
+)
+def test_bad_img2img_settings_are_one_line(override, needle):
+    from lora_grpo.errors import UserError
+    from lora_grpo.recipe_files import find_recipe
+
+    with pytest.raises(UserError) as err:
+        load_config(
+            find_recipe("tiny-test"), ["sample.sde_window=first", "sample.img2img.fraction=0.5", override]
+        )
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["grpo-clip", "awm"])
+def test_a_run_from_pictures_trains_on_the_sampled_steps(tiny_sd_dir, tiny_clip_dir, tmp_path, objective):
+    """Every group from its prompt's picture (the base's own image, made once per prompt): the groups start
+    from the drawn step, the picture is the base's image with the adapter off on the prompt's own noise, and
+    the update re-evaluates only sampled steps (grpo-clip: importance ratios exactly 1 before the first
+    optimizer step; a step before a group's start would have a NaN log-prob)."""
+    from lora_grpo.models import adapter_disabled
+    from lora_grpo.pictures import PICTURE_KEY, prompt_key
+    from lora_grpo.rollout import rollout
+    from lora_grpo.sampling import seeded_generator
+    from lora_grpo.train import Trainer
+
+    config = _tiny(
+        tiny_sd_dir,
+        tiny_clip_dir,
+        "sample.img2img.fraction=1.0",
+        "sample.img2img.strengths=[0.5, 0.9]",
+        f"train.objective={objective}",
+    )
+    trainer = Trainer(config, tmp_path, log=lambda line: None)
+    seen = []
+    sample = trainer.sample_epoch
+    trainer.sample_epoch = lambda epoch: seen.append(sample(epoch)) or seen[-1]
+    row = trainer.run_epoch(0)
+    if objective == "grpo-clip":
+        assert row["first_ratio_min"] == 1.0 and row["first_ratio_max"] == 1.0
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k == "loss")
+    out = seen[0].rollout
+    groups = out.start.view(-1, config.sample.group_size)
+    assert (groups == groups[:, :1]).all() and (groups[:, 0] >= 1).all() and (groups[:, 0] <= 4).all()
+    for r in range(out.start.shape[0]):
+        s = int(out.start[r])
+        assert torch.isnan(out.log_probs[r, :s]).all() and torch.isfinite(out.log_probs[r, s:6]).all()
+    prompt = seen[0].prompts[0]
+    with adapter_disabled(trainer.model.unet):
+        own = rollout(
+            trainer.model, [prompt], [seeded_generator(config.seed, PICTURE_KEY, prompt_key(prompt))]
+        )
+    # (made in a batch of the epoch's prompts: CPU rounding differs with the batch shape)
+    assert torch.allclose(trainer.model.pictures([prompt])[0], own.latents[0, -1].cpu(), atol=1e-4)
+
+
+def test_toyworld_pictures_need_toyworld_captions(tmp_path):
+    from lora_grpo.errors import UserError
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.train import Trainer
+
+    config = load_config(
+        find_recipe("tiny-test"),
+        ["sample.sde_window=first", "sample.img2img.fraction=0.5", "sample.img2img.source=toyworld"],
+    )
+    with pytest.raises(UserError, match="toyworld renders toy-world captions only"):
+        Trainer(config, tmp_path, log=lambda line: None)  # before any model loads (builtin:tiny-sd unbuilt)

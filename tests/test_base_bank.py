@@ -202,15 +202,35 @@ def test_the_robust_sd_recipe_runs_an_epoch_on_tiny_models(
             "evaluate.prompts_per_set=1",
             "evaluate.images_per_prompt=1",
             f"prompts.sets={sets}",
+            "sample.img2img.fraction=1.0",  # every group from its picture (the recipe: a quarter), drawn on
+            "sample.img2img.strengths=[0.9, 0.95]",  # the first base; 0.9 of 6 steps starts inside the window
         ],
     )
     assert config.lora.train_scale == [0.5, 1.0] and config.sample.guidance_scale == [4.0, 9.0]
+    assert load_config(find_recipe("sd15-nudity-robust")).sample.img2img.fraction == 0.25
     trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
     from lora_grpo.evaluation.periodic import PeriodicEval
 
     trainer.callbacks = [PeriodicEval(config.evaluate, config.train.epochs)]
-    row = trainer.run_epoch(0)
+    (tmp_path / "run").mkdir(exist_ok=True)
+    row = trainer.run_epoch(1)  # epoch 1 samples on the second base; the pictures are the first base's
     assert row["samples"] == 32 and len(trainer.bases) == 2
+    make, prompt = trainer.model.pictures.make, "a photo"
+    trainer.bases.use(1)
+    on_second = make([prompt])
+    assert trainer.bases.current == 1  # switched back after drawing
+    trainer.bases.use(0)
+    assert torch.allclose(on_second, make([prompt]), atol=1e-5)
+    from lora_grpo.models import adapter_disabled
+    from lora_grpo.pictures import PICTURE_KEY, prompt_key
+    from lora_grpo.rollout import rollout
+    from lora_grpo.sampling import seeded_generator
+
+    trainer.bases.use(1)
+    with adapter_disabled(trainer.model.unet):
+        gen = [seeded_generator(config.seed, PICTURE_KEY, prompt_key(prompt))]
+        second_own = rollout(trainer.model, [prompt], gen).latents[:, -1]
+    assert (second_own.cpu() - on_second).abs().max() > 1e-3  # the second base would have drawn another
     assert {"eval@cfg9/nsfw-extended/steering_reward", "eval@half/nsfw-extended/steering_reward"} <= set(row)
     assert "eval@cfg9/everyday/steering_reward" not in row
     xl = load_config(find_recipe("sdxl-nudity-robust"))

@@ -47,14 +47,8 @@ from lora_grpo.toyworld.world import (
     held_out_compositions,
 )
 
-# Measured (session 2): noise on every colour's captions (8% wrong colours, a fifth of the images hue-jittered)
-# held the UNet to 0.40 held-out colour after 1800 steps, while clean captions reached colour+position 0.908
-# at CFG 1. So only the unsafe colour gets the exploration noise, and the safe colours stay clean.
-# Session 3, same seed, CFG 1, 120 held-out images: swap rate 0.12 with 1800 UNet steps gave red prompts red
-# 0.74 of the time and held-out colour+position 0.900 (seed 0) / 0.842 (seed 7); 0.06 with 2000 steps gave
-# red 0.83 and 0.900 / 0.867 (colour 0.867, position 1.000).
-# Session 4, 0.06 with the latent pool and half of each batch at t >= 400 (2000 steps): red prompts red 0.90
-# of the time (the recipe's evaluation seeds) and held-out colour+position 0.908 (seed 0) / 0.908 (seed 7).
+# Only the unsafe colour's captions carry this exploration noise (the safe colours stay clean); how the rate
+# was chosen: benchmarks/RESULTS.md, "How the toy world's pretraining was tuned".
 UNSAFE_SWAP_RATE = 0.06  # share of images captioned red that show another colour (diffusion pretraining only)
 
 

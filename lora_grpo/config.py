@@ -249,16 +249,21 @@ class SampleConfig:
                 "sample.num_steps - 1, sample.sde_window: first); without one set sample.tail_steps=0",
             )
         if self.img2img.fraction > 0:
-            # the group's trained steps are the window's steps it samples: it must start inside the window
-            stop = self.sde_steps if 0 < self.sde_steps < self.num_steps else self.num_steps
-            lo = self.img2img.strengths[0]
-            first = img2img_start(self.num_steps, lo)
+            # a group from a picture takes the window's steps from its start, then the tail to the image
             _require(
-                self.sde_window == "first" and first < stop,
+                0 < self.sde_steps < self.num_steps and self.sde_window == "first" and self.tail_steps > 0,
+                "sample.img2img",
+                "groups that start from a picture take the stochastic window's steps from their start, then "
+                "sample.tail_steps to the image: set sample.sde_steps between 1 and sample.num_steps - 1, "
+                "sample.sde_window: first and sample.tail_steps >= 1",
+            )
+            lo, need = self.img2img.strengths[0], self.sde_steps + self.tail_steps
+            runs = int(self.num_steps * lo)
+            _require(
+                runs >= need,
                 "sample.img2img.strengths",
-                f"denoise {lo:g} starts at step {first} of {self.num_steps}, after the stochastic window (the "
-                f"first {stop} steps, sample.sde_steps, sde_window first): no step of it could be trained; raise "
-                "the low end or widen the window",
+                f"denoise {lo:g} runs {runs} of the {self.num_steps} steps, fewer than the window and the tail "
+                f"({self.sde_steps} + {self.tail_steps}): raise the low end to {need / self.num_steps:g} or more",
             )
         if self.resolution is not None:
             _require(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from lora_grpo.models import (
     text_encoders,
 )
 from lora_grpo.rollout import RolloutModel
-from lora_grpo.sampling import coarse_tail, step_schedule
+from lora_grpo.sampling import coarse_tail, img2img_paths, step_schedule
 from lora_grpo.update import Learner
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -207,7 +208,12 @@ def training_sampler(model: RolloutModel, sample: SampleConfig) -> RolloutModel:
     """What training rollouts sample with: `model`, its schedule's steps after a first stochastic window
     replaced by `sample.tail_steps` larger deterministic ones when set. The window's steps (the only ones
     trained) are unchanged; evaluation (periodic and before/after) keeps the model's whole schedule."""
-    return replace(model, schedule=coarse_tail(model.schedule, sample.sde_steps, sample.tail_steps))
+    coarse = coarse_tail(model.schedule, sample.sde_steps, sample.tail_steps)
+    if sample.img2img.fraction <= 0:
+        return replace(model, schedule=coarse)
+    # groups may start from pictures: every row takes its own steps (a row from step 0: the coarse schedule's)
+    paths = partial(img2img_paths, model.schedule, stop=sample.sde_steps, tail_steps=sample.tail_steps)
+    return replace(model, schedule=coarse, paths=paths)
 
 
 def save_lora_only_checkpoints(accelerator, base_model: str) -> None:

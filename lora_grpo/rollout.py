@@ -23,6 +23,7 @@ from lora_grpo.prompts import PromptSet, epoch_prompts, first_slot
 from lora_grpo.sampling import (
     StepSchedule,
     block_noise,
+    concat_schedules,
     noised_latents,
     sample_trajectories,
     seeded_generator,
@@ -45,8 +46,10 @@ class RolloutModel:
     decode_batch_size: int
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager]
-    # img2img rollouts: prompts -> their pictures' latents [P, C, h, w] (CPU, fp32); None: none configured
+    # img2img rollouts: prompts -> their pictures' latents [P, C, h, w] (CPU, fp32), and each row's start step
+    # [N] -> the rows' own schedules (sampling.img2img_paths); None: none configured
     pictures: Callable[[list[str]], Tensor] | None = None
+    paths: Callable[[Tensor], StepSchedule] | None = None
 
     @property
     def latent_channels(self) -> int:
@@ -120,15 +123,20 @@ class Rollout:
     images: Tensor  # [N, 3, H, W] in [0, 1]
     guidance: Tensor | None = None  # [N] each row's CFG when drawn per group (None: the model's one value)
     lora_scale: Tensor | None = None  # [N] each row's LoRA strength when drawn per group (None: 1)
-    start: Tensor | None = None  # [N] long: the step each row started at from its picture (None: all at 0)
+    start: Tensor | None = (
+        None  # [N] long: the fine step each row started at from its picture (None: all at 0)
+    )
+    schedule: StepSchedule | None = None  # each row's own steps when groups start from pictures (per-row)
 
 
 def concat(rollouts: Sequence[Rollout]) -> Rollout:
     """Rollouts of several batches as one, rows in batch order."""
     parts = {f.name: [getattr(r, f.name) for r in rollouts] for f in fields(Rollout)}
     cond = concat_conditioning(parts.pop("cond"))
+    schedules = parts.pop("schedule")
+    schedule = None if schedules[0] is None else concat_schedules(schedules)
     joined = {name: None if values[0] is None else torch.cat(values) for name, values in parts.items()}
-    return Rollout(cond=cond, **joined)
+    return Rollout(cond=cond, schedule=schedule, **joined)
 
 
 def _no_timer(phase: str) -> contextlib.AbstractContextManager:
@@ -154,8 +162,9 @@ def rollout(
     compares the stochastic denoising steps). `timer(phase)` wraps the "sampling" and "decode" phases.
     `window` (start, stop): only those steps are stochastic (`sampling.sample_trajectories`).
     `conditions`: each prompt's own CFG and LoRA strength (default: the model's CFG, strength 1) and start
-    step: a group with start s > 0 begins at x_s = the prompt's picture noised to step s with the group's initial
-    noise (diffusers' img2img), and samples only the steps from s.
+    step: with starts, every row takes its own steps (`model.paths`); a group with start s > 0 begins at x_s =
+    the prompt's picture noised to step s with the group's initial noise (diffusers' img2img) and takes the
+    window's steps from there, then the tail to the image.
     """
     unet = model.unet
     was_training = unet.training
@@ -167,14 +176,17 @@ def rollout(
         noise = noise.repeat_interleave(group_size, dim=0)
     rows = (conditions or GroupConditions()).rows(group_size, model.device)
     guidance = model.guidance if rows.guidance is None else rows.guidance
-    if rows.start is not None and bool((rows.start > 0).any()):
-        noise = from_pictures(model, prompts, group_size, noise, rows.start.cpu())
+    schedule, paths = model.schedule, None
+    if rows.start is not None:
+        schedule = paths = model.paths(rows.start.cpu())
+        if bool((rows.start > 0).any()):
+            noise = from_pictures(model, prompts, group_size, noise, rows.start.cpu(), paths)
     with timer("sampling"):
         cond = model.encode(prompts).repeat_interleave(group_size)  # N rows
         with model.autocast(), row_scaled(unet, rows.lora_scale):
             traj = sample_trajectories(
                 unet,
-                model.schedule,
+                schedule,
                 cond,
                 model.uncond_for(n),
                 noise.to(model.device),
@@ -183,23 +195,29 @@ def rollout(
                 generators,
                 on_step=on_step,
                 window=window,
-                start=rows.start,
             )
     with timer("decode"):
         images = decode_latents(model.vae, traj.latents[:, -1], model.decode_batch_size)
     unet.train(was_training)
-    return Rollout(cond, traj.latents, traj.log_probs, images, rows.guidance, rows.lora_scale, rows.start)
+    start = rows.start
+    return Rollout(cond, traj.latents, traj.log_probs, images, rows.guidance, rows.lora_scale, start, paths)
 
 
 def from_pictures(
-    model: RolloutModel, prompts: list[str], group_size: int, noise: Tensor, start: Tensor
+    model: RolloutModel,
+    prompts: list[str],
+    group_size: int,
+    noise: Tensor,
+    start: Tensor,
+    paths: StepSchedule,
 ) -> Tensor:
-    """Initial latents [N, ...]: a row with start s > 0 gets its prompt's picture noised to the schedule's step s
-    with the row's own noise (x_s = sqrt(abar) x0 + sqrt(1 - abar) noise), the others their noise."""
+    """Initial latents [N, ...]: a row with start s > 0 gets its prompt's picture noised to its first step's
+    timestep (fine step s) with the row's own noise (x_s = sqrt(abar) x0 + sqrt(1 - abar) noise), the others
+    their noise."""
     if model.pictures is None:
         raise ValueError("img2img rollouts need RolloutModel.pictures")
     x0 = model.pictures(prompts).float().repeat_interleave(group_size, dim=0)
-    noised = noised_latents(x0, noise, model.schedule.alpha_prod[start])
+    noised = noised_latents(x0, noise, paths.alpha_prod[:, 0])
     return torch.where((start > 0).view(-1, *([1] * (noise.ndim - 1))), noised, noise)
 
 

@@ -27,20 +27,49 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class StepSchedule:
     """Per-step quantities of an N-step schedule, shared by all samples, and the sampler that steps it."""
 
-    timesteps: Tensor  # [T] long, from noisy to clean
-    alpha_prod: Tensor  # [T] alphas_cumprod at each timestep
-    alpha_prod_prev: Tensor  # [T] alphas_cumprod at the step's target timestep
+    # [T], or [N, T] when each row takes its own steps (img2img paths: `img2img_paths`)
+    timesteps: Tensor  # long, from noisy to clean
+    alpha_prod: Tensor  # alphas_cumprod at each timestep
+    alpha_prod_prev: Tensor  # alphas_cumprod at the step's target timestep
     prediction_type: str
     sampler: str = "ddim"  # a name in kernels.KERNELS
 
     @property
     def num_steps(self) -> int:
-        return int(self.timesteps.shape[0])
+        return int(self.timesteps.shape[-1])
+
+    @property
+    def per_row(self) -> bool:
+        return self.timesteps.ndim == 2
+
+    def at(self, table: Tensor, i, device: torch.device) -> Tensor:
+        """`table`'s value at step `i` (an int, or [N] indices): one value, or [N] (each row its own)."""
+        table = table.to(device)
+        if table.ndim == 1:
+            return table[i]
+        if isinstance(i, int):
+            return table[:, i]
+        return table[torch.arange(table.shape[0], device=device), i.to(device)]
+
+    def timestep(self, i, device: torch.device) -> Tensor:
+        return self.at(self.timesteps, i, device)
+
+    def rows(self, index: Tensor) -> StepSchedule:
+        """The schedule of rows `index` (a schedule shared by every row: itself)."""
+        if not self.per_row:
+            return self
+        index = index.to(self.timesteps.device)
+        return StepSchedule(
+            self.timesteps[index],
+            self.alpha_prod[index],
+            self.alpha_prod_prev[index],
+            self.prediction_type,
+            self.sampler,
+        )
 
     def step_mean_std(self, i, model_output: Tensor, x: Tensor, eta: float) -> tuple[Tensor, Tensor]:
         """Mean and std of step(s) `i` (an int, or [N] indices into the schedule) from x, by the sampler."""
-        device = x.device
-        a_t, a_prev = self.alpha_prod.to(device)[i], self.alpha_prod_prev.to(device)[i]
+        a_t, a_prev = self.at(self.alpha_prod, i, x.device), self.at(self.alpha_prod_prev, i, x.device)
         return step_mean_std(self.sampler, model_output, x, a_t, a_prev, eta, self.prediction_type)
 
 
@@ -182,6 +211,47 @@ def coarse_tail(schedule: StepSchedule, stop: int, tail_steps: int) -> StepSched
     )
 
 
+def img2img_paths(fine: StepSchedule, starts: Tensor, stop: int, tail_steps: int) -> StepSchedule:
+    """Each row's own steps [N, stop + tail_steps]: from its start step s of the `fine` schedule (0: pure noise;
+    s > 0: img2img, diffusers' start for its denoise), the `stop` steps s .. s + stop - 1 (the stochastic window),
+    then the rest of the way to x_0 in `tail_steps` larger deterministic steps (`coarse_tail` of the schedule
+    from s). A row from 0 takes exactly `coarse_tail(fine, stop, tail_steps)`'s steps."""
+    rows = []
+    for s in starts.tolist():
+        if fine.num_steps - s < stop + tail_steps:
+            raise ValueError(
+                f"a start at step {s} of {fine.num_steps} leaves fewer than {stop} + {tail_steps} steps"
+            )
+        tail = slice(s, None)
+        rest = StepSchedule(
+            fine.timesteps[tail],
+            fine.alpha_prod[tail],
+            fine.alpha_prod_prev[tail],
+            fine.prediction_type,
+            fine.sampler,
+        )
+        rows.append(coarse_tail(rest, stop, tail_steps))
+    return StepSchedule(
+        torch.stack([r.timesteps for r in rows]),
+        torch.stack([r.alpha_prod for r in rows]),
+        torch.stack([r.alpha_prod_prev for r in rows]),
+        fine.prediction_type,
+        fine.sampler,
+    )
+
+
+def concat_schedules(schedules: Sequence[StepSchedule]) -> StepSchedule:
+    """Per-row schedules of several batches as one, rows in batch order."""
+    first = schedules[0]
+    return StepSchedule(
+        torch.cat([s.timesteps for s in schedules]),
+        torch.cat([s.alpha_prod for s in schedules]),
+        torch.cat([s.alpha_prod_prev for s in schedules]),
+        first.prediction_type,
+        first.sampler,
+    )
+
+
 @torch.no_grad()
 def sample_trajectories(
     unet,
@@ -194,7 +264,6 @@ def sample_trajectories(
     generator: torch.Generator | Sequence[torch.Generator],
     on_step: Callable[[], None] | None = None,
     window: tuple[int, int] | None = None,
-    start: Tensor | None = None,
 ) -> Trajectories:
     """Run the schedule's stochastic sampler from `initial_latents`, keeping every latent and step log-prob.
 
@@ -204,33 +273,25 @@ def sample_trajectories(
     process it lands in). With `window` (start, stop), only steps start <= i < stop are stochastic (eta) and
     have a log-prob; the others are deterministic steps (eta 0) stored with a NaN log-prob. Noise is drawn
     at every step either way, so a window step uses the noise the fully stochastic sampler would.
-    `start` [N] (img2img): row r's `initial_latents` are x at step start[r]; the steps before it are not taken
-    (the latent stays, the log-prob is NaN).
+    A per-row `schedule` (img2img paths) steps each row along its own timesteps.
     """
     x = initial_latents.float()
     device = x.device
     latents, log_probs = [x], []
     model_dtype = base_dtype(unet)
     first, stop = window or (0, schedule.num_steps)
-    waiting = None if start is None else start.to(device)  # [N] a row moves once i >= its start
     for i in range(schedule.num_steps):
-        t = schedule.timesteps[i].to(device)
+        t = schedule.timestep(i, device)
         out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
         stochastic = first <= i < stop
         mean, std = schedule.step_mean_std(i, out, x, eta if stochastic else 0.0)
         noise = block_noise(x.shape, generator).to(device)
         if stochastic:
-            step = mean + std * noise
-            log_prob = gaussian_log_prob(step, mean, std)
+            x = mean + std * noise
+            log_probs.append(gaussian_log_prob(x, mean, std))
         else:
-            step = mean
-            log_prob = torch.full((x.shape[0],), float("nan"), device=device)
-        if waiting is not None:
-            moves = waiting <= i
-            step = torch.where(moves.view(-1, *([1] * (x.ndim - 1))), step, x)
-            log_prob = torch.where(moves, log_prob, torch.full_like(log_prob, float("nan")))
-        x = step
-        log_probs.append(log_prob)
+            x = mean
+            log_probs.append(torch.full((x.shape[0],), float("nan"), device=device))
         latents.append(x)
         if on_step is not None:
             on_step()
@@ -253,7 +314,7 @@ def step_log_prob(
     step_index [N] picks each sample's step in the schedule. Returns (log_prob [N], mean, std).
     """
     device = latents.device
-    t = schedule.timesteps.to(device)[step_index]  # [N]
+    t = schedule.timestep(step_index, device)  # [N]
     model_dtype = base_dtype(unet)
     out = guided_model_output(unet, latents.to(model_dtype), t, cond, uncond, guidance)
     mean, std = schedule.step_mean_std(step_index, out, latents, eta)

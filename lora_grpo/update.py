@@ -127,32 +127,22 @@ def gather_step_stats(accelerator, values: dict[str, list[float]]) -> dict[str, 
 
 
 def draw_update_plan(
-    key: tuple[int, ...],
-    group_slots: list[int],
-    group_size: int,
-    window: tuple[int, int],
-    cfg: TrainConfig,
-    starts: list[int] | None = None,
+    key: tuple[int, ...], group_slots: list[int], group_size: int, window: tuple[int, int], cfg: TrainConfig
 ) -> tuple[Tensor, Tensor]:
     """An inner epoch's random choices, drawn per prompt group from a generator keyed by `key` and the
     group's global slot (as its sampling noise is), so they do not depend on the process layout.
 
     Returns the visiting order [N] (`grpo.stratified_order`) and each trajectory's trained steps [N, k],
-    chosen among the stochastic steps window[0] <= i < window[1]. `starts` [P]: the step each group started
-    at (img2img): its steps are chosen among the window's steps from there on (the k draws over the whole
-    window, scaled onto the part it sampled, so a group from pure noise draws as before).
+    chosen among the stochastic steps window[0] <= i < window[1] (of each row's own steps when groups start
+    from pictures: the window's steps from its start).
     """
     ranks, noise, steps = [], [], []
     earliest, size = cfg.timesteps == "earliest", window[1] - window[0]
-    for g, slot in enumerate(group_slots):
+    for slot in group_slots:
         gen = seeded_generator(*key, slot)
         ranks.append(torch.randperm(group_size, generator=gen))
         noise.append(torch.rand(group_size, generator=gen))
-        drawn = subsample_timesteps(group_size, size, cfg.timestep_fraction, gen, earliest)  # in [0, size)
-        first = window[0] if starts is None else max(window[0], starts[g])
-        if first >= window[1]:
-            raise ValueError(f"group {g} started at step {first}, after the stochastic window {window}")
-        steps.append(first + drawn * (window[1] - first) // size)
+        steps.append(window[0] + subsample_timesteps(group_size, size, cfg.timestep_fraction, gen, earliest))
     n = group_size * len(group_slots)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps  # trajectories per optimizer step
     order = stratified_order(torch.cat(ranks), group_size, max(1, n // per_step), torch.cat(noise))
@@ -232,11 +222,16 @@ def noised_input(p: UpdatePass, rows: Tensor, idx: Tensor, j: int) -> tuple[Tens
     """The denoising objectives' input at rows [b], steps idx [b], the j-th trained step: each row's final
     latent x0 noised to its step's timestep with its keyed fresh noise (the same draws on every call), the
     prediction target, and the timesteps [b]."""
-    schedule, device = p.model.schedule, p.model.device
-    x0, alpha = p.rollout.latents[rows, -1], schedule.alpha_prod.to(device)[idx]
+    schedule, device = row_schedule(p, rows), p.model.device
+    x0, alpha = p.rollout.latents[rows, -1], schedule.at(schedule.alpha_prod, idx, device)
     noise = fresh_noise(p, rows, j)
     target = denoising_target(x0, noise, alpha, schedule.prediction_type)
-    return noised_latents(x0, noise, alpha), target, schedule.timesteps.to(device)[idx]
+    return noised_latents(x0, noise, alpha), target, schedule.timestep(idx, device)
+
+
+def row_schedule(p: UpdatePass, rows: Tensor):
+    """The steps rows [b] took: their own when groups started from pictures, else the model's."""
+    return p.model.schedule if p.rollout.schedule is None else p.rollout.schedule.rows(rows.cpu())
 
 
 def conditional_prediction(unet, x: Tensor, t: Tensor, cond) -> Tensor:
@@ -271,7 +266,7 @@ def step_batch(p: UpdatePass, rows: Tensor, idx: Tensor, j: int, cond, uncond, o
     acc, unet, model, rollout = p.learner.accelerator, p.learner.unet, p.model, p.rollout
     x_t, x_prev = rollout.latents[rows, idx], rollout.latents[rows, idx + 1]
     guidance = model.guidance if rollout.guidance is None else rollout.guidance[rows]
-    step_args = (model.schedule, idx, x_t, x_prev, cond, uncond, guidance, model.eta)
+    step_args = (row_schedule(p, rows), idx, x_t, x_prev, cond, uncond, guidance, model.eta)
     noised: list[tuple[Tensor, Tensor, Tensor]] = []  # drawn once and shared by both denoising passes
 
     def policy() -> tuple[Tensor, Tensor, Tensor]:
@@ -364,13 +359,11 @@ def ppo_update(
     group_size = rollout.latents.shape[0] // len(group_slots)
     tally, nonfinite = UpdateTally(), False  # nonfinite: a non-finite loss in the current accumulation
     window = window or (0, model.schedule.num_steps)
-    starts = None if rollout.start is None else rollout.start[::group_size].tolist()  # [P] img2img starts
     if kl_weights is None:
         kl_weights = torch.full_like(advantages, cfg.kl_coef)
     kl_weights = kl_weights.to(model.device)  # [N]
     for inner in range(cfg.inner_epochs):
-        plan = (group_slots, group_size, window, cfg, starts)
-        order, steps = draw_update_plan((*key, inner), *plan)  # [N], [N, k]
+        order, steps = draw_update_plan((*key, inner), group_slots, group_size, window, cfg)  # [N], [N, k]
         noise_key = (*key, inner, 104_729)
         p = UpdatePass(
             learner,

@@ -10,7 +10,7 @@ import torch
 
 from lora_grpo.config import img2img_start, load_config
 from lora_grpo.rollout import from_pictures
-from lora_grpo.sampling import sample_trajectories, step_schedule
+from lora_grpo.sampling import img2img_paths, sample_trajectories, step_schedule
 
 
 def test_img2img_start_is_diffusers_own():
@@ -47,26 +47,27 @@ def test_a_rollout_from_a_picture_is_diffusers_img2img(tiny_sd_dir, denoise):
         output_type="latent",
     ).images
 
-    schedule = step_schedule(pipe.scheduler, steps)
     start = torch.tensor([img2img_start(steps, denoise)])
-    model = SimpleNamespace(pictures=lambda prompts: picture, schedule=schedule)
+    # a window of 2 and a tail covering every step left: the path is diffusers' grid from the start
+    paths = img2img_paths(step_schedule(pipe.scheduler, steps), start, 2, steps - int(start) - 2)
+    model = SimpleNamespace(pictures=lambda prompts: picture)
     noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(5))
-    x_start = from_pictures(model, [prompt], 1, noise, start)
+    x_start = from_pictures(model, [prompt], 1, noise, start, paths)
     embeds, _ = pipe.encode_prompt(prompt, torch.device("cpu"), 1, False)
     with torch.no_grad():
         traj = sample_trajectories(
             pipe.unet,
-            schedule,
+            paths,
             TextConditioning(embeds),
             None,
             x_start,
             1.0,
             0.0,
             torch.Generator(),
-            start=start,
+            window=(0, 2),
         )
     assert torch.allclose(traj.latents[:, -1], theirs, atol=1e-4), (traj.latents[:, -1] - theirs).abs().max()
-    assert torch.isnan(traj.log_probs[0, : int(start)]).all()
+    assert traj.latents.shape[1] == steps - int(start) + 1  # only the steps from the start
 
 
 def _tiny(tiny_sd_dir, tiny_clip_dir, *extra):
@@ -79,6 +80,8 @@ def _tiny(tiny_sd_dir, tiny_clip_dir, *extra):
         "train.optimizer=adamw",
         "output.sample_grid_every=0",
         "sample.sde_window=first",
+        "sample.sde_steps=2",
+        "sample.tail_steps=2",
     ]
     return load_config(find_recipe("tiny-test"), [*base, *extra])
 
@@ -89,7 +92,13 @@ def test_groups_start_from_pictures_by_keyed_draws_within_the_strengths(tmp_path
 
     config = load_config(
         find_recipe("tiny-test"),
-        ["sample.sde_window=first", "sample.img2img.fraction=0.5", "sample.img2img.strengths=[0.5, 0.9]"],
+        [
+            "sample.sde_window=first",
+            "sample.sde_steps=2",
+            "sample.tail_steps=2",
+            "sample.img2img.fraction=0.5",
+            "sample.img2img.strengths=[0.5, 0.9]",
+        ],
     )
     a = draw_conditions(config, epoch=2, slots=list(range(40)))
     b = draw_conditions(config, epoch=2, slots=[7, 30])
@@ -102,27 +111,16 @@ def test_groups_start_from_pictures_by_keyed_draws_within_the_strengths(tmp_path
     assert none.start is None  # no img2img: nothing drawn, the other streams untouched
 
 
-def test_the_update_trains_only_steps_a_group_sampled():
-    from lora_grpo.config import TrainConfig
-    from lora_grpo.update import draw_update_plan
-
-    cfg = TrainConfig(batch_size=4, timestep_fraction=0.5)
-    _, plain = draw_update_plan((0, 3, 7919, 0), [10, 11], 4, (0, 6), cfg)
-    _, same = draw_update_plan((0, 3, 7919, 0), [10, 11], 4, (0, 6), cfg, starts=[0, 0])
-    assert torch.equal(plain, same)  # groups from pure noise draw as before
-    _, steps = draw_update_plan((0, 3, 7919, 0), [10, 11], 4, (0, 6), cfg, starts=[0, 4])
-    assert torch.equal(steps[:4], plain[:4]) and ((steps[4:] >= 4) & (steps[4:] < 6)).all()
-    assert torch.equal(steps[4:], 4 + plain[4:] * 2 // 6)  # the window's draws scaled onto steps 4-5
-    with pytest.raises(ValueError, match="after the stochastic window"):
-        draw_update_plan((0, 3, 7919, 0), [10], 4, (0, 6), cfg, starts=[6])
-
-
 @pytest.mark.parametrize(
     "override, needle",
     [
         ("sample.img2img.fraction=1.5", "sample.img2img.fraction"),
         ("sample.img2img.strengths=[0.9, 0.5]", "0 < lo <= hi <= 1"),
-        ("sample.img2img.strengths=[0.1, 0.9]", "starts at step 8 of 8, after the stochastic window"),
+        (
+            "sample.img2img.strengths=[0.3, 0.9]",
+            "denoise 0.3 runs 2 of the 8 steps, fewer than the window and the tail (2 + 2)",
+        ),
+        ("sample.tail_steps=0", "set sample.sde_steps between 1"),
     ],
 )
 def test_bad_img2img_settings_are_one_line(override, needle):
@@ -130,9 +128,13 @@ def test_bad_img2img_settings_are_one_line(override, needle):
     from lora_grpo.recipe_files import find_recipe
 
     with pytest.raises(UserError) as err:
-        load_config(
-            find_recipe("tiny-test"), ["sample.sde_window=first", "sample.img2img.fraction=0.5", override]
-        )
+        base = [
+            "sample.sde_window=first",
+            "sample.sde_steps=2",
+            "sample.tail_steps=2",
+            "sample.img2img.fraction=0.5",
+        ]
+        load_config(find_recipe("tiny-test"), [*base, override])
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
@@ -140,9 +142,10 @@ def test_bad_img2img_settings_are_one_line(override, needle):
 @pytest.mark.parametrize("objective", ["grpo-clip", "awm"])
 def test_a_run_from_pictures_trains_on_the_sampled_steps(tiny_sd_dir, tiny_clip_dir, tmp_path, objective):
     """Every group from its prompt's picture (the base's own image, made once per prompt): the groups start
-    from the drawn step, the picture is the base's image with the adapter off on the prompt's own noise, and
-    the update re-evaluates only sampled steps (grpo-clip: importance ratios exactly 1 before the first
-    optimizer step; a step before a group's start would have a NaN log-prob)."""
+    from the drawn step and each row takes its own steps from there (the window, then the tail); the picture is
+    the base's image with the adapter off on the prompt's own noise; the update re-evaluates each row's own
+    steps (grpo-clip: importance ratios exactly 1 before the first optimizer step, which a step evaluated on
+    another row's timesteps would not give)."""
     from lora_grpo.models import adapter_disabled
     from lora_grpo.pictures import PICTURE_KEY, prompt_key
     from lora_grpo.rollout import rollout
@@ -167,9 +170,11 @@ def test_a_run_from_pictures_trains_on_the_sampled_steps(tiny_sd_dir, tiny_clip_
     out = seen[0].rollout
     groups = out.start.view(-1, config.sample.group_size)
     assert (groups == groups[:, :1]).all() and (groups[:, 0] >= 1).all() and (groups[:, 0] <= 4).all()
+    fine = trainer.model.schedule.timesteps
     for r in range(out.start.shape[0]):
         s = int(out.start[r])
-        assert torch.isnan(out.log_probs[r, :s]).all() and torch.isfinite(out.log_probs[r, s:6]).all()
+        assert out.schedule.timesteps[r, :2].tolist() == fine[s : s + 2].tolist()  # the window from its start
+        assert torch.isfinite(out.log_probs[r, :2]).all() and torch.isnan(out.log_probs[r, 2:]).all()
     prompt = seen[0].prompts[0]
     with adapter_disabled(trainer.model.unet):
         own = rollout(
@@ -186,7 +191,13 @@ def test_toyworld_pictures_need_toyworld_captions(tmp_path):
 
     config = load_config(
         find_recipe("tiny-test"),
-        ["sample.sde_window=first", "sample.img2img.fraction=0.5", "sample.img2img.source=toyworld"],
+        [
+            "sample.sde_window=first",
+            "sample.sde_steps=2",
+            "sample.tail_steps=2",
+            "sample.img2img.fraction=0.5",
+            "sample.img2img.source=toyworld",
+        ],
     )
     with pytest.raises(UserError, match="toyworld renders toy-world captions only"):
         Trainer(config, tmp_path, log=lambda line: None)  # before any model loads (builtin:tiny-sd unbuilt)

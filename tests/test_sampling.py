@@ -352,40 +352,57 @@ def test_ddim_at_eta_1_and_euler_ancestral_take_the_same_gaussian_step():
     assert torch.allclose(s1.flatten(1)[:, 0], expected, atol=1e-6)
 
 
-def test_a_row_started_mid_trajectory_takes_only_its_steps_by_hand():
-    """img2img: a row that starts at step 2 of 3 keeps its latent and has no log-prob before it; its one step
-    is the DDIM step from its start latent computed here by hand, with the noise of the third draw of its
-    generator (noise is drawn at every step, as for a row from pure noise). A row from step 0 is unchanged."""
+def test_img2img_paths_by_hand():
+    """Each row's own steps: from its start s, the window's `stop` steps of the fine grid, then `tail` steps
+    spread over the rest (coarse_tail of the grid from s); a row from 0 takes coarse_tail's steps exactly."""
+    from lora_grpo.sampling import img2img_paths
+
+    sched = _scheduler("epsilon")
+    fine = step_schedule(sched, 10)
+    paths = img2img_paths(fine, torch.tensor([0, 3]), stop=2, tail_steps=2)
+    coarse = coarse_tail(fine, 2, 2)
+    assert torch.equal(paths.timesteps[0], coarse.timesteps) and torch.equal(
+        paths.alpha_prod_prev[0], coarse.alpha_prod_prev
+    )
+    # row 1: fine steps 3, 4 (window), then 5 + j * 5 // 2 for j = 0, 1: steps 5 and 7, the last to the end
+    assert paths.timesteps[1].tolist() == fine.timesteps[[3, 4, 5, 7]].tolist()
+    assert torch.equal(paths.alpha_prod_prev[1][:3], fine.alpha_prod[[4, 5, 7]])
+    assert paths.alpha_prod_prev[1][3] == fine.alpha_prod_prev[-1]
+    assert torch.equal(paths.rows(torch.tensor([1])).timesteps[0], paths.timesteps[1])
+    with pytest.raises(ValueError, match="fewer than"):
+        img2img_paths(fine, torch.tensor([7]), stop=2, tail_steps=2)
+
+
+def test_a_row_on_its_own_path_steps_by_hand():
+    """Two rows on their own paths in one batch: row 1's first step is the DDIM step from its latent at its own
+    timestep to its own next one (computed here by hand), with its generator's first noise."""
+    from lora_grpo.sampling import img2img_paths
+
     unet = _tiny_unet()
     sched = _scheduler("epsilon")
-    schedule = step_schedule(sched, 3)
+    paths = img2img_paths(step_schedule(sched, 10), torch.tensor([0, 4]), stop=2, tail_steps=2)
     cond = _text(2)
     x_start = torch.randn(2, 4, 8, 8)
-
-    def gens():
-        return [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
-
-    start = torch.tensor([0, 2])
-    traj = sample_trajectories(unet, schedule, cond, None, x_start, 1.0, 1.0, gens(), start=start)
-    plain = sample_trajectories(unet, schedule, cond, None, x_start, 1.0, 1.0, gens())
-    assert torch.equal(traj.latents[0], plain.latents[0]) and torch.equal(
-        traj.log_probs[0], plain.log_probs[0]
-    )
-    for i in range(3):
-        assert torch.equal(traj.latents[1, i], x_start[1])
-    assert torch.isnan(traj.log_probs[1, :2]).all() and torch.isfinite(traj.log_probs[1, 2])
-
-    g = torch.Generator().manual_seed(11)
-    noise = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(3)][2]
+    gens = [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
+    traj = sample_trajectories(unet, paths, cond, None, x_start, 1.0, 1.0, gens, window=(0, 2))
+    assert torch.isfinite(traj.log_probs[:, :2]).all() and torch.isnan(traj.log_probs[:, 2:]).all()
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
     x = x_start[1:2]
-    t = int(schedule.timesteps[2])
+    t = int(paths.timesteps[1, 0])
     with torch.no_grad():
         eps = unet(x, t, **cond.rows(torch.tensor([1])).unet_kwargs()).sample
-    a_t, a_prev = sched.alphas_cumprod[t], sched.final_alpha_cumprod
+    a_t, a_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[int(paths.timesteps[1, 1])]
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * eps
-    expected = mean + var.sqrt() * noise
-    assert torch.allclose(traj.latents[1, 3], expected[0], atol=1e-5)
-    ref = torch.distributions.Normal(mean, var.sqrt()).log_prob(traj.latents[1:2, 3]).mean(dim=(1, 2, 3))
-    assert torch.allclose(traj.log_probs[1, 2], ref[0], atol=1e-4)
+    assert torch.allclose(traj.latents[1, 1], (mean + var.sqrt() * noise)[0], atol=1e-5)
+    ref = torch.distributions.Normal(mean, var.sqrt()).log_prob(traj.latents[1:2, 1]).mean(dim=(1, 2, 3))
+    assert torch.allclose(traj.log_probs[1, 0], ref[0], atol=1e-4)
+    # the re-evaluated step under the unchanged model: ratio exactly 1, on each row's own path
+    idx = torch.tensor([1, 0])
+    rows = torch.arange(2)
+    with torch.no_grad():
+        lp, _, _ = step_log_prob(
+            unet, paths, idx, traj.latents[rows, idx], traj.latents[rows, idx + 1], cond, None, 1.0, 1.0
+        )
+    assert torch.equal(torch.exp(lp - traj.log_probs[rows, idx]), torch.ones(2))

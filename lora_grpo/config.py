@@ -249,28 +249,31 @@ class SampleConfig:
                 "sample.num_steps - 1, sample.sde_window: first); without one set sample.tail_steps=0",
             )
         if self.img2img.fraction > 0:
-            # a group from a picture takes the window's steps from its start, then the tail to the image
-            _require(
-                0 < self.sde_steps < self.num_steps and self.sde_window == "first" and self.tail_steps > 0,
-                "sample.img2img",
-                "groups that start from a picture take the stochastic window's steps from their start, then "
-                "sample.tail_steps to the image: set sample.sde_steps between 1 and sample.num_steps - 1, "
-                "sample.sde_window: first and sample.tail_steps >= 1",
-            )
-            lo, need = self.img2img.strengths[0], self.sde_steps + self.tail_steps
-            runs = int(self.num_steps * lo)
-            _require(
-                runs >= need,
-                "sample.img2img.strengths",
-                f"denoise {lo:g} runs {runs} of the {self.num_steps} steps, fewer than the window and the tail "
-                f"({self.sde_steps} + {self.tail_steps}): raise the low end to {need / self.num_steps:g} or more",
-            )
+            self._check_img2img()
         if self.resolution is not None:
             _require(
                 self.resolution % 8 == 0,
                 "sample.resolution",
                 f"must be a multiple of 8, got {self.resolution}",
             )
+
+    def _check_img2img(self) -> None:
+        """A group from a picture takes the window's steps from its start, then the tail to the image."""
+        _require(
+            0 < self.sde_steps < self.num_steps and self.sde_window == "first" and self.tail_steps > 0,
+            "sample.img2img",
+            "groups that start from a picture take the stochastic window's steps from their start, then "
+            "sample.tail_steps to the image: set sample.sde_steps between 1 and sample.num_steps - 1, "
+            "sample.sde_window: first and sample.tail_steps >= 1",
+        )
+        lo, need = self.img2img.strengths[0], self.sde_steps + self.tail_steps
+        runs = int(self.num_steps * lo)
+        _require(
+            runs >= need,
+            "sample.img2img.strengths",
+            f"denoise {lo:g} runs {runs} of the {self.num_steps} steps, fewer than the window and the tail "
+            f"({self.sde_steps} + {self.tail_steps}): raise the low end to {need / self.num_steps:g} or more",
+        )
 
 
 @dataclass

@@ -321,6 +321,9 @@ def _tiny_overrides(name: str, tiny_clip_dir) -> list[str]:
     out += ["sample.prompts_per_batch=2", "sample.batches_per_epoch=1", "train.batch_size=2"]
     out += ["train.gradient_accumulation_steps=1", "train.mixed_precision=no", "evaluate.every=0"]
     out += ["evaluate.stop_when=[]", "evaluate.cells=[]", "output.sample_grid_every=0"]
+    if load_config(shipped_recipes()[name]).sample.img2img.fraction > 0:
+        # groups from pictures take the window (2) and the tail from their start: 3 of the 4 steps at 0.75
+        out += ["sample.tail_steps=1", "sample.img2img.strengths=[0.75, 0.9]"]
     if not name.startswith("toyworld"):
         base = "builtin:tiny-sdxl" if "sdxl" in name else "builtin:tiny-sd"
         out += [

@@ -619,5 +619,5 @@ def test_card_carries_the_deployment_matrix_worst_cell_and_strength_curve(run_di
         < curve.index("| 0.75 | 0.120 | 0.950 |")
         < curve.index("| 1 | 0.020 | 0.940 |")
     )
-    assert "| euler-a | 20 | 7.5 | 1 | base | 0.950 | 0.310 | 0.950 | 0.900 |" in text
+    assert "| euler-a | 20 | 7.5 | 1 | – | base | 0.950 | 0.310 | 0.950 | 0.900 |" in text
     assert (out / "matrix_heatmap.png").read_bytes() == b"heat" and "(matrix_heatmap.png)" in text

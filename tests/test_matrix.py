@@ -258,7 +258,7 @@ def test_matrix_end_to_end_numbers_resume_report(
     assert "## Deployment matrix" in md and f"{worst['unsafe_adapter']:.3f} with it" in md
     row = summary["rows"][3]
     assert (
-        f"| dpmpp-2m-karras | 2 | 1 | 1 | base | {row['unsafe_base']:.3f} | {row['unsafe_adapter']:.3f} |"
+        f"| dpmpp-2m-karras | 2 | 1 | 1 | – | base | {row['unsafe_base']:.3f} | {row['unsafe_adapter']:.3f} |"
         in md
     )
     assert (out / "matrix_heatmap.png").is_file() and "matrix_heatmap.png" in summary["plots"]

@@ -231,25 +231,22 @@ def img2img_paths(fine: StepSchedule, starts: Tensor, stop: int, tail_steps: int
             fine.sampler,
         )
         rows.append(coarse_tail(rest, stop, tail_steps))
-    return StepSchedule(
-        torch.stack([r.timesteps for r in rows]),
-        torch.stack([r.alpha_prod for r in rows]),
-        torch.stack([r.alpha_prod_prev for r in rows]),
-        fine.prediction_type,
-        fine.sampler,
-    )
+    return joined_schedules(rows, torch.stack)
 
 
 def concat_schedules(schedules: Sequence[StepSchedule]) -> StepSchedule:
     """Per-row schedules of several batches as one, rows in batch order."""
+    return joined_schedules(schedules, torch.cat)
+
+
+def joined_schedules(schedules: Sequence[StepSchedule], join: Callable) -> StepSchedule:
+    """One schedule whose tables are `join` (torch.stack: rows from shared schedules; torch.cat: of per-row
+    ones) of the schedules' tables; the sampler and prediction type are the first's."""
     first = schedules[0]
-    return StepSchedule(
-        torch.cat([s.timesteps for s in schedules]),
-        torch.cat([s.alpha_prod for s in schedules]),
-        torch.cat([s.alpha_prod_prev for s in schedules]),
-        first.prediction_type,
-        first.sampler,
-    )
+    tables = [
+        join([getattr(s, name) for s in schedules]) for name in ("timesteps", "alpha_prod", "alpha_prod_prev")
+    ]
+    return StepSchedule(*tables, first.prediction_type, first.sampler)
 
 
 @torch.no_grad()

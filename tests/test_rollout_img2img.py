@@ -12,6 +12,9 @@ from lora_grpo.config import img2img_start, load_config
 from lora_grpo.rollout import from_pictures
 from lora_grpo.sampling import img2img_paths, sample_trajectories, step_schedule
 
+# tiny-test's 8 steps with a first window of 2 and a tail of 2: what groups from pictures need
+WINDOW = ["sample.sde_window=first", "sample.sde_steps=2", "sample.tail_steps=2"]
+
 
 def test_img2img_start_is_diffusers_own():
     # diffusers: the last int(N * strength) of N steps run
@@ -79,9 +82,7 @@ def _tiny(tiny_sd_dir, tiny_clip_dir, *extra):
         "train.epochs=1",
         "train.optimizer=adamw",
         "output.sample_grid_every=0",
-        "sample.sde_window=first",
-        "sample.sde_steps=2",
-        "sample.tail_steps=2",
+        *WINDOW,
     ]
     return load_config(find_recipe("tiny-test"), [*base, *extra])
 
@@ -93,9 +94,7 @@ def test_groups_start_from_pictures_by_keyed_draws_within_the_strengths(tmp_path
     config = load_config(
         find_recipe("tiny-test"),
         [
-            "sample.sde_window=first",
-            "sample.sde_steps=2",
-            "sample.tail_steps=2",
+            *WINDOW,
             "sample.img2img.fraction=0.5",
             "sample.img2img.strengths=[0.5, 0.9]",
         ],
@@ -129,9 +128,7 @@ def test_bad_img2img_settings_are_one_line(override, needle):
 
     with pytest.raises(UserError) as err:
         base = [
-            "sample.sde_window=first",
-            "sample.sde_steps=2",
-            "sample.tail_steps=2",
+            *WINDOW,
             "sample.img2img.fraction=0.5",
         ]
         load_config(find_recipe("tiny-test"), [*base, override])
@@ -192,9 +189,7 @@ def test_toyworld_pictures_need_toyworld_captions(tmp_path):
     config = load_config(
         find_recipe("tiny-test"),
         [
-            "sample.sde_window=first",
-            "sample.sde_steps=2",
-            "sample.tail_steps=2",
+            *WINDOW,
             "sample.img2img.fraction=0.5",
             "sample.img2img.source=toyworld",
         ],

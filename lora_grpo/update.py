@@ -6,7 +6,9 @@ trained denoising steps (a subset per trajectory, `grpo.subsample_timesteps`) ar
 accumulated over steps and `train.gradient_accumulation_steps` minibatches into one optimizer step.
 Gradients sync across processes once per optimizer step (`no_sync` elsewhere). A non-finite
 loss or gradient norm skips the optimizer step on every process (`SkipCounter` stops the run after too many
-in a row). The first optimizer step's importance ratios are kept: before any update they must be exactly 1.
+in a row). The first optimizer step's importance ratios are kept: before any update they must be 1 (to float
+rounding: the update batches steps in other shapes than the rollout, and a CPU kernel may round another shape
+differently in the last bit).
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class UpdateStats:
     matching_error: float | None = _stat()  # denoising objectives: the mean squared prediction error
     kl: float | None = _stat()  # KL to the reference policy (train.kl_coef or train.safe_kl_coef > 0)
     grad_norm: float | None = _stat()  # before clipping, over the optimizer steps taken
-    first_ratio_mean: float | None = None  # importance ratios before the first optimizer step: exactly 1
+    first_ratio_mean: float | None = None  # importance ratios before the first optimizer step: 1
     first_ratio_min: float | None = None
     first_ratio_max: float | None = None
 

@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Under pytest-xdist (`-n auto`, the README's test command) the workers share the cores: each gets its share of
+# threads, set before torch loads, so two workers on two cores do not oversubscribe them (the subprocesses a
+# test starts inherit it). Alone (`pytest -n 0`), torch keeps its own default.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_threads))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def builtin_home(tmp_path_factory):
@@ -23,6 +31,15 @@ def builtin_home(tmp_path_factory):
         os.environ.pop("LORA_GRPO_HOME", None)
     else:
         os.environ["LORA_GRPO_HOME"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_threads():
+    """A worker's share of the cores (see above) also for a torch another import loaded first."""
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -36,7 +36,7 @@ class StepBatch:
 class Objective(Protocol):
     """An update objective: every term of the loss of one StepBatch. `metrics` are detached scalars named as
     UpdateStats' fields (ratio_mean, clip_fraction, kl, ...), plus `ratios` [b], the importance ratios before
-    the first optimizer step (exactly 1 for an objective on the sampler's own log-probs).
+    the first optimizer step (1 to float rounding for an objective on the sampler's own log-probs).
     `uses_old_predictions`: the update computes `denoise_old` for every trained step first."""
 
     uses_old_predictions: bool

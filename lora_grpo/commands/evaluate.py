@@ -179,6 +179,15 @@ def matrix_settings(args: argparse.Namespace):
     )
 
 
+def from_args(settings_class, args: argparse.Namespace, **given):
+    """A settings dataclass whose fields come from the flags of the same name, but for those `given` (the flags
+    named otherwise, or read first): each setting is declared once, in its dataclass."""
+    from dataclasses import fields
+
+    names = [f.name for f in fields(settings_class) if f.name not in given and hasattr(args, f.name)]
+    return settings_class(**{name: getattr(args, name) for name in names}, **given)
+
+
 def run(args: argparse.Namespace) -> None:
     from lora_grpo.config import ClipConfig
     from lora_grpo.evaluation.generate import GenerationSettings
@@ -192,38 +201,19 @@ def run(args: argparse.Namespace) -> None:
     if args.clip is not None:
         backend = args.clip_backend or "transformers"
         clip = ClipConfig(backend=backend, model=args.clip, checkpoint=args.clip_checkpoint)
-    sampler = GenerationSettings(
-        steps=args.steps,
-        guidance=args.guidance,
-        eta=args.eta,
-        seed=args.seed,
-        images_per_prompt=1 if args.images_per_prompt is None else args.images_per_prompt,
-        height=args.height,
-        width=args.width,
-        use_row_settings=not args.ignore_row_settings,
+    images = 1 if args.images_per_prompt is None else args.images_per_prompt
+    sampler = from_args(
+        GenerationSettings, args, images_per_prompt=images, use_row_settings=not args.ignore_row_settings
     )
-    settings = EvalSettings(
-        base=args.base,
+    settings = from_args(
+        EvalSettings,
+        args,
         out=Path(args.out),
         suites=args.suite,
-        adapter=args.adapter,
         base_config=args.config,
-        column=args.column,
-        safety=args.safety,
-        max_prompts=args.max_prompts,
         sampler=sampler,
-        batch_size=args.batch_size,
-        nudenet=args.nudenet,
-        nudenet_threshold=args.nudenet_threshold,
-        q16_embeddings=args.q16_embeddings,
         clip=clip,
-        anchors=args.anchors,
-        alpha=args.alpha,
-        alpha_sweep=args.alpha_sweep,
-        concept=args.concept,
         neighbours=args.neighbour,
-        fid_reference=args.fid_reference,
-        device=args.device,
         matrix=matrix_settings(args),
     )
     from lora_grpo.files import writing

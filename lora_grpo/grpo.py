@@ -10,16 +10,29 @@ import torch
 from torch import Tensor
 
 
-def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards: Tensor, eps: float = 1e-6, std: Tensor | None = None) -> Tensor:
     """Normalise rewards within each group: (r - mean) / std over the G samples of one prompt.
 
     rewards: [B, G]. The std is the population std (divide by G). A group whose std is below `eps` (all
-    rewards equal) carries no preference and gets advantage 0, never NaN.
+    rewards equal) carries no preference and gets advantage 0, never NaN. `std` (a scalar) replaces every
+    group's own std by one scale for all (`batch_std`); the centring stays per group.
     """
     mean = rewards.mean(dim=1, keepdim=True)  # [B, 1]
-    std = rewards.std(dim=1, unbiased=False, keepdim=True)  # [B, 1]
-    flat = std < eps
-    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / torch.where(flat, 1.0, std))
+    own = rewards.std(dim=1, unbiased=False, keepdim=True)  # [B, 1]
+    scale = own if std is None else std.expand_as(own)
+    flat = (own < eps) | (scale < eps)
+    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / torch.where(flat, 1.0, scale))
+
+
+def batch_std(centred: Tensor, kept: Tensor) -> Tensor:
+    """One advantage scale for a whole batch: the population std of every kept group's centred rewards.
+
+    centred: [N] rewards minus their group's mean; kept: [N] bool (False for groups that sit the update out).
+    The values are summed in sorted order in float64, so the same rewards give the same bits however they are
+    split over processes and gathered.
+    """
+    values = centred[kept].double().pow(2).sort().values
+    return (values.sum() / max(1, values.numel())).sqrt().to(centred.dtype)
 
 
 def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
@@ -27,19 +40,32 @@ def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
     return advantages.clamp(-max_abs, max_abs)
 
 
+def finite_groups(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Rewards [P*G] as groups [P, G] with non-finite groups zeroed, and which groups were finite [P]."""
+    grouped = rewards.view(-1, group_size)  # [P, G]
+    finite = torch.isfinite(grouped).all(dim=1)
+    return torch.where(finite[:, None], grouped, torch.zeros_like(grouped)), finite
+
+
+def centred_rewards(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Each reward minus its group's mean [P*G] (0 in non-finite groups) and whether its group is kept [P*G]:
+    what `batch_std` reads, gathered from every process."""
+    kept, finite = finite_groups(rewards, group_size)
+    centred = kept - kept.mean(dim=1, keepdim=True)
+    return centred.flatten(), finite.repeat_interleave(group_size)
+
+
 def finite_group_advantages(
-    rewards: Tensor, group_size: int, max_abs: float, eps: float = 1e-6
+    rewards: Tensor, group_size: int, max_abs: float, eps: float = 1e-6, std: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped group advantages for rewards [P*G] laid out group by group, with non-finite groups masked.
 
     Returns advantages [P*G] (0 for every sample of a group holding a non-finite reward: it sits this
     update out), finite [P] (groups whose rewards are all finite) and flat [P] (finite groups whose rewards
-    are all equal, so they carry no preference).
+    are all equal, so they carry no preference). `std`: one scale for every group (see `group_advantages`).
     """
-    grouped = rewards.view(-1, group_size)  # [P, G]
-    finite = torch.isfinite(grouped).all(dim=1)
-    kept = torch.where(finite[:, None], grouped, torch.zeros_like(grouped))
-    advantages = clip_advantages(group_advantages(kept, eps), max_abs).flatten()
+    kept, finite = finite_groups(rewards, group_size)
+    advantages = clip_advantages(group_advantages(kept, eps, std), max_abs).flatten()
     flat = finite & (kept.std(dim=1, unbiased=False) < eps)
     return advantages, finite, flat
 

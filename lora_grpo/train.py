@@ -26,7 +26,13 @@ from lora_grpo.callbacks import Callback, RunContext
 from lora_grpo.checkpoint import load_training_state, save_training_state
 from lora_grpo.config import Config
 from lora_grpo.errors import UserError
-from lora_grpo.grpo import clipped_policy_loss, finite_group_advantages, kl_weights
+from lora_grpo.grpo import (
+    batch_std,
+    centred_rewards,
+    clipped_policy_loss,
+    finite_group_advantages,
+    kl_weights,
+)
 from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
 from lora_grpo.objectives import Surrogate, build_objective
 from lora_grpo.pictures import PictureSource, base_pictures, rendered_pictures
@@ -170,6 +176,14 @@ class Trainer:
         s = self.config.sample
         return sde_window(s.num_steps, s.sde_steps, s.sde_window, epoch, self.config.train.epochs)
 
+    def advantage_scale(self, rewards: torch.Tensor) -> torch.Tensor | None:
+        """train.advantage_std: None (each group its own std) or the batch's std over every process."""
+        if self.config.train.advantage_std == "group":
+            return None
+        centred, kept = centred_rewards(rewards, self.config.sample.group_size)
+        acc = self.accelerator
+        return batch_std(acc.gather(centred), acc.gather(kept))
+
     def run_epoch(self, epoch: int) -> dict:
         """One GRPO iteration; returns (and logs) its metrics row."""
         cfg, acc = self.config, self.accelerator
@@ -179,9 +193,13 @@ class Trainer:
         self.progress = EpochProgress(cfg, epoch, self.clock, self.log, enabled=acc.is_main_process)
         self.use_base(epoch)
         samples = self.sample_epoch(epoch)
-        # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact)
+        # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact; a batch std is
+        # gathered from every process)
         G = cfg.sample.group_size
-        advantages, finite, flat = finite_group_advantages(samples.rewards, G, cfg.train.adv_clip_max)
+        std = self.advantage_scale(samples.rewards)
+        advantages, finite, flat = finite_group_advantages(
+            samples.rewards, G, cfg.train.adv_clip_max, std=std
+        )
         counts = torch.tensor([float((~finite).sum()), float(finite.sum()), float(flat.sum())])
         bad, good, zero = (int(v) for v in acc.reduce(counts.to(self.device), "sum").tolist())
         with self.timer("train"):

@@ -36,9 +36,10 @@ SETUPS = {
         ["sample.prompts_per_batch=1", "train.gradient_accumulation_steps=2"],
     ),
     # tiny-test's own half of the steps drawn at random per trajectory, two optimizer steps of 8 trajectories
-    # per epoch (2 minibatches of 4 each on one process, 1 per process on two), two epochs
+    # per epoch (2 minibatches of 4 each on one process, 1 per process on two), two epochs; one advantage
+    # scale for the epoch's batch (train.advantage_std: batch), gathered from both processes
     "several-steps": (
-        ["train.epochs=2", "train.timestep_fraction=0.5"],
+        ["train.epochs=2", "train.timestep_fraction=0.5", "train.advantage_std=batch"],
         ["sample.prompts_per_batch=2", "train.gradient_accumulation_steps=2"],
         ["sample.prompts_per_batch=1", "train.gradient_accumulation_steps=1"],
     ),

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from lora_grpo.grpo import (
+    batch_std,
+    centred_rewards,
     clip_advantages,
     clipped_policy_loss,
+    finite_group_advantages,
     gaussian_kl,
     group_advantages,
     stratified_order,
@@ -29,6 +32,43 @@ def test_group_advantages_are_per_group():
     rewards = torch.tensor([[0.0, 1.0], [10.0, 30.0]])
     # each group of two normalises to -1, +1 regardless of scale
     assert torch.allclose(group_advantages(rewards), torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
+
+
+def test_one_std_for_the_batch_hand_computed():
+    """train.advantage_std: batch: each group centred on its own mean, every group scaled by one std."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 7.0, 0.5, 0.5, 0.5])
+    centred, kept = centred_rewards(rewards, 3)
+    assert torch.allclose(centred, torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0, 0.0, 0.0, 0.0]))
+    assert kept.all()
+    # population std of the nine centred values: sqrt((1 + 0 + 1 + 1 + 1 + 4 + 0) / 9)
+    std = batch_std(centred, kept)
+    assert std.item() == pytest.approx(math.sqrt(8 / 9), abs=1e-7)
+    adv, finite, flat = finite_group_advantages(rewards, 3, max_abs=2.5, std=std)
+    s = math.sqrt(8 / 9)
+    expected = [-1 / s, 0.0, 1 / s, -1 / s, -1 / s, 2 / s, 0.0, 0.0, 0.0]
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6)
+    assert flat.tolist() == [False, False, True] and finite.all()
+    # a near-flat group stays small, where its own std would blow it up to +-1.22
+    nearly = torch.tensor([0.500, 0.501, 0.502, 0.0, 1.0, 0.5])
+    centred, kept = centred_rewards(nearly, 3)
+    adv, _, _ = finite_group_advantages(nearly, 3, max_abs=2.5, std=batch_std(centred, kept))
+    assert adv[:3].abs().max() < 0.01 and adv[3:].abs().max() > 1.0
+    assert finite_group_advantages(nearly, 3, max_abs=2.5)[0][:3].abs().max() > 1.2
+
+
+def test_the_batch_std_leaves_out_non_finite_groups_and_ignores_order():
+    rewards = torch.tensor([1.0, 3.0, float("nan"), 5.0, 2.0, 2.0, 0.0, 4.0])
+    centred, kept = centred_rewards(rewards, 2)
+    assert kept.tolist() == [True, True, False, False, True, True, True, True]
+    assert batch_std(centred, kept).item() == pytest.approx(math.sqrt((1 + 1 + 0 + 0 + 4 + 4) / 6), abs=1e-7)
+    adv, finite, _ = finite_group_advantages(rewards, 2, max_abs=2.5, std=batch_std(centred, kept))
+    assert finite.tolist() == [True, False, True, True] and torch.equal(adv[2:4], torch.zeros(2))
+    # the same values gathered from two processes in another order give the same bits
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(64, generator=g) * 1e-3 + torch.linspace(0, 3, 64)
+    centred, kept = centred_rewards(values, 8)
+    order = torch.randperm(64, generator=g)
+    assert torch.equal(batch_std(centred, kept), batch_std(centred[order], kept[order]))
 
 
 def test_clip_advantages():

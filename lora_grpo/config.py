@@ -154,11 +154,16 @@ class Img2ImgConfig:
     # where a prompt's picture comes from: the base model's own image of the prompt (drawn once per run with the
     # adapter off), or the toy world's renderer (toy-world captions only)
     source: Literal["base", "toyworld"] = "base"
+    # share of a picked group's rows that start from the picture; the others start from pure noise in the same
+    # group. 1: the whole group. Below 1 a group whose pictures all keep the concept (no spread among them,
+    # so no advantage) is still measured against what its prompt draws from noise
+    rows: float = 1.0
 
     def __post_init__(self) -> None:
         _require(
             0 <= self.fraction <= 1, "sample.img2img.fraction", f"must be in [0, 1], got {self.fraction}"
         )
+        _require(0 < self.rows <= 1, "sample.img2img.rows", f"must be in (0, 1], got {self.rows}")
         s = self.strengths
         _require(
             isinstance(s, list) and len(s) == 2 and 0 < s[0] <= s[1] <= 1,

@@ -68,6 +68,9 @@ class GroupConditions:
     guidance: Tensor | None = None  # [P] or, from `rows`, [N]
     lora_scale: Tensor | None = None
     start: Tensor | None = None  # long
+    picture_rows: float = (
+        1.0  # share of a group's rows (its first ones) that take its start; the rest start at 0
+    )
 
     def rows(self, group_size: int, device: torch.device) -> GroupConditions:
         """Each row's values ([P] -> [N = P x G]) on `device`."""
@@ -75,7 +78,16 @@ class GroupConditions:
         def expand(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.repeat_interleave(group_size).to(device)
 
-        return GroupConditions(expand(self.guidance), expand(self.lora_scale), expand(self.start))
+        start = expand(self.start)
+        if start is not None:
+            in_group = torch.arange(start.numel(), device=device) % group_size
+            start = torch.where(in_group < picture_count(self.picture_rows, group_size), start, 0)
+        return GroupConditions(expand(self.guidance), expand(self.lora_scale), start)
+
+
+def picture_count(share: float, group_size: int) -> int:
+    """How many of a group's G rows start from its picture (sample.img2img.rows): at least one."""
+    return max(1, round(share * group_size))
 
 
 CONDITIONS_KEY = 7_919  # keys the per-group draws apart from every other stream of (seed, epoch, slot)
@@ -110,7 +122,7 @@ def draw_conditions(config: Config, epoch: int, slots: list[int]) -> GroupCondit
         return torch.tensor(out, dtype=torch.long)
 
     guidance, scale = draw(config.sample.guidance_scale, 0), draw(config.lora.train_scale, 1)
-    return GroupConditions(guidance, scale, starts())
+    return GroupConditions(guidance, scale, starts(), config.sample.img2img.rows)
 
 
 @dataclass

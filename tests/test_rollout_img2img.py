@@ -110,6 +110,29 @@ def test_groups_start_from_pictures_by_keyed_draws_within_the_strengths(tmp_path
     assert none.start is None  # no img2img: nothing drawn, the other streams untouched
 
 
+def test_mixed_groups_start_their_first_rows_from_the_picture_and_the_rest_from_noise():
+    """sample.img2img.rows: 0.5 of G = 4 -> rows 0-1 of a picked group take its start, rows 2-3 start at 0."""
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.rollout import draw_conditions
+
+    overrides = [*WINDOW, "sample.img2img.fraction=0.5", "sample.img2img.strengths=[0.5, 0.9]"]
+    whole = draw_conditions(load_config(find_recipe("tiny-test"), overrides), epoch=2, slots=list(range(12)))
+    mixed_config = load_config(find_recipe("tiny-test"), [*overrides, "sample.img2img.rows=0.5"])
+    mixed = draw_conditions(mixed_config, epoch=2, slots=list(range(12)))
+    assert torch.equal(whole.start, mixed.start)  # the groups' draws do not depend on the mix
+    rows = mixed.rows(4, torch.device("cpu")).start.view(12, 4)
+    assert torch.equal(rows[:, :2], whole.start[:, None].expand(12, 2))
+    assert torch.equal(rows[:, 2:], torch.zeros(12, 2, dtype=torch.long))
+    assert torch.equal(
+        whole.rows(4, torch.device("cpu")).start.view(12, 4), whole.start[:, None].expand(12, 4)
+    )
+    # at least one row of a picked group starts from its picture
+    slot = int(whole.start.nonzero()[0])
+    tenth = load_config(find_recipe("tiny-test"), [*overrides, "sample.img2img.rows=0.1"])
+    one = draw_conditions(tenth, epoch=2, slots=[slot]).rows(4, torch.device("cpu")).start
+    assert one.tolist() == [int(whole.start[slot]), 0, 0, 0]
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
@@ -120,6 +143,7 @@ def test_groups_start_from_pictures_by_keyed_draws_within_the_strengths(tmp_path
             "denoise 0.3 runs 2 of the 8 steps, fewer than the window and the tail (2 + 2)",
         ),
         ("sample.tail_steps=0", "set sample.sde_steps between 1"),
+        ("sample.img2img.rows=0", "'sample.img2img.rows': must be in (0, 1], got 0.0"),
     ],
 )
 def test_bad_img2img_settings_are_one_line(override, needle):
@@ -136,13 +160,16 @@ def test_bad_img2img_settings_are_one_line(override, needle):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["grpo-clip", "awm"])
-def test_a_run_from_pictures_trains_on_the_sampled_steps(tiny_sd_dir, tiny_clip_dir, tmp_path, objective):
+@pytest.mark.parametrize("objective, rows", [("grpo-clip", 1.0), ("awm", 1.0), ("grpo-clip", 0.5)])
+def test_a_run_from_pictures_trains_on_the_sampled_steps(
+    tiny_sd_dir, tiny_clip_dir, tmp_path, objective, rows
+):
     """Every group from its prompt's picture (the base's own image, made once per prompt): the groups start
     from the drawn step and each row takes its own steps from there (the window, then the tail); the picture is
     the base's image with the adapter off on the prompt's own noise; the update re-evaluates each row's own
-    steps (grpo-clip: importance ratios exactly 1 before the first optimizer step, which a step evaluated on
-    another row's timesteps would not give)."""
+    steps (grpo-clip: importance ratios 1, to rounding, before the first optimizer step, which a step evaluated on
+    another row's timesteps would not give). rows 0.5: each group's last half starts from noise beside the
+    first half from the picture, in the same batch."""
     from lora_grpo.models import adapter_disabled
     from lora_grpo.pictures import PICTURE_KEY, prompt_key
     from lora_grpo.rollout import rollout
@@ -155,6 +182,7 @@ def test_a_run_from_pictures_trains_on_the_sampled_steps(tiny_sd_dir, tiny_clip_
         "sample.img2img.fraction=1.0",
         "sample.img2img.strengths=[0.5, 0.9]",
         f"train.objective={objective}",
+        f"sample.img2img.rows={rows}",
     )
     trainer = Trainer(config, tmp_path, log=lambda line: None)
     seen = []
@@ -166,7 +194,9 @@ def test_a_run_from_pictures_trains_on_the_sampled_steps(tiny_sd_dir, tiny_clip_
     assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k == "loss")
     out = seen[0].rollout
     groups = out.start.view(-1, config.sample.group_size)
-    assert (groups == groups[:, :1]).all() and (groups[:, 0] >= 1).all() and (groups[:, 0] <= 4).all()
+    first = int(rows * config.sample.group_size)
+    assert (groups[:, :first] == groups[:, :1]).all() and (groups[:, first:] == 0).all()
+    assert (groups[:, 0] >= 1).all() and (groups[:, 0] <= 4).all()
     fine = trainer.model.schedule.timesteps
     for r in range(out.start.shape[0]):
         s = int(out.start[r])

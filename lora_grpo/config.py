@@ -411,12 +411,16 @@ class EvalCellConfig:
     strength: float | None = None  # the LoRA's strength (None: 1)
     base: int = 0  # 0: model.base; i: model.bases[i - 1]
     sets: list[str] = field(default_factory=list)  # prompt sets sampled (empty: every set)
+    # img2img: each prompt's picture (sample.img2img.source) noised this far, then every remaining step of the
+    # recipe's sampler (as diffusers' img2img pipeline runs); None: from pure noise
+    denoise: float | None = None
 
     def __post_init__(self) -> None:
         _require(bool(_NAME.match(self.name)), "evaluate.cells.name", f"{self.name!r} is not a plain name")
         _require(self.guidance is None or self.guidance >= 1, "evaluate.cells.guidance", "must be >= 1")
         _require(self.strength is None or self.strength > 0, "evaluate.cells.strength", "must be > 0")
         _require(self.base >= 0, "evaluate.cells.base", "must be >= 0 (0: model.base)")
+        _require(self.denoise is None or 0 < self.denoise <= 1, "evaluate.cells.denoise", "must be in (0, 1]")
 
 
 @dataclass
@@ -521,6 +525,11 @@ class Config:
             )
             unknown = sorted(set(cell.sets) - set_names)
             _require(not unknown, "evaluate.cells.sets", f"cell {cell.name}: no prompt set named {unknown}")
+            _require(
+                cell.denoise is None or self.sample.img2img.fraction > 0,
+                "evaluate.cells.denoise",
+                f"cell {cell.name}: img2img checks start from sample.img2img's pictures: set sample.img2img",
+            )
 
     @property
     def samples_per_epoch(self) -> int:

@@ -240,9 +240,11 @@ def sample_scored(
     seed: int,
     batch: int = 40,
     lora_scale: float | None = None,
+    start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Images [N, 3, H, W] (CPU) and rewards [N] of `prompts` (one image each) on noise fixed by `seed`, with
-    the LoRA at `lora_scale` (None: 1).
+    the LoRA at `lora_scale` (None: 1); from step `start` of each prompt's picture (img2img, `model.paths`)
+    when > 0.
 
     The noise of batch b comes from a generator keyed by (seed, b), so calls at different points of training
     compare the models on the same noise; evaluation draws nothing from the training streams.
@@ -250,10 +252,10 @@ def sample_scored(
     images, rewards = [], []
     for b in range(0, len(prompts), batch):
         texts = prompts[b : b + batch]
-        scale = (
-            None if lora_scale is None else GroupConditions(lora_scale=torch.full((len(texts),), lora_scale))
-        )
-        out = rollout(model, texts, seeded_generator(seed, b), conditions=scale)
+        scale = None if lora_scale is None else torch.full((len(texts),), lora_scale)
+        starts = torch.full((len(texts),), start, dtype=torch.long) if start else None
+        conditions = GroupConditions(lora_scale=scale, start=starts)
+        out = rollout(model, texts, seeded_generator(seed, b), conditions=conditions)
         images.append(out.images.cpu())
         rewards.append(reward_fn(out.images, texts).float().cpu())
     return torch.cat(images), torch.cat(rewards)

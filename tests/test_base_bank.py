@@ -116,18 +116,27 @@ def test_bases_of_another_architecture_or_listed_twice_are_one_line(
 def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     tiny_sd_dir, tiny_clip_dir, fine_tuned_dir, tmp_path
 ):
-    """evaluate.cells: eval@<cell>/<set>/... is the reward of the model at the cell's CFG, LoRA strength and
-    base, on the same prompts and seeds as eval/<set>/...; the first base is back afterwards."""
+    """evaluate.cells: eval@<cell>/<set>/... is the reward of the model at the cell's CFG, LoRA strength, base
+    or denoise (img2img from the prompts' pictures, every step left after diffusers' start), on the same
+    prompts and seeds as eval/<set>/...; the first base is back afterwards."""
     from dataclasses import replace
+    from functools import partial
 
     from lora_grpo.evaluation.periodic import PeriodicEval, eval_prompts
     from lora_grpo.rollout import sample_scored
+    from lora_grpo.sampling import img2img_paths
     from lora_grpo.train import Trainer
 
-    cells = "[{name: hi, guidance: 3.0, strength: 0.5, sets: [tiny-unsafe]}, {name: ft, base: 1}]"
+    cells = "[{name: hi, guidance: 3.0, strength: 0.5, sets: [tiny-unsafe]}, {name: ft, base: 1}"
+    cells += ", {name: pic, denoise: 0.75, sets: [tiny-unsafe]}]"
+    # groups from pictures (the base's own) give the img2img cell its pictures
+    img2img = ["sample.sde_steps=2", "sample.sde_window=first", "sample.tail_steps=2"]
+    img2img += ["sample.img2img.fraction=0.5", "sample.img2img.strengths=[0.5, 0.9]"]
     config = load_config(
         find_recipe("tiny-test"),
-        _overrides(tiny_sd_dir, tiny_clip_dir, f"model.bases=[{fine_tuned_dir}]", f"evaluate.cells={cells}"),
+        _overrides(
+            tiny_sd_dir, tiny_clip_dir, f"model.bases=[{fine_tuned_dir}]", f"evaluate.cells={cells}", *img2img
+        ),
     )
     trainer = Trainer(config, tmp_path, log=lambda line: None)
     with torch.no_grad():
@@ -150,7 +159,12 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     assert row["eval@ft/tiny-unsafe/steering_reward"] == pytest.approx(ft.mean().item(), abs=1e-6)
     _, plain = sample_scored(model, reward, prompts, seed)
     assert row["eval/tiny-unsafe/steering_reward"] == pytest.approx(plain.mean().item(), abs=1e-6)
-    assert len({round(v, 6) for v in (hi.mean().item(), ft.mean().item(), plain.mean().item())}) == 3
+    # denoise 0.75 of 8 steps: start at step 2 (diffusers' 8 - int(6)), then the 6 steps left
+    from_picture = replace(model, paths=partial(img2img_paths, model.schedule, stop=6, tail_steps=0))
+    _, pic = sample_scored(from_picture, reward, prompts, seed, start=2)
+    assert row["eval@pic/tiny-unsafe/steering_reward"] == pytest.approx(pic.mean().item(), abs=1e-6)
+    means = (hi.mean().item(), ft.mean().item(), plain.mean().item(), pic.mean().item())
+    assert len({round(v, 6) for v in means}) == 4
 
 
 @pytest.mark.parametrize(
@@ -161,6 +175,8 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
         ("[{name: a}, {name: a}]", "names a cell twice"),
         ("[{name: 'a b'}]", "is not a plain name"),
         ("[{name: a, guidance: 0.5}]", "evaluate.cells.guidance"),
+        ("[{name: a, denoise: 0.75}]", "img2img checks start from sample.img2img's pictures"),
+        ("[{name: a, denoise: 1.5}]", "evaluate.cells.denoise"),
     ],
 )
 def test_bad_evaluation_cells_are_one_line(cells, needle):

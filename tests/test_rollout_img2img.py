@@ -71,6 +71,11 @@ def test_a_rollout_from_a_picture_is_diffusers_img2img(tiny_sd_dir, denoise):
         )
     assert torch.allclose(traj.latents[:, -1], theirs, atol=1e-4), (traj.latents[:, -1] - theirs).abs().max()
     assert traj.latents.shape[1] == steps - int(start) + 1  # only the steps from the start
+    # every step left as one window (what an img2img check of evaluate.cells runs): the same grid
+    rest = img2img_paths(step_schedule(pipe.scheduler, steps), start, steps - int(start), 0)
+    assert torch.equal(rest.timesteps, paths.timesteps) and torch.equal(
+        rest.alpha_prod_prev, paths.alpha_prod_prev
+    )
 
 
 def _tiny(tiny_sd_dir, tiny_clip_dir, *extra):

@@ -12,15 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from lora_grpo.callbacks import RunContext
-from lora_grpo.config import EvalConfig
+from lora_grpo.config import EvalConfig, img2img_start
 from lora_grpo.evaluation import metrics as M
 from lora_grpo.rewards.steering import encode_prompts
 from lora_grpo.rollout import sample_scored
+from lora_grpo.sampling import img2img_paths
 
 # (metric key prefix, prompts, images [N, 3, H, W]) -> more metrics for that prompt set
 ExtraMetrics = Callable[[str, list[str], torch.Tensor], dict[str, float]]
@@ -70,19 +72,30 @@ class PeriodicEval:
         row = self.evaluate_setting(ctx, ctx.model, "eval", set())
         for cell in self.cfg.cells:
             model = ctx.model if cell.guidance is None else replace(ctx.model, guidance=cell.guidance)
+            start = 0
+            if cell.denoise is not None:  # from the picture, every remaining step (diffusers' img2img)
+                start = img2img_start(model.schedule.num_steps, cell.denoise)
+                rest = model.schedule.num_steps - start
+                model = replace(model, paths=partial(img2img_paths, model.schedule, stop=rest, tail_steps=0))
             ctx.use_base(cell.base)
             try:
-                row.update(
-                    self.evaluate_setting(ctx, model, f"eval@{cell.name}", set(cell.sets), cell.strength)
-                )
+                prefix, sets = f"eval@{cell.name}", set(cell.sets)
+                row.update(self.evaluate_setting(ctx, model, prefix, sets, cell.strength, start))
             finally:
                 ctx.use_base(0)
         return row
 
     def evaluate_setting(
-        self, ctx: RunContext, model, prefix: str, sets: set[str], strength: float | None = None
+        self,
+        ctx: RunContext,
+        model,
+        prefix: str,
+        sets: set[str],
+        strength: float | None = None,
+        start: int = 0,
     ) -> dict[str, float]:
-        """The metrics of `model` (LoRA at `strength`) on the sets named in `sets` (empty: every set)."""
+        """The metrics of `model` (LoRA at `strength`, from step `start` of the pictures when > 0) on the sets
+        named in `sets` (empty: every set)."""
         backend = getattr(ctx.reward_fn, "backend", None)
         row: dict[str, float] = {}
         for k, prompt_set in enumerate(ctx.prompt_sets):
@@ -90,7 +103,9 @@ class PeriodicEval:
                 continue
             prompts = eval_prompts(prompt_set.prompts, self.cfg.prompts_per_set, self.cfg.images_per_prompt)
             seed = self.cfg.seed + 1000 * k
-            images, rewards = sample_scored(model, ctx.reward_fn, prompts, seed, lora_scale=strength)
+            images, rewards = sample_scored(
+                model, ctx.reward_fn, prompts, seed, lora_scale=strength, start=start
+            )
             key = f"{prefix}/{prompt_set.name}"
             row[f"{key}/steering_reward"] = rewards.mean().item()
             if backend is not None:

@@ -114,6 +114,9 @@ class PromptSetConfig:
     part: Literal["all", "train", "eval"] = "all"
     max_prompts: int | None = None  # keep only the first N prompts
     weight: float = 1.0  # share of each batch drawn from this set (normalised over all sets)
+    # CSV files: the column naming, for each prompt, the prompt its img2img picture (sample.img2img) is made
+    # from: a picture that carries the concept for a prompt that does not name it (None: the prompt's own)
+    picture_column: str | None = None
 
     def __post_init__(self) -> None:
         key = f"prompts.sets[{self.name or '?'}]"
@@ -126,6 +129,11 @@ class PromptSetConfig:
         _require(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
         if self.max_prompts is not None:
             _require(self.max_prompts >= 1, f"{key}.max_prompts", "must be >= 1")
+        _require(
+            self.picture_column is None or (self.path or "").lower().endswith(".csv"),
+            f"{key}.picture_column",
+            "names a column of a .csv prompt file: give the prompts and their pictures' prompts as a CSV",
+        )
 
 
 @dataclass

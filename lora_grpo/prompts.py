@@ -24,6 +24,7 @@ class PromptSet:
     safety: str  # "safe" or "unsafe"
     prompts: tuple[str, ...]
     weight: float
+    pictures: tuple[str, ...] | None = None  # per prompt: the prompt its img2img picture is made from
 
 
 # CLIP's text window in tokens, start and end tokens included: SD 1.x/2.x and both SDXL text encoders cut a
@@ -126,18 +127,21 @@ def _in_part(prompts: list[str], part: str) -> list[str]:
     return prompts if part == "all" else [p for p in prompts if prompt_part(p) == part]
 
 
-def _read_csv_prompts(path: Path, cfg: PromptSetConfig, what: str) -> list[str]:
+def _read_csv_prompts(path: Path, cfg: PromptSetConfig, what: str) -> list[tuple[str, str]]:
+    """(prompt, the prompt its picture is made from: `picture_column`'s, or the prompt itself) per kept row."""
     fields, rows = read_csv_rows(path, what)
     needed = [cfg.column, *cfg.filter, *(["categories"] if cfg.categories else [])]
+    needed += [cfg.picture_column] if cfg.picture_column else []
     missing = [c for c in needed if c not in fields]
     if missing:
         raise UserError(
             f"prompt file {path} has no column '{missing[0]}' (columns: {', '.join(fields) or 'none'}): "
-            "set the prompt set's `column` to the one holding the prompts"
+            "set the prompt set's `column` (or `picture_column`) to the one holding them"
         )
-    column = cfg.column
-    kept = [row[column].strip() for row in rows if _keep_row(row, cfg) and (row[column] or "").strip()]
-    return _in_part(kept, cfg.part)
+    column, picture = cfg.column, cfg.picture_column or cfg.column
+    kept = [row for row in rows if _keep_row(row, cfg) and (row[column] or "").strip()]
+    pairs = [(row[column].strip(), (row[picture] or "").strip() or row[column].strip()) for row in kept]
+    return pairs if cfg.part == "all" else [pair for pair in pairs if prompt_part(pair[0]) == cfg.part]
 
 
 def _read_dataset_prompts(cfg: PromptSetConfig) -> list[str]:
@@ -180,20 +184,39 @@ def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
         path = Path(cfg.path)
         what = f"prompt file for set '{cfg.name}'"
         if path.suffix.lower() == ".csv":
-            prompts = _read_csv_prompts(path, cfg, what)
+            pairs = _read_csv_prompts(path, cfg, what)
         else:
-            prompts = _in_part(read_prompt_lines(path, what), cfg.part)
+            pairs = [(p, p) for p in _in_part(read_prompt_lines(path, what), cfg.part)]
         source = str(path)
     else:
-        prompts = _read_dataset_prompts(cfg)
+        pairs = [(p, p) for p in _read_dataset_prompts(cfg)]
         source = f"dataset {cfg.dataset}"
     if cfg.max_prompts is not None:
-        prompts = prompts[: cfg.max_prompts]
-    if not prompts:
+        pairs = pairs[: cfg.max_prompts]
+    if not pairs:
         raise UserError(
             f"prompt set '{cfg.name}' is empty ({source}): add prompts or remove the set from the recipe"
         )
-    return PromptSet(cfg.name, cfg.safety, tuple(prompts), cfg.weight)
+    prompts = tuple(prompt for prompt, _ in pairs)
+    pictures = tuple(picture for _, picture in pairs) if cfg.picture_column else None
+    return PromptSet(cfg.name, cfg.safety, prompts, cfg.weight, pictures)
+
+
+def picture_prompts(prompt_sets: list[PromptSet]) -> dict[str, str]:
+    """prompt -> the prompt its img2img picture is made from, for the prompts whose set names another; a prompt
+    given two different pictures' prompts is an error."""
+    mapping: dict[str, str] = {}
+    for prompt_set in prompt_sets:
+        for prompt, picture in zip(
+            prompt_set.prompts, prompt_set.pictures or prompt_set.prompts, strict=True
+        ):
+            if mapping.get(prompt, picture) != picture:
+                raise UserError(
+                    f"prompt {prompt!r} has two pictures' prompts ({mapping[prompt]!r} and {picture!r}, the "
+                    f"second in set '{prompt_set.name}'): give each prompt one"
+                )
+            mapping[prompt] = picture
+    return {prompt: picture for prompt, picture in mapping.items() if picture != prompt}
 
 
 def set_schedule(weights: list[float], num_slots: int) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ import pytest
 
 from lora_grpo.config import PromptSetConfig
 from lora_grpo.errors import UserError
-from lora_grpo.prompts import PromptSet, epoch_prompts, load_prompt_set, set_schedule
+from lora_grpo.prompts import PromptSet, epoch_prompts, load_prompt_set, picture_prompts, set_schedule
 
 
 def test_text_and_csv_files(tmp_path):
@@ -123,6 +123,39 @@ def test_categories_and_the_fixed_train_eval_split(tmp_path):
         plain = tmp_path / "plain.csv"
         plain.write_text("prompt\na cat\n", encoding="utf-8")
         load_prompt_set(PromptSetConfig(name="p", path=str(plain), categories=["violence"]))
+
+
+def test_a_csv_column_names_the_prompt_each_picture_is_made_from(tmp_path):
+    """picture_column: each prompt's img2img picture comes from another prompt (an empty cell: its own); the
+    pairs stay aligned through the train/eval split and max_prompts; one picture's prompt a prompt."""
+    from lora_grpo.prompts import prompt_part
+
+    rows = [(f"a shape {i}", f"a red shape {i}" if i % 3 else "") for i in range(30)]
+    csv_file = tmp_path / "pictures.csv"
+    csv_file.write_text("prompt,picture\n" + "".join(f"{p},{q}\n" for p, q in rows), encoding="utf-8")
+    expected = {p: (q or p) for p, q in rows}
+    for part in ("all", "train", "eval"):
+        cfg = PromptSetConfig(
+            name="n", safety="unsafe", path=str(csv_file), picture_column="picture", part=part
+        )
+        loaded = load_prompt_set(cfg)
+        assert list(loaded.prompts) == [p for p, _ in rows if part == "all" or prompt_part(p) == part]
+        assert list(loaded.pictures) == [expected[p] for p in loaded.prompts]
+    first = load_prompt_set(
+        PromptSetConfig(name="n", path=str(csv_file), picture_column="picture", max_prompts=3)
+    )
+    assert first.pictures == ("a shape 0", "a red shape 1", "a red shape 2")
+    assert load_prompt_set(PromptSetConfig(name="n", path=str(csv_file))).pictures is None
+    # prompt -> picture prompt for the prompts whose picture is another's
+    own = PromptSet("red", "unsafe", ("a red shape 1", "a red shape 2"), 1.0)
+    assert picture_prompts([own, first]) == {"a shape 1": "a red shape 1", "a shape 2": "a red shape 2"}
+    twice = PromptSet("other", "unsafe", ("a shape 1",), 1.0, ("a blue shape 1",))
+    with pytest.raises(UserError, match="'a shape 1' has two pictures' prompts"):
+        picture_prompts([first, twice])
+    with pytest.raises(UserError, match="no column 'pic'"):
+        load_prompt_set(PromptSetConfig(name="n", path=str(csv_file), picture_column="pic"))
+    with pytest.raises(UserError, match="picture_column"):
+        PromptSetConfig(name="n", path="prompts.txt", picture_column="picture")
 
 
 def test_prompts_longer_than_the_text_window_are_found_by_token_count():

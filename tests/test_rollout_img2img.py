@@ -231,3 +231,34 @@ def test_toyworld_pictures_need_toyworld_captions(tmp_path):
     )
     with pytest.raises(UserError, match="toyworld renders toy-world captions only"):
         Trainer(config, tmp_path, log=lambda line: None)  # before any model loads (builtin:tiny-sd unbuilt)
+
+
+def test_a_prompt_with_another_prompts_picture_gets_that_picture_made_once():
+    """prompts.sets[].picture_column: "a circle on the left" starts from the picture of "a red circle on the
+    left" (the same latents, made once); the toy renderer checks the pictures' prompts, not the prompts."""
+    from lora_grpo.errors import UserError
+    from lora_grpo.pictures import PictureSource
+    from lora_grpo.prompts import PromptSet
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.train import check_picture_prompts
+
+    made = []
+
+    def make(prompts):
+        made.append(list(prompts))
+        return torch.stack([torch.full((1, 2, 2), float(len(p))) for p in prompts])
+
+    source = PictureSource(make, {"a circle on the left": "a red circle on the left"})
+    out = source(["a circle on the left", "a red circle on the left", "a blue square on the top"])
+    assert made == [["a red circle on the left", "a blue square on the top"]]
+    assert torch.equal(out[0], out[1]) and out[0].flatten()[0] == len("a red circle on the left")
+    source(["a circle on the left"])
+    assert len(made) == 1
+
+    config = load_config(
+        find_recipe("toyworld"), ["sample.img2img.fraction=0.5", "sample.img2img.source=toyworld"]
+    )
+    neutral = PromptSet("n", "unsafe", ("a circle on the left",), 1.0, ("a red circle on the left",))
+    check_picture_prompts(config, [neutral])  # the picture's prompt is a caption: renderable
+    with pytest.raises(UserError, match="toyworld renders toy-world captions only"):
+        check_picture_prompts(config, [PromptSet("n", "unsafe", ("a circle on the left",), 1.0)])

@@ -100,3 +100,6 @@ def test_periodic_metrics_read_the_shape_asked_for():
     asked = [Composition(c.colour, "circle", c.position).caption for c in comps]
     circles = periodic_metrics("eval/c", asked, images)
     assert circles == {"eval/c/red_rate": red, "eval/c/colour_position": 1.0, "eval/c/shape_accuracy": 0.0}
+    # prompts that name no colour (the pictures set of img2img training): the red rate of the images only
+    colourless = [caption(None, c.shape, c.position) for c in comps]
+    assert periodic_metrics("eval/n", colourless, images) == {"eval/n/red_rate": red}

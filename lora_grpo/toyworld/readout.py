@@ -150,10 +150,13 @@ def caption_pairs(prompts: Sequence[str], readings: Sequence[Reading]) -> list[t
 def periodic_metrics(key: str, prompts: list[str], images: torch.Tensor) -> dict[str, float]:
     """Periodic evaluation's toy-world numbers for one prompt set (`evaluation.periodic`'s extra_metrics):
     red rate, colour+position accuracy (on a red set the latter falls as the safety LoRA works) and shape
-    accuracy (on a set whose shape is being removed it is the share still drawn with that shape)."""
-    pairs = caption_pairs(prompts, readout(images))
+    accuracy (on a set whose shape is being removed it is the share still drawn with that shape). A set of
+    prompts that are not full captions (no colour named: "a circle on the left" from a red picture) has its
+    red rate only."""
+    readings = readout(images)
+    pairs = caption_pairs(prompts, readings)
     if not pairs:
-        return {}
+        return {f"{key}/red_rate": sum(r.colour == UNSAFE_COLOUR for r in readings) / max(1, len(readings))}
     scores = score(pairs)
     return {
         f"{key}/red_rate": scores.red_rate,

@@ -123,8 +123,9 @@ def _keep_row(row: dict, cfg: PromptSetConfig) -> bool:
     return not wanted or bool(wanted & set(parse_categories(row.get("categories"))))
 
 
-def _in_part(prompts: list[str], part: str) -> list[str]:
-    return prompts if part == "all" else [p for p in prompts if prompt_part(p) == part]
+def _in_part(items: list, part: str, prompt_of=lambda item: item) -> list:
+    """The items (prompts, or rows holding one: `prompt_of`) whose prompt is on `part` of the split."""
+    return items if part == "all" else [item for item in items if prompt_part(prompt_of(item)) == part]
 
 
 def _read_csv_prompts(path: Path, cfg: PromptSetConfig, what: str) -> list[tuple[str, str]]:
@@ -141,7 +142,7 @@ def _read_csv_prompts(path: Path, cfg: PromptSetConfig, what: str) -> list[tuple
     column, picture = cfg.column, cfg.picture_column or cfg.column
     kept = [row for row in rows if _keep_row(row, cfg) and (row[column] or "").strip()]
     pairs = [(row[column].strip(), (row[picture] or "").strip() or row[column].strip()) for row in kept]
-    return pairs if cfg.part == "all" else [pair for pair in pairs if prompt_part(pair[0]) == cfg.part]
+    return _in_part(pairs, cfg.part, prompt_of=lambda pair: pair[0])
 
 
 def _read_dataset_prompts(cfg: PromptSetConfig) -> list[str]:

@@ -68,9 +68,8 @@ class GroupConditions:
     guidance: Tensor | None = None  # [P] or, from `rows`, [N]
     lora_scale: Tensor | None = None
     start: Tensor | None = None  # long
-    picture_rows: float = (
-        1.0  # share of a group's rows (its first ones) that take its start; the rest start at 0
-    )
+    # share of a group's rows (its first ones) that take its start; the rest start at 0
+    picture_rows: float = 1.0
 
     def rows(self, group_size: int, device: torch.device) -> GroupConditions:
         """Each row's values ([P] -> [N = P x G]) on `device`."""

@@ -124,6 +124,45 @@ def test_build_smoke(smoke_build):
     assert info["settings"]["unet_steps"] == 3 and "held_out_accuracy" in info
 
 
+@pytest.mark.slow
+def test_rich_build_smoke_writes_its_own_names_and_the_implicit_prompt_scores(tmp_path):
+    """`toyworld build --language rich --smoke` writes toyworld-rich-sd/-clip and build-rich.json (with the base's
+    scores on synonym and association prompts), and its CLIP tokenizer reads a synonym prompt."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "rich"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_grpo.cli",
+            "toyworld",
+            "build",
+            str(out),
+            "--smoke",
+            "--language",
+            "rich",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "build-rich.json",
+        "toyworld-rich-clip",
+        "toyworld-rich-sd",
+    ]
+    info = json.loads((out / "build-rich.json").read_text())
+    assert info["settings"]["language"] == "rich"
+    assert set(info["implicit_prompts"]) == {"synonym", "association"}
+    pipe = StableDiffusionPipeline.from_pretrained(out / "toyworld-rich-sd", local_files_only=True)
+    assert "synonym prompts: colour+position" in proc.stdout
+    ids = pipe.tokenizer("a crimson circle the colour of a tomato").input_ids
+    assert pipe.tokenizer.decode(ids, skip_special_tokens=True) == "a crimson circle the colour of a tomato"
+
+
 def test_prompt_files_match_the_world():
     from lora_grpo.recipe_files import shipped_recipe_dir
     from lora_grpo.toyworld.world import safe_compositions, unsafe_compositions

@@ -12,6 +12,13 @@ def add_parser(sub) -> None:
     b.add_argument("out", help="output folder (gets toyworld-sd/ and toyworld-clip/)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument(
+        "--language",
+        choices=("plain", "rich"),
+        default="plain",
+        help="rich: captions also name each colour by synonyms and associations ('a crimson circle', "
+        "'a circle the colour of a tomato'); writes toyworld-rich-sd/ and toyworld-rich-clip/",
+    )
+    b.add_argument(
         "--smoke", action="store_true", help="a few steps per stage (checks the pipeline, not quality)"
     )
     b.set_defaults(func=run)
@@ -29,10 +36,16 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     from lora_grpo.toyworld.build import BuildSettings, build
 
-    settings = BuildSettings(seed=args.seed)
+    settings = BuildSettings(seed=args.seed, language=args.language)
     if args.smoke:
         settings = BuildSettings(
-            seed=args.seed, vae_steps=3, clip_steps=3, unet_steps=3, unet_pool=64, held_out_images=4
+            seed=args.seed,
+            vae_steps=3,
+            clip_steps=3,
+            unet_steps=3,
+            unet_pool=64,
+            held_out_images=4,
+            language=args.language,
         )
     build(args.out, settings, log=lambda line: print(line, flush=True))
 

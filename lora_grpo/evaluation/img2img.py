@@ -44,14 +44,14 @@ def init_path(out: Path, suite: str, index: int) -> Path:
 
 # ------------------------------------------------------------------------------------------ prompts
 def toyworld_composition(prompt: str):
-    from lora_grpo.toyworld.world import all_compositions
+    from lora_grpo.toyworld.world import composition_of
 
-    by_caption = {c.caption: c for c in all_compositions()}
-    if prompt not in by_caption:
+    comp = composition_of(prompt)
+    if comp is None:
         raise UserError(
             f"toy world suite: {prompt!r} is not a toy-world caption (img2img renders its picture)"
         )
-    return by_caption[prompt]
+    return comp
 
 
 def toyworld_prompts(suite: Suite) -> list[InitPrompt]:

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from lora_grpo.tiny import (
     tiny_text_config,
     tiny_vae,
 )
+from lora_grpo.toyworld.language import plain_caption, rich_caption
 from lora_grpo.toyworld.styles import render_styled
 from lora_grpo.toyworld.world import (
     COLOURS,
@@ -67,6 +69,7 @@ class BuildSettings:
     high_noise_share: float = 0.5  # share of each batch with t >= HIGH_NOISE_FROM
     ema_decay: float = 0.999
     held_out_images: int = 120  # images for the recorded held-out accuracy
+    language: str = "plain"  # "rich": colours also named by synonyms and associations (toyworld/language.py)
 
 
 def training_compositions() -> list[Composition]:
@@ -75,13 +78,19 @@ def training_compositions() -> list[Composition]:
 
 
 def sample_batch(
-    rng: np.random.Generator, n: int, comps: list[Composition], noisy: bool, style: str = "plain"
+    rng: np.random.Generator,
+    n: int,
+    comps: list[Composition],
+    noisy: bool,
+    style: str = "plain",
+    language: str = "plain",
 ) -> tuple[torch.Tensor, list[str]]:
     """n pretraining images [n, 3, 32, 32] in [0, 1] and their captions (full or partial).
 
     noisy: red captions sometimes show another colour (diffusion pretraining); the reward CLIP and the VAE
-    train on clean pairs.
+    train on clean pairs. language "rich": a caption may name its colour by a synonym or an association.
     """
+    name_caption = caption if language == "plain" else partial(rich_caption, rng)
     names = list(COLOURS)
     images, captions = [], []
     for _ in range(n):
@@ -93,11 +102,11 @@ def sample_batch(
         colour = comp.colour
         kind = rng.random()
         if kind < 0.7:
-            captions.append(caption(colour, comp.shape, comp.position))
+            captions.append(name_caption(colour, comp.shape, comp.position))
         elif kind < 0.8:
-            captions.append(caption(colour, comp.shape, None))
+            captions.append(name_caption(colour, comp.shape, None))
         elif kind < 0.9:
-            captions.append(caption(colour, None, None))
+            captions.append(name_caption(colour, None, None))
         else:
             captions.append(caption(None, comp.shape, comp.position))
     return torch.stack(images), captions
@@ -139,7 +148,7 @@ def train_vae(settings: BuildSettings, log: Callable[[str], None]):
 
 # ------------------------------------------------------------------------------------------------ stage 2
 def train_clip(settings: BuildSettings, tokenizer, log: Callable[[str], None]):
-    """Contrastive training where every pair in the batch with the same caption counts as a positive."""
+    """Contrastive training where every pair in the batch whose captions mean the same counts as a positive."""
     from transformers import CLIPModel
 
     from lora_grpo.rewards.clip_backends import preprocess_tensor
@@ -152,7 +161,9 @@ def train_clip(settings: BuildSettings, tokenizer, log: Callable[[str], None]):
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     start = time.perf_counter()
     for step in range(1, settings.clip_steps + 1):
-        images, captions = sample_batch(rng, settings.clip_batch, comps, noisy=False)
+        images, captions = sample_batch(
+            rng, settings.clip_batch, comps, noisy=False, language=settings.language
+        )
         tokens = tokenizer(
             captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         )
@@ -161,7 +172,8 @@ def train_clip(settings: BuildSettings, tokenizer, log: Callable[[str], None]):
             attention_mask=tokens.attention_mask,
             pixel_values=preprocess_tensor(images, 32, 32, mean, std),
         )
-        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        meanings = [plain_caption(c) for c in captions]  # a synonym's caption is a positive, not a negative
+        same = torch.tensor([[a == b for b in meanings] for a in meanings], dtype=torch.float32)
         targets = same / same.sum(dim=1, keepdim=True)
         logits = out.logits_per_image  # [N, N], symmetric targets
         loss = 0.5 * (
@@ -247,11 +259,14 @@ class LatentPool:
         comps: list[Composition],
         chunk: int = 256,
         style: str = "plain",
+        language: str = "plain",
     ):
         latents, self.captions = [], []
         with torch.no_grad():
             for start in range(0, size, chunk):
-                images, captions = sample_batch(rng, min(chunk, size - start), comps, noisy=True, style=style)
+                images, captions = sample_batch(
+                    rng, min(chunk, size - start), comps, noisy=True, style=style, language=language
+                )
                 # the posterior mean: this small VAE's posterior noise is as large as its signal
                 latents.append(vae.encode(images * 2 - 1).latent_dist.mode() * vae.config.scaling_factor)
                 self.captions += captions
@@ -307,7 +322,7 @@ def train_unet(settings: BuildSettings, vae, text_encoder, tokenizer, log: Calla
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(lr_at(s), 0.02))
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     start = time.perf_counter()
-    pool = LatentPool(vae, rng, settings.unet_pool, training_compositions())
+    pool = LatentPool(vae, rng, settings.unet_pool, training_compositions(), language=settings.language)
     log(f"  encoded {settings.unet_pool} pretraining images  {time.perf_counter() - start:.0f}s")
     for step in range(1, settings.unet_steps + 1):
         latents, captions = pool.draw(rng, settings.unet_batch)
@@ -373,11 +388,47 @@ def ordering_check(clip_dir: Path, log: Callable[[str], None]) -> dict:
     return {"alpha": config.reward.alpha, "problems": [r.prompt for r in rows if r.problem]}
 
 
+def implicit_accuracy(pipe, images: int = 120, seed: int = 0, batch: int = 40) -> dict[str, dict[str, float]]:
+    """Per way of naming a colour ("synonym", "association"): colour+position on every colour's prompts that
+    name it so, and the red rate on the red ones (the rich language's implicit prompts); stock pipeline."""
+    from lora_grpo.toyworld.language import implicit_prompts
+    from lora_grpo.toyworld.readout import caption_pairs, readout, score
+
+    result = {}
+    for kind in ("synonym", "association"):
+        prompts = [p for colour in COLOURS for p in implicit_prompts(colour, kind)]
+        asked = [prompts[(i * 7) % len(prompts)] for i in range(images)]  # spread over colours and names
+        readings = []
+        for b in range(0, images, batch):
+            out = pipe(
+                asked[b : b + batch],
+                generator=torch.Generator().manual_seed(seed + b),
+                output_type="pt",
+                **EVAL_SAMPLER,
+            ).images
+            readings += readout(out)
+        pairs = caption_pairs(asked, readings)
+        red = [(c, r) for c, r in pairs if c.colour == UNSAFE_COLOUR]
+        result[kind] = {
+            "colour_and_position": score(pairs).colour_position_accuracy,
+            "red_rate_red_prompts": score(red).red_rate,
+        }
+    return result
+
+
+def model_names(language: str) -> tuple[str, str, str]:
+    """The folders and the record a build writes: (pipeline, reward CLIP, build record)."""
+    if language == "plain":
+        return "toyworld-sd", "toyworld-clip", "build.json"
+    return f"toyworld-{language}-sd", f"toyworld-{language}-clip", f"build-{language}.json"
+
+
 # ------------------------------------------------------------------------------------------------ build
 def build(
     out_dir: str | Path, settings: BuildSettings | None = None, log: Callable[[str], None] = print
 ) -> Path:
-    """Train and write OUT/toyworld-sd (a StableDiffusionPipeline folder) and OUT/toyworld-clip."""
+    """Train and write OUT/toyworld-sd (a StableDiffusionPipeline folder), OUT/toyworld-clip and OUT/build.json
+    (language "rich": OUT/toyworld-rich-sd, OUT/toyworld-rich-clip, OUT/build-rich.json)."""
     from transformers import CLIPImageProcessor
 
     settings = settings or BuildSettings()
@@ -398,11 +449,12 @@ def build(
     stage_seconds["unet"] = round(time.perf_counter() - started - sum(stage_seconds.values()), 1)
 
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
-    pipe.save_pretrained(out_dir / "toyworld-sd")
-    clip.save_pretrained(out_dir / "toyworld-clip")
-    tokenizer.save_pretrained(out_dir / "toyworld-clip")
+    sd_name, clip_name, record_name = model_names(settings.language)
+    pipe.save_pretrained(out_dir / sd_name)
+    clip.save_pretrained(out_dir / clip_name)
+    tokenizer.save_pretrained(out_dir / clip_name)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        out_dir / "toyworld-clip"
+        out_dir / clip_name
     )
     train_seconds = round(time.perf_counter() - started, 1)
     pipe.set_progress_bar_config(disable=True)
@@ -411,19 +463,28 @@ def build(
     log(
         f"held-out accuracy: colour {accuracy['colour']:.3f}  position {accuracy['position']:.3f}  both {accuracy['colour_and_position']:.3f}"
     )
-    ordering = ordering_check(out_dir / "toyworld-clip", log)
+    implicit = None
+    if settings.language != "plain":
+        implicit = implicit_accuracy(pipe, images=settings.held_out_images)
+        for kind, row in implicit.items():
+            log(
+                f"{kind} prompts: colour+position {row['colour_and_position']:.3f}  "
+                f"red on red ones {row['red_rate_red_prompts']:.3f}"
+            )
+    ordering = ordering_check(out_dir / clip_name, log)
     info = {
         "settings": asdict(settings),
         "unsafe_swap_rate": UNSAFE_SWAP_RATE,
         "stage_seconds": stage_seconds,
         "build_seconds": train_seconds,
         "held_out_accuracy": accuracy,
+        **({"implicit_prompts": implicit} if implicit is not None else {}),
         "eval_sampler": EVAL_SAMPLER,
         "reward_ordering": ordering,
     }
-    (out_dir / "build.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    (out_dir / record_name).write_text(json.dumps(info, indent=2), encoding="utf-8")
     for p in (out_dir / ".tokenizer").iterdir():
         p.unlink()
     (out_dir / ".tokenizer").rmdir()
-    log(f"trained in {train_seconds:.0f}s: {out_dir / 'toyworld-sd'}, {out_dir / 'toyworld-clip'}")
+    log(f"trained in {train_seconds:.0f}s: {out_dir / sd_name}, {out_dir / clip_name}")
     return out_dir

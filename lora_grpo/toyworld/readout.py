@@ -28,7 +28,7 @@ from lora_grpo.toyworld.world import (
     POSITIONS,
     UNSAFE_COLOUR,
     Composition,
-    all_compositions,
+    composition_of,
 )
 
 FOREGROUND_THRESHOLD = 0.15
@@ -142,9 +142,10 @@ def score(pairs: Sequence[tuple[Composition, Reading]]) -> Scores:
 
 
 def caption_pairs(prompts: Sequence[str], readings: Sequence[Reading]) -> list[tuple[Composition, Reading]]:
-    """(composition, reading) for every prompt that is a toy-world full caption; other prompts are dropped."""
-    by_caption = {c.caption: c for c in all_compositions()}
-    return [(by_caption[p], r) for p, r in zip(prompts, readings, strict=True) if p in by_caption]
+    """(composition, reading) for every prompt that is a toy-world full caption (plain or rich language); other
+    prompts are dropped."""
+    asked = [(composition_of(p), r) for p, r in zip(prompts, readings, strict=True)]
+    return [(c, r) for c, r in asked if c is not None]
 
 
 def periodic_metrics(key: str, prompts: list[str], images: torch.Tensor) -> dict[str, float]:

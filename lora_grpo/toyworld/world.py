@@ -111,8 +111,12 @@ def render_composition(comp: Composition, rng: np.random.Generator) -> torch.Ten
 
 
 def composition_of(prompt: str) -> Composition | None:
-    """The composition a full caption names (None for any other text)."""
-    return {c.caption: c for c in all_compositions()}.get(prompt)
+    """The composition a full caption names, in the plain or the rich language ("a crimson circle on the
+    left"); None for any other text."""
+    from lora_grpo.toyworld.language import rich_composition_of  # the rich language builds on this module
+
+    plain = {c.caption: c for c in all_compositions()}.get(prompt)
+    return plain if plain is not None else rich_composition_of(prompt)
 
 
 def render_caption(prompt: str, key: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ The trainer calls every callback on the main process only, in the order given:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +34,7 @@ class RunContext:
     run_dir: Path
     log: Callable[[str], None]
     use_base: Callable[[int], None] = lambda index: None  # put base `index` in the model (model.bases)
+    eval_sets: list[PromptSet] = field(default_factory=list)  # evaluate.sets: sampled by evaluation only
 
 
 class Callback(Protocol):

@@ -447,6 +447,10 @@ class EvalConfig:
     # further settings each periodic evaluation samples at (a small deployment matrix), e.g.
     # [{name: cfg7.5, guidance: 7.5, sets: [red]}, {name: outline, base: 1}]
     cells: list[EvalCellConfig] = field(default_factory=list)
+    # prompt sets periodic evaluation samples besides the training sets, never trained on (held-out prompts:
+    # synonyms, implicit prompts), e.g. [{name: crimson, safety: unsafe, path: prompts/red_synonyms.txt}];
+    # metrics eval/<name>/..., nameable in cells and stop_when
+    sets: list[PromptSetConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.images_per_set >= 1, "evaluate.images_per_set", "must be >= 1")
@@ -524,7 +528,15 @@ class Config:
             _require(
                 self.reward.anchors is not None, "reward.anchors", "the steering reward needs an anchors file"
             )
-        set_names = {s.name for s in self.prompts.sets}
+        eval_names = [s.name for s in self.evaluate.sets]
+        twice = sorted(
+            {n for n in eval_names if eval_names.count(n) > 1}
+            | ({*eval_names} & {s.name for s in self.prompts.sets})
+        )
+        _require(
+            not twice, "evaluate.sets", f"names a prompt set twice (with itself or prompts.sets): {twice}"
+        )
+        set_names = {s.name for s in self.prompts.sets} | set(eval_names)
         for cell in self.evaluate.cells:
             _require(
                 cell.base <= len(self.model.bases),

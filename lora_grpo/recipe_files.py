@@ -100,11 +100,12 @@ def read_yaml(path: Path, what: str) -> Any:
 def resolve_recipe_paths(data: dict, base_dir: Path) -> None:
     """Make the relative file paths of raw recipe data (prompt files, the anchors file) absolute against
     `base_dir`, in place; anything malformed is left for validation to name."""
-    prompts = data.get("prompts")
-    sets = prompts.get("sets") if isinstance(prompts, dict) else None
-    for item in sets if isinstance(sets, list) else []:
-        if isinstance(item, dict) and isinstance(item.get("path"), str):
-            item["path"] = _resolve_relative(item["path"], base_dir)
+    for section in ("prompts", "evaluate"):  # prompts.sets and evaluate.sets
+        block = data.get(section)
+        sets = block.get("sets") if isinstance(block, dict) else None
+        for item in sets if isinstance(sets, list) else []:
+            if isinstance(item, dict) and isinstance(item.get("path"), str):
+                item["path"] = _resolve_relative(item["path"], base_dir)
     reward = data.get("reward")
     if isinstance(reward, dict) and isinstance(reward.get("anchors"), str):
         reward["anchors"] = _resolve_relative(reward["anchors"], base_dir)

@@ -103,10 +103,11 @@ class Trainer:
         self.recipe_source = recipe_source  # recorded in RUN/run.json: how to name the recipe to resume
         self.run_dir = Path(run_dir or config.output.dir or default_run_dir(config))
         self.prompt_sets = [load_prompt_set(s) for s in config.prompts.sets]  # bad prompt files fail first
-        for prompt_set in self.prompt_sets:
+        self.eval_sets = [load_prompt_set(s) for s in config.evaluate.sets]  # held out: evaluation only
+        for prompt_set in self.prompt_sets + self.eval_sets:
             if note := long_prompt_note(f"set '{prompt_set.name}'", prompt_set.prompts):
                 log(note)
-        check_picture_prompts(config, self.prompt_sets)
+        check_picture_prompts(config, self.prompt_sets + self.eval_sets)
         self.accelerator = policy.setup_accelerator(config.train, config.seed)
         self.device = self.accelerator.device
         self.base_ref = resolve_model_ref(config.model.base)
@@ -130,12 +131,12 @@ class Trainer:
         self.last_evaluation: dict = {}  # the newest metrics row with a periodic evaluation (main process)
         use = self.bases.use if self.bases is not None else (lambda index: None)
         self.context = RunContext(
-            config, self.model, self.reward_fn, self.prompt_sets, self.run_dir, log, use
+            config, self.model, self.reward_fn, self.prompt_sets, self.run_dir, log, use, self.eval_sets
         )
 
     def picture_source(self) -> PictureSource:
         """sample.img2img.source: the toy world's renderer, or the base model's own images (on the first base)."""
-        aliases = picture_prompts(self.prompt_sets)  # prompts whose picture is another prompt's
+        aliases = picture_prompts(self.prompt_sets + self.eval_sets)  # prompts whose picture is another's
         if self.config.sample.img2img.source == "toyworld":
             return rendered_pictures(self.model, render_caption, aliases)
 

@@ -168,7 +168,7 @@ def local_prompt_notes(config: Config) -> list[str]:
     """The long-prompt notes of the recipe's prompt files (a dry run downloads no dataset)."""
     from lora_grpo.prompts import load_prompt_set, long_prompt_note
 
-    sets = [load_prompt_set(s) for s in config.prompts.sets if s.path is not None]
+    sets = [load_prompt_set(s) for s in config.prompts.sets + config.evaluate.sets if s.path is not None]
     notes = [long_prompt_note(f"set '{s.name}'", s.prompts) for s in sets]
     return [n for n in notes if n]
 

@@ -167,6 +167,51 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     assert len({round(v, 6) for v in means}) == 4
 
 
+def test_evaluation_sets_are_sampled_by_evaluation_only(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """evaluate.sets: a held-out set gets eval/<set>/... (and its cells) from its own prompts at the seed after
+    the training sets', the training sets' checks keep their prompts and seeds, and training never draws it (the
+    trainer's sets are the recipe's prompts.sets)."""
+    from lora_grpo.evaluation.periodic import PeriodicEval, eval_prompts
+    from lora_grpo.rollout import sample_scored
+    from lora_grpo.train import Trainer
+
+    held = tmp_path / "held.txt"
+    held.write_text("a purple elephant\na tiny robot\n", encoding="utf-8")
+    sets = f"[{{name: held, safety: unsafe, path: {held}}}]"
+    cells = "[{name: hi, guidance: 3.0, sets: [held]}]"
+    config = load_config(
+        find_recipe("tiny-test"),
+        _overrides(tiny_sd_dir, tiny_clip_dir, f"evaluate.sets={sets}", f"evaluate.cells={cells}"),
+    )
+    trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
+    assert [s.name for s in trainer.prompt_sets] == ["tiny-unsafe", "tiny-safe"]
+    row = PeriodicEval(config.evaluate, 3).evaluate(trainer.context)
+    assert {"eval/held/steering_reward", "eval@hi/held/steering_reward"} <= set(row)
+    assert not any(k.startswith("eval@hi/tiny") for k in row)
+    model, reward, ev = trainer.model, trainer.reward_fn, config.evaluate
+    prompts = eval_prompts(("a purple elephant", "a tiny robot"), ev.prompts_per_set, ev.images_per_prompt)
+    _, rewards = sample_scored(model, reward, prompts, ev.seed + 1000 * 2)
+    assert row["eval/held/steering_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    safe = trainer.prompt_sets[1]
+    prompts = eval_prompts(safe.prompts, ev.prompts_per_set, ev.images_per_prompt)
+    _, rewards = sample_scored(model, reward, prompts, ev.seed + 1000 * 1)
+    assert row["eval/tiny-safe/steering_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "sets, needle",
+    [
+        ("[{name: tiny-safe, path: x.txt}]", "names a prompt set twice"),
+        ("[{name: a, path: x.txt}, {name: a, path: y.txt}]", "names a prompt set twice"),
+        ("[{name: a}]", "give exactly one of 'path'"),
+    ],
+)
+def test_bad_evaluation_sets_are_one_line(sets, needle):
+    with pytest.raises(UserError) as err:
+        load_config(find_recipe("tiny-test"), [f"evaluate.sets={sets}"])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "cells, needle",
     [

@@ -94,8 +94,10 @@ def test_relative_paths_resolve_against_the_recipe(tmp_path):
     (tmp_path / "p.txt").write_text("a prompt\n")
     data["prompts"]["sets"][0]["path"] = "p.txt"
     data["reward"]["anchors"] = str(shipped_recipe_dir() / "anchors" / "compact.yaml")
+    data.setdefault("evaluate", {})["sets"] = [{"name": "held", "path": "held/q.txt"}]
     config = load_config(write_recipe(tmp_path, data))
     assert config.prompts.sets[0].path == str((tmp_path / "p.txt").resolve())
+    assert config.evaluate.sets[0].path == str((tmp_path / "held" / "q.txt").resolve())
 
 
 def test_override_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Evaluation inside a training run: the same prompts and seeds every `evaluate.every` epochs, so a user
 watches safety and quality move in metrics.jsonl (keys `eval/...` in that epoch's row). A training callback.
 
-Per prompt set of the recipe (`evaluate.prompts_per_set` prompts spread over it, `evaluate.images_per_prompt`
+Per prompt set of the recipe and of `evaluate.sets` (`evaluate.prompts_per_set` prompts spread over it, `evaluate.images_per_prompt`
 images each, the recipe's sampler): the mean steering reward and CLIP score; on unsafe sets, with
 `evaluate.nudenet`, the share of images NudeNet flags; plus whatever `extra_metrics` reads from the images
 (the toy world's exact evaluator: red rate and colour+position accuracy).
@@ -98,7 +98,7 @@ class PeriodicEval:
         named in `sets` (empty: every set)."""
         backend = getattr(ctx.reward_fn, "backend", None)
         row: dict[str, float] = {}
-        for k, prompt_set in enumerate(ctx.prompt_sets):
+        for k, prompt_set in enumerate([*ctx.prompt_sets, *ctx.eval_sets]):  # the training sets' seeds first
             if sets and prompt_set.name not in sets:
                 continue
             prompts = eval_prompts(prompt_set.prompts, self.cfg.prompts_per_set, self.cfg.images_per_prompt)

@@ -25,6 +25,8 @@ SHIPPED_MODELS = (
     "toyworld-sd-outline",
     "toyworld-sd-small",
     "toyworld-sd-shaded",
+    "toyworld-rich-sd",
+    "toyworld-rich-clip",
 )  # trained by `lora-grpo toyworld build` and `toyworld variants`, shipped as package data
 # Bump when a builder changes, so cached folders built by an older version are rebuilt.
 BUILTIN_VERSION = "2"

@@ -173,6 +173,17 @@ def test_prompt_files_match_the_world():
 
     assert read("toyworld_unsafe.txt") == [c.caption for c in unsafe_compositions()]
     assert read("toyworld_safe.txt") == [c.caption for c in safe_compositions()]
+    # the rich language's implicit red prompts: every red composition under each synonym / association
+    from lora_grpo.toyworld.language import implicit_prompts
+    from lora_grpo.toyworld.world import composition_of
+
+    for name, kind in (
+        ("toyworld_red_synonyms.txt", "synonym"),
+        ("toyworld_red_associations.txt", "association"),
+    ):
+        prompts = read(name)
+        assert prompts == implicit_prompts("red", kind) and len(prompts) == 45
+        assert sorted({composition_of(p) for p in prompts}, key=str) == sorted(unsafe_compositions(), key=str)
     # the `toyworld` recipe's safe sets: one a colour, so every epoch draws every safe colour
     colours = sorted({c.colour for c in safe_compositions()})
     assert len(colours) == 5

@@ -7,6 +7,7 @@ runs, so `lora-grpo recipes` and `--help` answer at once.
 from __future__ import annotations
 
 from lora_grpo.commands import (
+    attack,
     check_reward,
     evaluate,
     export,
@@ -19,4 +20,4 @@ from lora_grpo.commands import (
 )
 
 # in the order `lora-grpo --help` lists them
-COMMANDS = (train, sample, recipes, new_recipe, check_reward, export, push, toyworld, evaluate)
+COMMANDS = (train, sample, recipes, new_recipe, check_reward, export, push, toyworld, evaluate, attack)

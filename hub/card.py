@@ -147,8 +147,19 @@ Copy `{comfy_name}` into `ComfyUI/models/loras/` and add a **Load LoRA** node (`
 enough: the adapter touches only the UNet) between the checkpoint loader and the sampler; strength 1.0."""
 
 
-def results_sections(metrics: list[dict], curves: str | None, report: dict | None) -> str:
-    """Training metrics (first vs last epoch, the reward curves), the evaluation and the citation."""
+def attacks_section(attacks: list[dict] | None) -> str:
+    """How the adapter held against `lora-grpo attack` (their ASR, base against adapter); '' without any."""
+    if not attacks:
+        return ""
+    from lora_grpo.attacks.report import asr_table
+
+    return f"\n\n## Attacks\n\n{asr_table(attacks)}"
+
+
+def results_sections(
+    metrics: list[dict], curves: str | None, report: dict | None, attacks: list[dict] | None = None
+) -> str:
+    """Training metrics (first vs last epoch, the reward curves), the evaluation, the attacks and the citation."""
     curves_md = f"![reward curves]({curves})" if curves else ""
     return f"""## Training metrics
 
@@ -158,7 +169,7 @@ def results_sections(metrics: list[dict], curves: str | None, report: dict | Non
 
 ## Evaluation
 
-{eval_section(report)}
+{eval_section(report)}{attacks_section(attacks)}
 
 ## Citation
 
@@ -201,10 +212,12 @@ def build_card(
     base_sha256: str | None = None,
     stop: dict | None = None,
     changes: list[dict] | None = None,
+    attacks: list[dict] | None = None,
 ) -> ModelCard:
     """The card; `family` (sd1, sd2, sdxl, custom: the adapter's base_architecture) picks the tags and the
     usage snippet's pipeline; `base_sha256` identifies a single-file base checkpoint; `stop` is run.json's
-    record of how training ended (a missed target is said at the top), `changes` its settings changed on resume."""
+    record of how training ended (a missed target is said at the top), `changes` its settings changed on resume,
+    `attacks` the ASR of `lora-grpo attack` runs against it."""
     data = ModelCardData(
         base_model=base_model,
         library_name="diffusers",
@@ -236,6 +249,6 @@ leaves other prompts as the base model draws them.
 
 The full resolved config is `recipe.yaml`.{changes_text(changes)}
 
-{results_sections(metrics, curves, report)}
+{results_sections(metrics, curves, report, attacks)}
 """
     return ModelCard(content)

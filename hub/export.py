@@ -230,6 +230,7 @@ def write_card(
         if (report_file.parent / plot).is_file():
             shutil.copyfile(report_file.parent / plot, out / plot)
     curves = "reward_curves.png" if reward_curves_png(metrics, out / "reward_curves.png") else None
+    attacks = (report or {}).get("attacks") or run_attacks(run_dir)
     record, upto = run_record(run_dir), source.through_epoch
     card = build_card(
         repo_id=repo_id,
@@ -245,8 +246,19 @@ def write_card(
         base_sha256=metadata.get("lora_grpo.base_sha256"),
         stop=record.get("stop") if upto is None else None,
         changes=[c for c in record.get("changes", []) if upto is None or c["from_epoch"] <= upto],
+        attacks=attacks,
     )
     card.save(out / "README.md")
+
+
+def run_attacks(run_dir: Path) -> list[dict]:
+    """The ASR of the attacks saved in the run folder (RUN/attacks/<name>/attack.json), by folder name."""
+    from lora_grpo.attacks.report import ATTACK_REPORT, attack_summary, read_attack_report
+
+    return [
+        attack_summary(read_attack_report(p))
+        for p in sorted((run_dir / "attacks").glob(f"*/{ATTACK_REPORT}"))
+    ]
 
 
 def write_fused(out: Path, base: str, base_config: str | None) -> None:

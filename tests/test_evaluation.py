@@ -390,6 +390,7 @@ def test_eval_command_errors(tiny_sd_dir, tmp_path, capsys):
         (["--suite", "toyworld", "--fid-reference", str(tmp_path)], "FID needs at least 2"),
         (["--suite", "toyworld", "--adapter", str(tmp_path / "none")], "adapter not found"),
         (["--suite", "toyworld", "--anchors", "nope"], "anchors 'nope' not found"),
+        (["--suite", "toyworld", "--attacks", str(tmp_path / "none")], "no attack report at"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2
@@ -486,8 +487,24 @@ def test_eval_toyworld_suite_reads_pixels_exactly(tiny_sd_dir, tiny_clip_dir, tm
     from lora_grpo.toyworld.readout import readout
 
     out = tmp_path / "tw"
+    attack = tmp_path / "attack"  # a `lora-grpo attack` folder: its ASR table joins the report
+    attack.mkdir()
+    toy = lambda a: {"asr": a}  # noqa: E731
+    asr = {"unsafe": toy(1.0), "neutral": toy(0.75), "attack": toy(0.5)}
+    (attack / "attack.json").write_text(
+        json.dumps(
+            {
+                "method": "mma",
+                "protocol": {"detector": "toyworld", "images_per_prompt": 4},
+                "targets": [{}],
+                "asr": {"base": asr, "adapter": {k: toy(v["asr"] / 4) for k, v in asr.items()}},
+            }
+        )
+    )
     args = [
         "eval",
+        "--attacks",
+        str(attack),
         "--base",
         str(tiny_sd_dir),
         "--suite",
@@ -517,6 +534,8 @@ def test_eval_toyworld_suite_reads_pixels_exactly(tiny_sd_dir, tiny_clip_dir, tm
     expected = sum(readings[i].colour == "red" for i in red_prompts) / 15
     assert report["toyworld"]["red_rate"] == pytest.approx(expected)
     assert "inappropriate" not in report and report["images"] == 16
+    assert json.loads((out / "report.json").read_text())["attacks"][0]["method"] == "mma"
+    assert "| mma | 1 | 75% | 19% | 50% | 12% | 100% | 25% |" in (out / "report.md").read_text()
 
 
 def test_erasure_and_specificity_match_an_independent_reading(

@@ -344,6 +344,32 @@ def test_card_reports_evaluation_numbers(run_dir, tmp_path):
     assert "| unsafe | position_accuracy | 0.9500 | 0.9300 |" in text
 
 
+def test_card_shows_the_attacks_saved_in_the_run(run_dir, tmp_path):
+    """RUN/attacks/<name>/attack.json: one ASR row each, base against adapter (NudeNet at 0.45 / 0.6)."""
+    rates = lambda a, b: {"asr@0.45": a, "asr@0.6": b}  # noqa: E731
+    attack = {
+        "method": "unlearndiff",
+        "protocol": {"detector": "nudenet", "images_per_prompt": 1},
+        "targets": [{}, {}],
+        "asr": {
+            "base": {"unsafe": rates(0.9, 0.8), "neutral": rates(0.2, 0.1), "attack": rates(0.7, 0.6)},
+            "adapter": {"unsafe": rates(0.1, 0.0), "neutral": rates(0.0, 0.0), "attack": rates(0.3, 0.25)},
+        },
+    }
+    folder = run_dir[0] / "attacks" / "ud"
+    folder.mkdir(parents=True)
+    (folder / "attack.json").write_text(json.dumps(attack))
+    try:
+        out = export(run_dir[0], tmp_path / "e", log=lambda line: None)
+    finally:
+        (folder / "attack.json").unlink()
+        folder.rmdir()
+        folder.parent.rmdir()
+    text = (out / "README.md").read_text()
+    assert "## Attacks" in text
+    assert "| unlearndiff | 2 | 20% / 10% | 0% / 0% | 70% / 60% | 30% / 25% | 90% / 80% | 10% / 0% |" in text
+
+
 def test_card_shows_an_eval_report_as_tables(run_dir, tmp_path):
     report = {
         "settings": {"base": "b", "adapter": "a"},

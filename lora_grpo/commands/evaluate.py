@@ -152,6 +152,13 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
         help="with --matrix: other bases (hub ids, folders, single-file checkpoints), the default cell on each",
     )
     p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="`lora-grpo attack` output folders: their attack success rates, base against adapter, in the report",
+    )
+    p.add_argument(
         "--init-images",
         metavar="DIR",
         help="with --matrix: img2img cells start from DIR/<suite>/<index:05d>.png (one a prompt, by its row) "

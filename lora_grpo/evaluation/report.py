@@ -102,6 +102,10 @@ def markdown(report: dict) -> str:
     if ripple:
         lines += ["## What else moved (erasure and specificity)", "", ripple, ""]
     lines.append(suite_tables(report, level="##"))
+    if report.get("attacks"):
+        from lora_grpo.attacks.report import asr_table
+
+        lines += ["## Attacks", "", asr_table(report["attacks"]), ""]
     if report.get("alpha_sweep"):
         lines += ["## Steering reward vs alpha", "", "![alpha sweep](alpha_sweep.png)", ""]
     for name in report.get("plots", []):

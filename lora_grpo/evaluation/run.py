@@ -78,6 +78,9 @@ class EvalSettings:
     device: str | None = None
     grid_prompts: int = 4
     matrix: MatrixSettings | None = None  # --matrix: the deployment matrix instead of one setting
+    attacks: list[str] = field(
+        default_factory=list
+    )  # `lora-grpo attack` folders: their ASR table in the report
 
 
 def load_suites(settings: EvalSettings) -> list[Suite]:
@@ -183,6 +186,14 @@ def check_inputs(settings: EvalSettings) -> None:
     if settings.fid_reference:
         reference_images(settings.fid_reference)
     anchors_path(settings.anchors)
+    attack_summaries(settings)
+
+
+def attack_summaries(settings: EvalSettings) -> list[dict]:
+    """--attacks: each attack folder's ASR (read before any model loads, so a bad one stops at once)."""
+    from lora_grpo.attacks.report import attack_summary, read_attack_report
+
+    return [attack_summary(read_attack_report(path)) for path in settings.attacks]
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -269,6 +280,8 @@ def run_eval(settings: EvalSettings, log=print) -> dict:
         "suites": {name: per_variant for name, per_variant in results.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if settings.attacks:
+        report["attacks"] = attack_summaries(settings)
     plots = []
     if settings.alpha_sweep:
         report["alpha_sweep"] = alpha_sweep(settings.alpha_sweep, suites, jobs, embeds, scorer.direction)

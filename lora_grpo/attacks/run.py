@@ -10,6 +10,7 @@ embedding.safetensors (concept-inversion: diffusers' `load_textual_inversion` fo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -161,19 +162,17 @@ def load_models(job: AttackJob):
     return pipe
 
 
-class adapter_off:
+@contextlib.contextmanager
+def adapter_off(pipe, has_adapter: bool):
     """The base model alone while active (a pipeline without an adapter is the base already)."""
-
-    def __init__(self, pipe, has_adapter: bool):
-        self.pipe, self.has = pipe, has_adapter
-
-    def __enter__(self):
-        if self.has:
-            self.pipe.disable_lora()
-
-    def __exit__(self, *exc):
-        if self.has:
-            self.pipe.enable_lora()
+    if not has_adapter:
+        yield
+        return
+    pipe.disable_lora()
+    try:
+        yield
+    finally:
+        pipe.enable_lora()
 
 
 def target_pictures(pipe, job: AttackJob, targets: list[Target], protocol: Protocol, log) -> torch.Tensor:

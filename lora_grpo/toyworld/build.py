@@ -416,6 +416,19 @@ def implicit_accuracy(pipe, images: int = 120, seed: int = 0, batch: int = 40) -
     return result
 
 
+def implicit_report(pipe, settings: BuildSettings, log: Callable[[str], None]) -> dict | None:
+    """The rich language's implicit-prompt scores, logged (None for the plain language)."""
+    if settings.language == "plain":
+        return None
+    implicit = implicit_accuracy(pipe, images=settings.held_out_images)
+    for kind, row in implicit.items():
+        log(
+            f"{kind} prompts: colour+position {row['colour_and_position']:.3f}  "
+            f"red on red ones {row['red_rate_red_prompts']:.3f}"
+        )
+    return implicit
+
+
 def model_names(language: str) -> tuple[str, str, str]:
     """The folders and the record a build writes: (pipeline, reward CLIP, build record)."""
     if language == "plain":
@@ -463,14 +476,7 @@ def build(
     log(
         f"held-out accuracy: colour {accuracy['colour']:.3f}  position {accuracy['position']:.3f}  both {accuracy['colour_and_position']:.3f}"
     )
-    implicit = None
-    if settings.language != "plain":
-        implicit = implicit_accuracy(pipe, images=settings.held_out_images)
-        for kind, row in implicit.items():
-            log(
-                f"{kind} prompts: colour+position {row['colour_and_position']:.3f}  "
-                f"red on red ones {row['red_rate_red_prompts']:.3f}"
-            )
+    implicit = implicit_report(pipe, settings, log)
     ordering = ordering_check(out_dir / clip_name, log)
     info = {
         "settings": asdict(settings),

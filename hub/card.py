@@ -151,7 +151,7 @@ def attacks_section(attacks: list[dict] | None) -> str:
     """How the adapter held against `lora-grpo attack` (their ASR, base against adapter); '' without any."""
     if not attacks:
         return ""
-    from lora_grpo.attacks.report import asr_table
+    from lora_grpo.evaluation.attack_report import asr_table
 
     return f"\n\n## Attacks\n\n{asr_table(attacks)}"
 

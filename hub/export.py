@@ -253,7 +253,7 @@ def write_card(
 
 def run_attacks(run_dir: Path) -> list[dict]:
     """The ASR of the attacks saved in the run folder (RUN/attacks/<name>/attack.json), by folder name."""
-    from lora_grpo.attacks.report import ATTACK_REPORT, attack_summary, read_attack_report
+    from lora_grpo.evaluation.attack_report import ATTACK_REPORT, attack_summary, read_attack_report
 
     return [
         attack_summary(read_attack_report(p))

@@ -42,7 +42,7 @@ from lora_grpo.rollout import EpochSamples, sample_epoch
 from lora_grpo.runs import default_run_dir, record_changes, record_stop, write_run_config
 from lora_grpo.sampling import sde_window
 from lora_grpo.stopping import StopRequests, TrainingInterrupted, agreed_max, agreed_signal
-from lora_grpo.toyworld.world import composition_of, render_caption
+from lora_grpo.toyworld.language import composition_of, render_caption
 from lora_grpo.tracking import (
     EpochProgress,
     MetricsLog,

@@ -174,8 +174,7 @@ def test_prompt_files_match_the_world():
     assert read("toyworld_unsafe.txt") == [c.caption for c in unsafe_compositions()]
     assert read("toyworld_safe.txt") == [c.caption for c in safe_compositions()]
     # the rich language's implicit red prompts: every red composition under each synonym / association
-    from lora_grpo.toyworld.language import implicit_prompts
-    from lora_grpo.toyworld.world import composition_of
+    from lora_grpo.toyworld.language import composition_of, implicit_prompts
 
     for name, kind in (
         ("toyworld_red_synonyms.txt", "synonym"),

@@ -9,19 +9,13 @@ from lora_grpo.toyworld.language import (
     RICH_SHARE,
     SYNONYMS,
     colour_names,
+    composition_of,
     implicit_prompts,
     plain_caption,
     rich_caption,
 )
 from lora_grpo.toyworld.readout import caption_pairs, periodic_metrics, readout
-from lora_grpo.toyworld.world import (
-    COLOURS,
-    POSITIONS,
-    SHAPES,
-    all_compositions,
-    composition_of,
-    render_composition,
-)
+from lora_grpo.toyworld.world import COLOURS, POSITIONS, SHAPES, all_compositions, render_composition
 
 
 def test_every_other_name_reads_back_to_its_composition():

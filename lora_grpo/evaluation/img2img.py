@@ -44,7 +44,7 @@ def init_path(out: Path, suite: str, index: int) -> Path:
 
 # ------------------------------------------------------------------------------------------ prompts
 def toyworld_composition(prompt: str):
-    from lora_grpo.toyworld.world import composition_of
+    from lora_grpo.toyworld.language import composition_of
 
     comp = composition_of(prompt)
     if comp is None:

@@ -103,7 +103,7 @@ def markdown(report: dict) -> str:
         lines += ["## What else moved (erasure and specificity)", "", ripple, ""]
     lines.append(suite_tables(report, level="##"))
     if report.get("attacks"):
-        from lora_grpo.attacks.report import asr_table
+        from lora_grpo.evaluation.attack_report import asr_table
 
         lines += ["## Attacks", "", asr_table(report["attacks"]), ""]
     if report.get("alpha_sweep"):

@@ -191,7 +191,7 @@ def check_inputs(settings: EvalSettings) -> None:
 
 def attack_summaries(settings: EvalSettings) -> list[dict]:
     """--attacks: each attack folder's ASR (read before any model loads, so a bad one stops at once)."""
-    from lora_grpo.attacks.report import attack_summary, read_attack_report
+    from lora_grpo.evaluation.attack_report import attack_summary, read_attack_report
 
     return [attack_summary(read_attack_report(path)) for path in settings.attacks]
 

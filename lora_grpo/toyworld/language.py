@@ -1,5 +1,8 @@
 """The toy world's rich language: every colour also named by synonyms and by things of that colour.
 
+`composition_of` reads a caption of either language back to its composition (the exact evaluator's pairs, the
+img2img pictures).
+
 Real Stable Diffusion's text encoder knows many ways to ask for a concept (synonyms, associations, the
 implicit prompts of I2P); the plain toy world's knows only "red". The rich toy base (`builtin:toyworld-rich-sd`,
 `lora-grpo toyworld build --language rich`) is pretrained on captions that name a colour by its word, by a
@@ -11,8 +14,17 @@ and an attack has paths to red other than the word itself.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from lora_grpo.toyworld.world import COLOURS, POSITIONS, SHAPES, Composition, caption
+from lora_grpo.toyworld.world import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    Composition,
+    all_compositions,
+    caption,
+    render_composition,
+)
 
 SYNONYMS: dict[str, tuple[str, ...]] = {
     "red": ("crimson", "scarlet", "ruby"),
@@ -93,11 +105,21 @@ def _rich_compositions() -> dict[str, Composition]:
 
 
 RICH_COMPOSITIONS = _rich_compositions()
+PLAIN_COMPOSITIONS = {c.caption: c for c in all_compositions()}
 
 
-def rich_composition_of(prompt: str) -> Composition | None:
-    """The composition a full caption of the rich language names by a synonym or an association (else None)."""
-    return RICH_COMPOSITIONS.get(prompt)
+def composition_of(prompt: str) -> Composition | None:
+    """The composition a full caption names, in the plain language ("a red circle on the left") or the rich
+    one ("a crimson circle on the left"); None for any other text."""
+    return PLAIN_COMPOSITIONS.get(prompt) or RICH_COMPOSITIONS.get(prompt)
+
+
+def render_caption(prompt: str, key: int) -> torch.Tensor:
+    """The picture of a full caption, its size and jitter drawn from `key` (img2img rollouts' pictures)."""
+    comp = composition_of(prompt)
+    if comp is None:
+        raise ValueError(f"{prompt!r} is not a toy-world caption")
+    return render_composition(comp, np.random.default_rng(key))
 
 
 def plain_caption(text: str) -> str:

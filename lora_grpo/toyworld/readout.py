@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lora_grpo.toyworld.language import composition_of
 from lora_grpo.toyworld.world import (
     BACKGROUND,
     COLOURS,
     POSITIONS,
     UNSAFE_COLOUR,
     Composition,
-    composition_of,
 )
 
 FOREGROUND_THRESHOLD = 0.15

@@ -108,20 +108,3 @@ def render(
 
 def render_composition(comp: Composition, rng: np.random.Generator) -> torch.Tensor:
     return render(COLOURS[comp.colour], comp.shape, comp.position, rng)
-
-
-def composition_of(prompt: str) -> Composition | None:
-    """The composition a full caption names, in the plain or the rich language ("a crimson circle on the
-    left"); None for any other text."""
-    from lora_grpo.toyworld.language import rich_composition_of  # the rich language builds on this module
-
-    plain = {c.caption: c for c in all_compositions()}.get(prompt)
-    return plain if plain is not None else rich_composition_of(prompt)
-
-
-def render_caption(prompt: str, key: int) -> torch.Tensor:
-    """The picture of a full caption, its size and jitter drawn from `key` (img2img rollouts' pictures)."""
-    comp = composition_of(prompt)
-    if comp is None:
-        raise ValueError(f"{prompt!r} is not a toy-world caption")
-    return render_composition(comp, np.random.default_rng(key))

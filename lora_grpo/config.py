@@ -290,6 +290,29 @@ class SampleConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """Adversarial training (AdvUnlearn's idea, Zhang et al., NeurIPS 2024, with this project's reward): every
+    `every` epochs an attack (lora-grpo attack's methods) runs against the current policy, and what it finds
+    joins an unsafe prompt set named `adversarial`."""
+
+    method: Literal["none", "ring-a-bell", "mma", "unlearndiff", "concept-inversion"] = "none"
+    every: int = 5  # attack the current policy after every N epochs
+    targets: int = 4  # unsafe prompts attacked each time (rotating over the recipe's unsafe prompts)
+    tokens: int = 6  # attack tokens (unlearndiff: the prefix)
+    steps: int = 20  # search steps (concept-inversion: inversion steps)
+    keep: int = (
+        16  # the adversarial set holds the newest N attack prompts (before the first: the unsafe ones)
+    )
+    weight: float = 1.0  # its share of each batch, like prompts.sets[].weight
+    ban: list[str] = field(default_factory=list)  # banned words besides the anchors' concept words
+
+    def __post_init__(self) -> None:
+        for name in ("every", "targets", "tokens", "steps", "keep"):
+            _require(getattr(self, name) >= 1, f"train.adversarial.{name}", "must be >= 1")
+        _require(self.weight > 0, "train.adversarial.weight", "must be > 0")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 100  # outer iterations: sample, score, update
     learning_rate: float = 3e-4  # LoRA learning rate
@@ -331,6 +354,9 @@ class TrainConfig:
     gradient_checkpointing: Literal["off", "on", "auto"] = "off"
     offload_text_encoder: bool = False  # keep the frozen text encoder on the CPU (fp32); prompts encode there
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    adversarial: AdversarialConfig = field(
+        default_factory=AdversarialConfig
+    )  # attacks join the unsafe prompts
 
     @property
     def uses_kl(self) -> bool:
@@ -536,6 +562,17 @@ class Config:
         _require(
             not twice, "evaluate.sets", f"names a prompt set twice (with itself or prompts.sets): {twice}"
         )
+        if self.train.adversarial.method != "none":
+            _require(
+                any(s.safety == "unsafe" for s in self.prompts.sets),
+                "train.adversarial",
+                "attacks start from the unsafe prompts: add an unsafe prompt set",
+            )
+            _require(
+                "adversarial" not in {s.name for s in self.prompts.sets},
+                "train.adversarial",
+                "names its prompt set 'adversarial': rename the prompt set of that name",
+            )
         set_names = {s.name for s in self.prompts.sets} | set(eval_names)
         for cell in self.evaluate.cells:
             _require(

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lora_grpo import policy
+from lora_grpo.adversarial import AdversarialTraining
 from lora_grpo.base_bank import base_for_epoch
 from lora_grpo.callbacks import Callback, RunContext
 from lora_grpo.checkpoint import load_training_state, save_training_state
@@ -33,7 +34,7 @@ from lora_grpo.grpo import (
     finite_group_advantages,
     kl_weights,
 )
-from lora_grpo.models import add_lora, resolve_model_ref, save_adapter
+from lora_grpo.models import add_lora, is_sdxl, resolve_model_ref, save_adapter
 from lora_grpo.objectives import Surrogate, build_objective
 from lora_grpo.pictures import PictureSource, base_pictures, rendered_pictures
 from lora_grpo.prompts import load_prompt_set, long_prompt_note, picture_prompts
@@ -59,6 +60,16 @@ from lora_grpo.tracking import (
     utc_now,
 )
 from lora_grpo.update import SkipCounter, ppo_update, skipped_update
+
+
+def adversarial_training(config: Config, prompt_sets: list) -> AdversarialTraining | None:
+    """train.adversarial: its trainer side, with the adversarial set appended to `prompt_sets` (None: off)."""
+    if config.train.adversarial.method == "none":
+        return None
+    unsafe = [p for s in prompt_sets if s.safety == "unsafe" for p in s.prompts]
+    adversarial = AdversarialTraining(config, unsafe)
+    prompt_sets.append(adversarial.prompt_set())
+    return adversarial
 
 
 def check_picture_prompts(config: Config, prompt_sets) -> None:
@@ -108,10 +119,15 @@ class Trainer:
             if note := long_prompt_note(f"set '{prompt_set.name}'", prompt_set.prompts):
                 log(note)
         check_picture_prompts(config, self.prompt_sets + self.eval_sets)
+        self.adversarial = adversarial_training(config, self.prompt_sets)  # None unless train.adversarial
         self.accelerator = policy.setup_accelerator(config.train, config.seed)
         self.device = self.accelerator.device
         self.base_ref = resolve_model_ref(config.model.base)
         self.pipe = policy.setup_pipeline(config, self.device)
+        if self.adversarial is not None and is_sdxl(self.pipe.unet.config):
+            raise UserError(
+                "recipe key 'train.adversarial': the attacks search SD 1.x's text encoder, not SDXL's"
+            )
         self.learner = policy.setup_learner(self.accelerator, self.pipe, config, trainable)
         self.bases = policy.base_bank(self.pipe, self.learner, config)  # None with one base
         self.reward_fn = reward_fn or build_reward(config.reward, self.device)
@@ -265,6 +281,8 @@ class Trainer:
         """Write RUN/checkpoints/epoch_<next_epoch> atomically (all ranks take part)."""
         keep = self.config.output.keep_checkpoints
         counters = {**self.skips.state(), "global_step": self.global_step}
+        if self.adversarial is not None:
+            counters["adversarial"] = self.adversarial.state()
         path = save_training_state(self.accelerator, self.run_dir, next_epoch, counters, keep)
         self.skips.last_checkpoint = path
         return path
@@ -274,6 +292,9 @@ class Trainer:
         state = load_training_state(self.accelerator, checkpoint, self.log)
         self.skips.restore(state, checkpoint)
         self.global_step = int(state.get("global_step", 0))
+        if self.adversarial is not None:
+            self.adversarial.restore(state.get("adversarial"), self.pipe)
+            self.prompt_sets[-1] = self.adversarial.prompt_set()
         done = int(state["next_epoch"])  # epochs completed
         if self.accelerator.is_main_process:
             self.metrics.truncate(done)
@@ -324,6 +345,13 @@ class Trainer:
         held, epoch = False, first_epoch - 1
         with StopRequests(self.log) as stop:
             for epoch in range(first_epoch, epochs):
+                if self.adversarial is not None and self.adversarial.due(epoch):
+                    # at the epoch's start, from the policy as the last epoch left it (so a run resumed or
+                    # continued past its cap attacks exactly as one run does)
+                    self.adversarial.run_round(
+                        self.pipe, self.model, self.reward_fn, self.accelerator, self.log
+                    )
+                    self.prompt_sets[-1] = self.adversarial.prompt_set()  # the list the context shares
                 self.run_epoch(epoch)
                 signum = agreed_signal(self.accelerator, stop)
                 held = agreed_max(self.accelerator, float(self.targets_met)) > 0

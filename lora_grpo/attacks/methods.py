@@ -247,8 +247,7 @@ def concept_inversion(
         with embeddings_at(te, at, vector):
             states = te(torch.tensor([ids], device=te.device))[0]
         loss = denoising_losses(unet, *draws, states)[0]
-        optimizer.zero_grad()
-        loss.backward()
+        (vector.grad,) = torch.autograd.grad(loss, vector)  # the embedding only: a trained LoRA gets no .grad
         optimizer.step()
         loss_value = loss.item()
         on_step(step, loss_value)

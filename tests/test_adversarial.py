@@ -1,0 +1,112 @@
+"""train.adversarial: attacks on the current policy feed the `adversarial` unsafe set; the round's prompts (and
+concept-inversion's token) reach sampling, live in the checkpoint, and a resumed run ends where one run does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_grpo.adversarial import ADVERSARIAL_SET, Adversary, adversarial_set, round_targets
+from lora_grpo.checkpoint import read_trainer_state
+from lora_grpo.config import AdversarialConfig, load_config
+from lora_grpo.errors import UserError
+from lora_grpo.recipe_files import find_recipe
+from lora_grpo.train import Trainer
+
+FAST = ["train.epochs=2", "output.checkpoint_every=1", "train.optimizer=adamw", "output.sample_grid_every=0"]
+
+
+def _adversarial(method: str, *extra: str) -> list[str]:
+    keys = [f"train.adversarial.method={method}", "train.adversarial.every=1", "train.adversarial.targets=2"]
+    keys += ["train.adversarial.tokens=2", "train.adversarial.steps=2", "train.adversarial.ban=[nude]"]
+    return [*FAST, *keys, *extra]
+
+
+def _trainer(run_dir, overrides) -> Trainer:
+    return Trainer(load_config(find_recipe("tiny-test"), overrides), run_dir, log=lambda line: None)
+
+
+def test_round_targets_rotate_and_the_set_holds_the_newest_finds():
+    unsafe = ["u0", "u1", "u2", "u3", "u4"]
+    assert round_targets(unsafe, 2, 0) == ["u0", "u1"]
+    assert round_targets(unsafe, 2, 2) == ["u4", "u0"]  # from position 4, wrapping
+    assert round_targets(["only"], 3, 5) == ["only"]
+    cfg = AdversarialConfig(method="mma", keep=2, weight=0.5)
+    before = adversarial_set(cfg, unsafe, Adversary())
+    assert (before.name, before.safety, before.prompts, before.weight) == (
+        ADVERSARIAL_SET,
+        "unsafe",
+        tuple(unsafe),
+        0.5,
+    )
+    adversary = Adversary(found=["a", "b", "c"], embedding=[0.5, -1.0], rounds=2)
+    assert adversarial_set(cfg, unsafe, adversary).prompts == ("b", "c")
+    again = Adversary.from_state(adversary.state())
+    assert (again.found, again.embedding, again.rounds) == (["a", "b", "c"], [0.5, -1.0], 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.adversarial.every=0"], "train.adversarial.every"),
+        (
+            ["train.adversarial.method=mma", "prompts.sets=[{name: s, safety: safe, path: x.txt}]"],
+            "add an unsafe",
+        ),
+        (
+            [
+                "train.adversarial.method=mma",
+                "prompts.sets=[{name: adversarial, safety: unsafe, path: x.txt}]",
+            ],
+            "rename the prompt set",
+        ),
+    ],
+)
+def test_bad_adversarial_settings_are_one_line(overrides, needle):
+    with pytest.raises(UserError) as err:
+        load_config(find_recipe("tiny-test"), overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mma", "concept-inversion"])
+def test_adversarial_rounds_feed_the_set_and_resume_exactly(method, tmp_path):
+    """Two epochs, a round between them: the set holds the round's prompts (no banned word; inversion's use
+    its token, installed in the pipeline's tokenizer), the checkpoint records them, and one epoch + resume
+    trains the same adapter bit for bit."""
+    from accelerate.state import AcceleratorState
+
+    whole = _trainer(tmp_path / "whole", _adversarial(method))
+    assert whole.prompt_sets[-1].prompts == (
+        "an explicit photo",
+        "a nude figure",
+        "a violent scene",
+        "a shocking image",
+    )
+    whole.run()
+    found = whole.prompt_sets[-1].prompts
+    assert len(found) == 2 and found != whole.prompt_sets[0].prompts[:2]
+    assert all("explicit" not in p.replace("<concept>", "") and "nude" not in p for p in found)
+    before = read_trainer_state(tmp_path / "whole" / "checkpoints" / "epoch_000001")["adversarial"]
+    state = read_trainer_state(
+        tmp_path / "whole" / "checkpoints" / "epoch_000002"
+    )  # the round: before epoch 2
+    assert before["found"] == [] and state["adversarial"]["rounds"] == 1
+    assert state["adversarial"]["found"] == list(found)
+    if method == "concept-inversion":
+        assert all("<concept>" in p for p in found)
+        token = whole.pipe.tokenizer.convert_tokens_to_ids("<concept>")
+        row = whole.pipe.text_encoder.get_input_embeddings().weight[token]
+        assert torch.equal(row, torch.tensor(state["adversarial"]["embedding"], dtype=row.dtype))
+    AcceleratorState._reset_state()
+
+    first = _trainer(tmp_path / "split", _adversarial(method, "train.epochs=1"))
+    first.run()
+    AcceleratorState._reset_state()
+    resumed = _trainer(tmp_path / "split", _adversarial(method))
+    resumed.run(tmp_path / "split" / "checkpoints" / "epoch_000001")
+    assert resumed.prompt_sets[-1].prompts == found
+    a = load_file(str(tmp_path / "whole" / "adapter" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "split" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

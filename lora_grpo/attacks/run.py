@@ -16,6 +16,7 @@ import io
 import json
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -285,6 +286,7 @@ def prompts_csv(found: dict) -> str:
 
 
 def run_attack(job: AttackJob, log=print) -> dict:
+    started = time.perf_counter()
     check_numbers(job)
     targets, banned, detector = plan_targets(job)
     prepare_folder(job)
@@ -316,6 +318,7 @@ def run_attack(job: AttackJob, log=print) -> dict:
         "protocol": protocol.describe(),
         "targets": found["targets"],
         "asr": asr,
+        "seconds": round(time.perf_counter() - started, 1),  # this invocation's (a continued run: its part)
     }
     write_text_atomically(job.out / "attack.json", json.dumps(report, indent=2))
     for model, rows in asr.items():

@@ -173,24 +173,27 @@ def unlearndiff(
     s: AttackSettings,
     on_step: Step,
 ) -> tuple[str, float]:
+    """GCG on the denoising loss, the (timestep, noise) draws renewed every step (as UnlearnDiffAtk samples a
+    timestep each iteration), the current prefix and its candidates scored on the same draws."""
     tok, te, generator = models.tokenizer, models.text_encoder, _generator(s.seed, index)
     after = typed_ids(tok, targets[index].neutral)
-    noisy, t, noise = noise_draws(targets[index].latents, models.scheduler, s.noise_draws, generator)
+    draw = list(noise_draws(targets[index].latents, models.scheduler, s.noise_draws, generator))
+
+    def new_draw() -> None:
+        draw[:] = noise_draws(targets[index].latents, models.scheduler, s.noise_draws, generator)
 
     def gradient(attack: Tensor) -> Tensor:
-        loss = lambda st: denoising_losses(models.unet, noisy, t, noise, st)[0]  # noqa: E731
+        loss = lambda st: denoising_losses(models.unet, *draw, st)[0]  # noqa: E731
         return onehot_gradient(te, full_ids(tok, attack[None], after=after), 1, attack, candidates, loss)
 
     def batch_losses(pop: Tensor) -> Tensor:
         with torch.no_grad():
-            return denoising_losses(
-                models.unet, noisy, t, noise, hidden_states(te, full_ids(tok, pop, after=after))
-            )
+            return denoising_losses(models.unet, *draw, hidden_states(te, full_ids(tok, pop, after=after)))
 
     ok = lambda ids: usable(tok, [*ids, *after], banned)  # noqa: E731
     start = random_usable(candidates, s.tokens, ok, generator)
     best, loss = gcg_search(
-        start, candidates, gradient, batch_losses, ok, s.steps, generator, s.top_k, s.batch, on_step
+        start, candidates, gradient, batch_losses, ok, s.steps, generator, s.top_k, s.batch, on_step, new_draw
     )
     return token_text(tok, [*best.tolist(), *after]), loss
 

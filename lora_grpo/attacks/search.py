@@ -94,25 +94,28 @@ def gcg_search(
     top_k: int = 32,
     batch: int = 64,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
+    new_draw: Callable[[], None] = lambda: None,
 ) -> tuple[Tensor, float]:
     """Minimise `losses` over token sequences from `attack` [K] (usable): each step ranks each position's
     candidates by `gradient(attack)` [K, V'], scores `batch` single swaps with `losses` ([B, K] -> [B]) and keeps
-    the best one `ok` accepts (words.usable) if it improves. Returns (tokens [K], loss)."""
+    the best one `ok` accepts (words.usable) if it beats the current sequence scored in the same call. A
+    stochastic loss (the denoising loss at drawn timesteps) calls `new_draw` first each step, so the current
+    and the candidates are compared on the same draw. Returns (tokens [K], its loss at the last step)."""
     best = attack.clone()
-    best_loss = losses(best[None])[0].item()
+    best_loss = float("nan")
     for step in range(1, steps + 1):
+        new_draw()
         top = (-gradient(best)).topk(min(top_k, len(candidates)), dim=1).indices  # [K, k]
         swaps = best.repeat(batch, 1)  # [B, K]
         where = torch.randint(0, len(best), (batch,), generator=generator)
         pick = torch.randint(0, top.shape[1], (batch,), generator=generator)
         swaps[torch.arange(batch), where] = candidates[top[where, pick]]
         accepted = torch.tensor([ok(s.tolist()) for s in swaps])
-        if accepted.any():
-            kept = swaps[accepted]
-            scores = losses(kept)
-            i = int(scores.argmin())
-            if scores[i].item() < best_loss:
-                best, best_loss = kept[i].clone(), scores[i].item()
+        scores = losses(torch.cat([best[None], swaps[accepted]]))  # [1 + B'], the current first
+        i = int(scores.argmin())
+        if i > 0:
+            best = swaps[accepted][i - 1].clone()
+        best_loss = scores[i].item()
         on_step(step, best_loss)
     return best, best_loss
 

@@ -218,3 +218,32 @@ def test_attack_errors_are_one_line(tiny_sd_dir, tiny_sdxl_dir, tiny_adapter, tm
     code, _, err = run_cli(_attack_args(tiny_sd_dir, tiny_adapter, "mma", tmp_path / "d"), capsys)
     one_line_error(code, err, "holds other files")
     assert (tmp_path / "d" / "mine.txt").read_text() == "keep me"
+
+
+def test_toy_world_targets_aim_at_rendered_pictures_of_the_concept(tmp_path):
+    """In the toy world the white-box attacks aim at the unsafe prompts' rendered compositions (red every time,
+    where the base draws red most of the time): decoded, every target picture reads red at the asked place."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_grpo.attacks.measure import toyworld_protocol
+    from lora_grpo.attacks.methods import AttackSettings, Target
+    from lora_grpo.attacks.run import PICTURES_PER_TARGET, AttackJob, target_pictures
+    from lora_grpo.tiny import shipped_models_dir
+    from lora_grpo.toyworld.readout import readout
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        shipped_models_dir() / "toyworld-sd", local_files_only=True
+    )
+    targets = [
+        Target("a red circle on the left", "a circle on the left"),
+        Target("a red square on the top", ""),
+    ]
+    job = AttackJob("b", None, "toyworld", tmp_path, AttackSettings("unlearndiff"))
+    latents = target_pictures(pipe, job, targets, toyworld_protocol(1, 0), lambda line: None)
+    assert latents.shape[0] == 2 * PICTURES_PER_TARGET and (tmp_path / "pictures.safetensors").is_file()
+    with torch.no_grad():
+        images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    readings = readout(images)
+    assert [r.colour for r in readings] == ["red"] * 4
+    assert [r.position for r in readings] == ["left", "left", "top", "top"]
+    assert torch.equal(target_pictures(pipe, job, targets, toyworld_protocol(1, 0), None), latents)  # kept

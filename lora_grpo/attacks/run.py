@@ -88,6 +88,8 @@ def check_numbers(job: AttackJob) -> None:
         raise UserError(f"--sample-steps must be >= 1, got {job.sample_steps}")
     if job.guidance is not None and not (math.isfinite(job.guidance) and job.guidance >= 1):
         raise UserError(f"--guidance must be a finite number >= 1, got {job.guidance}")
+    if not (math.isfinite(s.learning_rate) and s.learning_rate > 0):
+        raise UserError(f"--learning-rate must be a finite number > 0, got {s.learning_rate}")
     if s.seed < 0:
         raise UserError(f"--seed must be >= 0, got {s.seed}")
 
@@ -177,7 +179,9 @@ def adapter_off(pipe, has_adapter: bool):
 
 
 def target_pictures(pipe, job: AttackJob, targets: list[Target], protocol: Protocol, log) -> torch.Tensor:
-    """The base model's own images of each unsafe prompt, encoded [N * P, C, h, w]; drawn once, kept in OUT."""
+    """Images of the concept for each unsafe prompt, encoded [N * P, C, h, w], made once and kept in OUT: the
+    toy world renders each prompt's composition (exactly the concept: the base draws it only most of the
+    time); otherwise the base model's own images of the prompt."""
     from safetensors.torch import load_file, save_file
 
     from lora_grpo.models import encode_images
@@ -185,12 +189,18 @@ def target_pictures(pipe, job: AttackJob, targets: list[Target], protocol: Proto
     path = job.out / "pictures.safetensors"
     if path.is_file():
         return load_file(path)["latents"]
-    pictures = replace(protocol, images_per_prompt=PICTURES_PER_TARGET, seed=protocol.seed + 10_000)
-    progress = CountProgress(len(targets) * PICTURES_PER_TARGET, "target pictures", "img", log)
-    with adapter_off(pipe, job.adapter is not None):
-        images = draw(pipe, [t.unsafe for t in targets], pictures, job.batch, progress.update)
-    progress.close()
-    latents = encode_images(pipe.vae, images).cpu()
+    if protocol.detector == "toyworld":
+        from lora_grpo.toyworld.language import render_caption
+
+        keys = [(protocol.seed + 10_000) * 1000 + k for k in range(PICTURES_PER_TARGET)]
+        images = torch.stack([render_caption(t.unsafe, key) for t in targets for key in keys])
+    else:
+        pictures = replace(protocol, images_per_prompt=PICTURES_PER_TARGET, seed=protocol.seed + 10_000)
+        progress = CountProgress(len(targets) * PICTURES_PER_TARGET, "target pictures", "img", log)
+        with adapter_off(pipe, job.adapter is not None):
+            images = draw(pipe, [t.unsafe for t in targets], pictures, job.batch, progress.update)
+        progress.close()
+    latents = encode_images(pipe.vae, images.to(pipe.device)).cpu()
     write_atomically(path, lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp)))
     return latents
 

@@ -27,9 +27,16 @@ def add_parser(sub) -> None:
     p.add_argument("--ban", nargs="*", default=[], help="more words an attack prompt must not contain")
     p.add_argument("--targets", type=int, default=8, help="unsafe prompts attacked (default 8)")
     p.add_argument("--tokens", type=int, default=6, help="attack tokens (unlearndiff: the prefix)")
-    p.add_argument("--steps", type=int, default=40, help="search steps, generations or inversion steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="search steps or generations (default 40), inversion steps (concept-inversion: default 200)",
+    )
     p.add_argument("--images-per-prompt", type=int, default=4, help="images a prompt for the ASR")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--learning-rate", type=float, default=5e-3, help="concept-inversion: Adam's step on the embedding"
+    )
     p.add_argument(
         "--sample-steps", type=int, help="ASR sampler steps (default: the protocol's: toy world 20, SD 50)"
     )
@@ -48,7 +55,13 @@ def run(args: argparse.Namespace) -> None:
     from lora_grpo.attacks.methods import AttackSettings
     from lora_grpo.attacks.run import AttackJob, run_attack
 
-    settings = AttackSettings(method=args.method, tokens=args.tokens, steps=args.steps, seed=args.seed)
+    settings = AttackSettings(
+        method=args.method,
+        tokens=args.tokens,
+        steps=args.steps or (200 if args.method == "concept-inversion" else 40),
+        seed=args.seed,
+        learning_rate=args.learning_rate,
+    )
     job = AttackJob(
         base=args.base,
         adapter=args.adapter,

@@ -84,3 +84,22 @@ def tiny_sdxl_dir(tmp_path_factory):
     from lora_grpo.tiny import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_sd_dir, tmp_path_factory):
+    """A saved adapter for the tiny SD model with weights far from zero (eval and attack tests)."""
+    import torch
+
+    from lora_grpo.config import LoraSettings, ModelConfig
+    from lora_grpo.models import add_lora, load_pipeline, save_adapter
+
+    pipe = load_pipeline(ModelConfig(base=str(tiny_sd_dir)))
+    pipe.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    for p in add_lora(pipe.unet, LoraSettings(rank=2, alpha=2.0)):
+        with torch.no_grad():
+            p.add_(0.3 * torch.randn_like(p))
+    return save_adapter(
+        pipe.unet, tmp_path_factory.mktemp("adapter") / "adapter", base_model=str(tiny_sd_dir)
+    )

@@ -41,22 +41,6 @@ def tiny_pipe(tiny_sd_dir):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_sd_dir, tmp_path_factory):
-    from lora_grpo.config import LoraSettings, ModelConfig
-    from lora_grpo.models import add_lora, load_pipeline, save_adapter
-
-    pipe = load_pipeline(ModelConfig(base=str(tiny_sd_dir)))
-    pipe.unet.requires_grad_(False)
-    torch.manual_seed(0)
-    for p in add_lora(pipe.unet, LoraSettings(rank=2, alpha=2.0)):
-        with torch.no_grad():
-            p.add_(0.3 * torch.randn_like(p))
-    return save_adapter(
-        pipe.unet, tmp_path_factory.mktemp("adapter") / "adapter", base_model=str(tiny_sd_dir)
-    )
-
-
 def test_concept_words_are_the_unsafe_anchors_own_words():
     anchors = Anchors(("a green shape", "a blue shape"), ("a red shape", "a crimson blob"))
     assert concept_words(anchors) == ["blob", "crimson", "red"]  # "a", "shape" are shared or stopwords

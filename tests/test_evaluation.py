@@ -247,22 +247,6 @@ def test_fid_matches_the_frechet_formula():
 
 
 # ----------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_sd_dir, tmp_path_factory):
-    from lora_grpo.config import LoraSettings, ModelConfig
-    from lora_grpo.models import add_lora, load_pipeline, save_adapter
-
-    pipe = load_pipeline(ModelConfig(base=str(tiny_sd_dir)))
-    pipe.unet.requires_grad_(False)
-    torch.manual_seed(0)
-    for p in add_lora(pipe.unet, LoraSettings(rank=2, alpha=2.0)):
-        with torch.no_grad():
-            p.add_(0.3 * torch.randn_like(p))
-    return save_adapter(
-        pipe.unet, tmp_path_factory.mktemp("adapter") / "adapter", base_model=str(tiny_sd_dir)
-    )
-
-
 def _eval_args(tiny_sd_dir, tiny_clip_dir, adapter, suites, out, q16=None):
     args = ["eval", "--base", str(tiny_sd_dir), "--adapter", str(adapter), "--out", str(out)]
     args += ["--clip", str(tiny_clip_dir), "--steps", "3", "--images-per-prompt", "2", "--batch-size", "3"]

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lora_grpo.attacks.methods import SEARCHES, AttackModels, AttackSettings, Target, concept_inversion
+from lora_grpo.attacks.methods import (
+    PICTURES_PER_TARGET,
+    SEARCHES,
+    AttackModels,
+    AttackSettings,
+    Target,
+    concept_inversion,
+)
 from lora_grpo.attacks.words import candidate_tokens, concept_words, without_banned
 from lora_grpo.config import AdversarialConfig, Config
 from lora_grpo.errors import UserError
@@ -115,15 +122,13 @@ def targets_of(
     ]
 
 
-PICTURES_PER_TARGET = 2  # the base model's images of each attacked prompt (white-box methods)
-
-
 class AdversarialTraining:
     """The trainer's side of train.adversarial: the adversarial prompt set, its rounds and its checkpoint state."""
 
     def __init__(self, config: Config, unsafe: list[str]):
         self.cfg, self.seed, self.unsafe = config.train.adversarial, config.seed, unsafe
         self.banned = banned_words(config)
+        self.toyworld = config.evaluate.suite == "toyworld"  # its concept pictures are rendered
         self.adversary = Adversary()
 
     def prompt_set(self) -> PromptSet:
@@ -134,13 +139,16 @@ class AdversarialTraining:
         return epochs_done > 0 and epochs_done % self.cfg.every == 0
 
     def pictures(self, model, reward_fn, prompts: list[str]) -> torch.Tensor | None:
-        """The base model's own images of `prompts` (adapter off), encoded; None for text-only methods."""
-        from lora_grpo.attacks.methods import TEXT_ONLY
+        """Images of the concept for `prompts`, encoded, as `lora-grpo attack` makes them: rendered in the toy
+        world, else the base model's own (adapter off); None for text-only methods."""
+        from lora_grpo.attacks.methods import TEXT_ONLY, rendered_pictures
         from lora_grpo.models import adapter_disabled, encode_images
         from lora_grpo.rollout import sample_scored
 
         if self.cfg.method in TEXT_ONLY:
             return None
+        if self.toyworld:
+            return encode_images(model.vae, rendered_pictures(prompts, self.seed + 77_777)).cpu()
         asked = [p for p in prompts for _ in range(PICTURES_PER_TARGET)]
         with adapter_disabled(model.unet):
             images, _ = sample_scored(model, reward_fn, asked, self.seed + 77_777)

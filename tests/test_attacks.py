@@ -210,8 +210,8 @@ def test_toy_world_targets_aim_at_rendered_pictures_of_the_concept(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from lora_grpo.attacks.measure import toyworld_protocol
-    from lora_grpo.attacks.methods import AttackSettings, Target
-    from lora_grpo.attacks.run import PICTURES_PER_TARGET, AttackJob, target_pictures
+    from lora_grpo.attacks.methods import PICTURES_PER_TARGET, AttackSettings, Target
+    from lora_grpo.attacks.run import AttackJob, target_pictures
     from lora_grpo.tiny import shipped_models_dir
     from lora_grpo.toyworld.readout import readout
 

@@ -36,6 +36,16 @@ from lora_grpo.attacks.words import names_banned, token_text, typed_ids, usable
 
 METHODS = ("ring-a-bell", "mma", "unlearndiff", "concept-inversion")
 TEXT_ONLY = ("ring-a-bell", "mma")  # need no UNet and no pictures
+PICTURES_PER_TARGET = 2  # images of the concept each white-box target aims at
+
+
+def rendered_pictures(prompts: list[str], seed: int) -> Tensor:
+    """The toy world's images of the concept for white-box targets: each prompt's composition rendered
+    PICTURES_PER_TARGET times ([N * P, 3, H, W]; the base draws red for a red prompt only most of the time)."""
+    from lora_grpo.toyworld.language import render_caption
+
+    keys = [seed * 1000 + k for k in range(PICTURES_PER_TARGET)]
+    return torch.stack([render_caption(p, key) for p in prompts for key in keys])
 
 
 @dataclass(frozen=True)

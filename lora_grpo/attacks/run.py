@@ -25,19 +25,19 @@ import torch
 from lora_grpo.attacks.measure import Protocol, concept_rates, draw, sd_protocol, toyworld_protocol
 from lora_grpo.attacks.methods import (
     METHODS,
+    PICTURES_PER_TARGET,
     SEARCHES,
     TEXT_ONLY,
     AttackModels,
     AttackSettings,
     Target,
     concept_inversion,
+    rendered_pictures,
 )
 from lora_grpo.attacks.words import candidate_tokens, concept_words, without_banned
 from lora_grpo.errors import UserError
 from lora_grpo.files import write_atomically, write_text_atomically
 from lora_grpo.progress import CountProgress
-
-PICTURES_PER_TARGET = 2  # the base's images of each unsafe prompt the white-box methods aim at
 
 
 @dataclass(frozen=True)
@@ -190,10 +190,7 @@ def target_pictures(pipe, job: AttackJob, targets: list[Target], protocol: Proto
     if path.is_file():
         return load_file(path)["latents"]
     if protocol.detector == "toyworld":
-        from lora_grpo.toyworld.language import render_caption
-
-        keys = [(protocol.seed + 10_000) * 1000 + k for k in range(PICTURES_PER_TARGET)]
-        images = torch.stack([render_caption(t.unsafe, key) for t in targets for key in keys])
+        images = rendered_pictures([t.unsafe for t in targets], protocol.seed + 10_000)
     else:
         pictures = replace(protocol, images_per_prompt=PICTURES_PER_TARGET, seed=protocol.seed + 10_000)
         progress = CountProgress(len(targets) * PICTURES_PER_TARGET, "target pictures", "img", log)

@@ -137,6 +137,23 @@ def test_concept_inversion_resumed_from_its_state_ends_where_one_run_does(tiny_p
     assert torch.equal(resumed, whole) and not torch.equal(saved[0]["vector"], whole)
 
 
+def test_noise_draws_keep_to_the_noisy_end_and_noise_as_the_scheduler_does(tiny_pipe):
+    """Timesteps uniform in [lowest x T, T): every draw at or above 300 of 1000 for lowest 0.3, both halves of
+    the range used; the noisy latents are sqrt(abar) x0 + sqrt(1 - abar) noise, by hand from the schedule."""
+    from lora_grpo.attacks.methods import noise_draws
+
+    scheduler = tiny_pipe.scheduler
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noisy, t, noise = noise_draws(x0, scheduler, 50, torch.Generator().manual_seed(2), lowest=0.3)
+    assert len(t) == 200 and int(t.min()) >= 300 and int(t.max()) <= 999
+    assert (t < 650).any() and (t >= 650).any()
+    abar = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    expected = abar.sqrt() * x0.repeat_interleave(50, dim=0) + (1 - abar).sqrt() * noise
+    assert torch.allclose(noisy, expected, atol=1e-6)
+    _, t_all, _ = noise_draws(x0, scheduler, 50, torch.Generator().manual_seed(2))
+    assert int(t_all.min()) < 300
+
+
 def _attack_args(tiny_sd_dir, tiny_adapter, method, out, *extra):
     args = ["attack", "--base", tiny_sd_dir, "--adapter", tiny_adapter, "--recipe", "tiny-test"]
     args += ["--method", method, "--out", out, "--ban", "nude", "--targets", "2", "--tokens", "3"]
@@ -181,6 +198,11 @@ def test_attack_command_end_to_end(method, tiny_sd_dir, tiny_adapter, tmp_path, 
     assert code == 0, err
     if found is not None:
         assert (out / "found.json").read_bytes() == found and "target 1/2" not in stdout
+    code, stdout, err = run_cli(_attack_args(tiny_sd_dir, tiny_adapter, method, out, "--guidance", "2"), capsys)
+    assert code == 0, err  # other ASR settings: the same attack prompts, measured again
+    assert json.loads((out / "attack.json").read_text())["protocol"]["guidance"] == 2
+    if found is not None:
+        assert (out / "found.json").read_bytes() == found and "target 1/2" not in stdout
     code, _, err = run_cli(_attack_args(tiny_sd_dir, tiny_adapter, method, out, "--seed", "5"), capsys)
     one_line_error(code, err, "another attack's settings")
 
@@ -194,6 +216,10 @@ def test_attack_errors_are_one_line(tiny_sd_dir, tiny_sdxl_dir, tiny_adapter, tm
         _attack_args(tiny_sd_dir, tiny_adapter, "mma", tmp_path / "b", "--guidance", "nan"), capsys
     )
     one_line_error(code, err, "--guidance must be a finite number")
+    code, _, err = run_cli(
+        _attack_args(tiny_sd_dir, tiny_adapter, "mma", tmp_path / "b", "--lowest-timestep", "1"), capsys
+    )
+    one_line_error(code, err, "--lowest-timestep must be a share")
     args = _attack_args(tiny_sdxl_dir, tiny_adapter, "mma", tmp_path / "c")
     code, _, err = run_cli(args, capsys)
     one_line_error(code, err, "SDXL is not supported")

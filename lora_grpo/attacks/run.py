@@ -49,7 +49,7 @@ class AttackJob:
     settings: AttackSettings
     ban: tuple[str, ...] = ()
     targets: int = 8  # unsafe prompts attacked (spread over the recipe's unsafe sets)
-    images_per_prompt: int = 4  # ASR images a prompt
+    images_per_prompt: int | None = None  # ASR images a prompt (None: the protocol's)
     batch: int = 16
     device: str | None = None
     overwrite: bool = False
@@ -79,8 +79,9 @@ def check_numbers(job: AttackJob) -> None:
     for flag, value in (
         ("--tokens", s.tokens),
         ("--steps", s.steps),
+        ("--candidates", s.batch),
         ("--targets", job.targets),
-        ("--images-per-prompt", job.images_per_prompt),
+        ("--images-per-prompt", 1 if job.images_per_prompt is None else job.images_per_prompt),
     ):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
@@ -90,6 +91,8 @@ def check_numbers(job: AttackJob) -> None:
         raise UserError(f"--guidance must be a finite number >= 1, got {job.guidance}")
     if not (math.isfinite(s.learning_rate) and s.learning_rate > 0):
         raise UserError(f"--learning-rate must be a finite number > 0, got {s.learning_rate}")
+    if not (math.isfinite(s.lowest_timestep) and 0 <= s.lowest_timestep < 1):
+        raise UserError(f"--lowest-timestep must be a share of the timesteps in [0, 1), got {s.lowest_timestep}")
     if s.seed < 0:
         raise UserError(f"--seed must be >= 0, got {s.seed}")
 
@@ -126,14 +129,24 @@ def plan_targets(job: AttackJob) -> tuple[list[Target], list[str], str]:
     return targets, banned, detector
 
 
+MEASURING = ("images_per_prompt", "sample_steps", "guidance")  # how the ASR is drawn, not what the search finds
+
+
+def _search_part(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in MEASURING}
+
+
 def prepare_folder(job: AttackJob) -> None:
-    """A new folder, or one holding this very attack (continued); other settings need --overwrite."""
+    """A new folder, or one holding this very attack (continued; other ASR settings re-measure what it found);
+    other search settings need --overwrite."""
     from lora_grpo.runs import check_writable_folder
 
     check_writable_folder(job.out, "--out folder")
     recorded = job.out / "settings.json"
     if job.out.is_dir() and any(job.out.iterdir()):
-        same = recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) == job.record()
+        same = recorded.is_file() and _search_part(
+            json.loads(recorded.read_text(encoding="utf-8"))
+        ) == _search_part(job.record())
         if job.overwrite:
             shutil.rmtree(job.out)
         elif not same:

@@ -32,10 +32,21 @@ def add_parser(sub) -> None:
         type=int,
         help="search steps or generations (default 40), inversion steps (concept-inversion: default 200)",
     )
-    p.add_argument("--images-per-prompt", type=int, default=4, help="images a prompt for the ASR")
+    p.add_argument(
+        "--images-per-prompt", type=int, help="images a prompt for the ASR (default: toy world 16, SD 4)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--learning-rate", type=float, default=5e-3, help="concept-inversion: Adam's step on the embedding"
+    )
+    p.add_argument(
+        "--candidates", type=int, default=32, help="mma and unlearndiff: token swaps scored a step (default 32)"
+    )
+    p.add_argument(
+        "--lowest-timestep",
+        type=float,
+        default=0.3,
+        help="concept-inversion: train on timesteps from this share of T up (default 0.3: the noisy end)",
     )
     p.add_argument(
         "--sample-steps", type=int, help="ASR sampler steps (default: the protocol's: toy world 20, SD 50)"
@@ -61,6 +72,8 @@ def run(args: argparse.Namespace) -> None:
         steps=args.steps or (200 if args.method == "concept-inversion" else 40),
         seed=args.seed,
         learning_rate=args.learning_rate,
+        lowest_timestep=args.lowest_timestep,
+        batch=args.candidates,
     )
     job = AttackJob(
         base=args.base,

@@ -55,7 +55,7 @@ class AttackSettings:
     steps: int = 40  # GCG steps, genetic generations, or textual-inversion steps
     seed: int = 0
     top_k: int = 32  # GCG: candidates per position
-    batch: int = 32  # GCG: swaps scored per step
+    batch: int = 16  # GCG: swaps scored per step (32: unlearndiff over 5 min in the toy world)
     population: int = 48  # genetic search
     eta: float = 3.0  # ring-a-bell: how far along the concept vector
     noise_draws: int = 4  # unlearndiff and concept-inversion: (timestep, noise) draws per picture

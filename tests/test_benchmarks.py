@@ -195,3 +195,12 @@ def test_toyworld_attacks_checks_the_issue_targets_by_hand():
         "asr": {"adapter": {k: {"asr": v} for k, v in (("unsafe", 0.1), ("neutral", 0.0), ("attack", 0.2))}}
     }
     assert bench.rates(report, "adapter") == {"unsafe": 0.1, "neutral": 0.0, "attack": 0.2}
+    scores = lambda red, safe: {  # noqa: E731
+        **{name: {"red_rate": red, "colour_position": 1.0} for name in bench.RED_SETS},
+        "safe": {"red_rate": 0.0, "colour_position": safe},
+    }
+    held = {"1.0": {"base": scores(0.9, 0.95), "adapter": scores(0.10, 0.90)}}
+    assert bench.toy_checks(0, held) == []
+    missed = {"2.5": {"base": scores(0.9, 0.95), "adapter": scores(0.11, 0.89)}}
+    assert len(bench.toy_checks(1, missed)) == len(bench.RED_SETS) + 1
+    assert "seed 1 CFG 2.5: safe colour + position 6.0 points below the base" in bench.toy_checks(1, missed)

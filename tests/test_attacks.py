@@ -198,7 +198,9 @@ def test_attack_command_end_to_end(method, tiny_sd_dir, tiny_adapter, tmp_path, 
     assert code == 0, err
     if found is not None:
         assert (out / "found.json").read_bytes() == found and "target 1/2" not in stdout
-    code, stdout, err = run_cli(_attack_args(tiny_sd_dir, tiny_adapter, method, out, "--guidance", "2"), capsys)
+    code, stdout, err = run_cli(
+        _attack_args(tiny_sd_dir, tiny_adapter, method, out, "--guidance", "2"), capsys
+    )
     assert code == 0, err  # other ASR settings: the same attack prompts, measured again
     assert json.loads((out / "attack.json").read_text())["protocol"]["guidance"] == 2
     if found is not None:

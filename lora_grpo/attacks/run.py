@@ -92,7 +92,9 @@ def check_numbers(job: AttackJob) -> None:
     if not (math.isfinite(s.learning_rate) and s.learning_rate > 0):
         raise UserError(f"--learning-rate must be a finite number > 0, got {s.learning_rate}")
     if not (math.isfinite(s.lowest_timestep) and 0 <= s.lowest_timestep < 1):
-        raise UserError(f"--lowest-timestep must be a share of the timesteps in [0, 1), got {s.lowest_timestep}")
+        raise UserError(
+            f"--lowest-timestep must be a share of the timesteps in [0, 1), got {s.lowest_timestep}"
+        )
     if s.seed < 0:
         raise UserError(f"--seed must be >= 0, got {s.seed}")
 
@@ -129,7 +131,8 @@ def plan_targets(job: AttackJob) -> tuple[list[Target], list[str], str]:
     return targets, banned, detector
 
 
-MEASURING = ("images_per_prompt", "sample_steps", "guidance")  # how the ASR is drawn, not what the search finds
+# how the ASR is drawn, not what the search finds: a rerun with other values re-measures
+MEASURING = ("images_per_prompt", "sample_steps", "guidance")
 
 
 def _search_part(record: dict) -> dict:

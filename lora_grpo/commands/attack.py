@@ -40,7 +40,10 @@ def add_parser(sub) -> None:
         "--learning-rate", type=float, default=5e-3, help="concept-inversion: Adam's step on the embedding"
     )
     p.add_argument(
-        "--candidates", type=int, default=16, help="mma and unlearndiff: token swaps scored a step (default 16)"
+        "--candidates",
+        type=int,
+        default=16,
+        help="mma and unlearndiff: token swaps scored a step (default 16)",
     )
     p.add_argument(
         "--lowest-timestep",

@@ -19,6 +19,7 @@ import torch
 from lora_grpo.attacks.methods import (
     PICTURES_PER_TARGET,
     SEARCHES,
+    TEXT_ONLY,
     AttackModels,
     AttackSettings,
     Target,
@@ -77,6 +78,24 @@ def round_targets(unsafe: list[str], count: int, round_index: int) -> list[str]:
     """Round r attacks `count` unsafe prompts from position r * count on (wrapping)."""
     n = len(unsafe)
     return [unsafe[(round_index * count + i) % n] for i in range(min(count, n))]
+
+
+def round_passes(config: Config, targets: int) -> int:
+    """UNet passes of one round on `targets` prompts, counted as PassCounter counts them (one image through the
+    UNet at one step): the concept pictures the base draws (rendered in the toy world: none), then the attack's
+    denoising losses (concept-inversion: one gradient a step; unlearndiff: one gradient and `batch` scored
+    swaps a step and target). Text-only attacks run no UNet."""
+    cfg = config.train.adversarial
+    if cfg.method == "none" or cfg.method in TEXT_ONLY:
+        return 0
+    s = AttackSettings(cfg.method, tokens=cfg.tokens, steps=cfg.steps)
+    rows = PICTURES_PER_TARGET * s.noise_draws  # one denoising loss: every picture at its draws
+    guided = 2 if config.sample.uses_cfg else 1
+    pictures = 0 if config.evaluate.suite == "toyworld" else targets * PICTURES_PER_TARGET
+    drawn = pictures * config.sample.num_steps * guided
+    if cfg.method == "concept-inversion":
+        return drawn + s.steps * rows
+    return drawn + targets * s.steps * rows * (1 + s.batch)
 
 
 def install_token(pipe, token: str, vector: torch.Tensor) -> None:

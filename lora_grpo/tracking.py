@@ -95,16 +95,19 @@ class PassCounter:
     """UNet passes counted as they happen (not estimated): a forward pre-hook adds each call's batch rows
     (classifier-free guidance's doubled batch included) to "training" when gradients are on (a forward +
     backward), "reference" for a forward without gradients in the timer's "train" phase (the KL reference
-    policy), else "sampling". `reset()` at each epoch's start."""
+    policy), "adversarial" for any pass in the "adversarial" phase (train.adversarial's attack), else
+    "sampling". `reset()` at each epoch's start."""
 
     def __init__(self, unet: torch.nn.Module, timer: PhaseTimer):
         self.timer = timer
-        self.counts: dict[str, int] = {"sampling": 0, "training": 0, "reference": 0}
+        self.counts: dict[str, int] = {"sampling": 0, "training": 0, "reference": 0, "adversarial": 0}
         self.handle = unet.register_forward_pre_hook(self._count)
 
     def _count(self, module, args) -> None:
         rows = int(args[0].shape[0])
-        if torch.is_grad_enabled():
+        if self.timer.current == "adversarial":
+            self.counts["adversarial"] += rows
+        elif torch.is_grad_enabled():
             self.counts["training"] += rows
         elif self.timer.current == "train":
             self.counts["reference"] += rows

@@ -206,12 +206,23 @@ class Trainer:
         acc = self.accelerator
         return batch_std(acc.gather(centred), acc.gather(kept))
 
+    def adversarial_round(self, epoch: int) -> None:
+        """train.adversarial's round when one is due: at the epoch's start, from the policy as the last epoch
+        left it (so a run resumed or continued past its cap attacks exactly as one run does), its passes and
+        time in the epoch's row."""
+        if self.adversarial is None or not self.adversarial.due(epoch):
+            return
+        with self.timer("adversarial"):
+            self.adversarial.run_round(self.pipe, self.model, self.reward_fn, self.accelerator, self.log)
+        self.prompt_sets[-1] = self.adversarial.prompt_set()  # the list the context shares
+
     def run_epoch(self, epoch: int) -> dict:
         """One GRPO iteration; returns (and logs) its metrics row."""
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         self.timer.seconds.clear()
         self.passes.reset()
+        self.adversarial_round(epoch)
         self.progress = EpochProgress(cfg, epoch, self.clock, self.log, enabled=acc.is_main_process)
         self.use_base(epoch)
         samples = self.sample_epoch(epoch)
@@ -345,13 +356,6 @@ class Trainer:
         held, epoch = False, first_epoch - 1
         with StopRequests(self.log) as stop:
             for epoch in range(first_epoch, epochs):
-                if self.adversarial is not None and self.adversarial.due(epoch):
-                    # at the epoch's start, from the policy as the last epoch left it (so a run resumed or
-                    # continued past its cap attacks exactly as one run does)
-                    self.adversarial.run_round(
-                        self.pipe, self.model, self.reward_fn, self.accelerator, self.log
-                    )
-                    self.prompt_sets[-1] = self.adversarial.prompt_set()  # the list the context shares
                 self.run_epoch(epoch)
                 signum = agreed_signal(self.accelerator, stop)
                 held = agreed_max(self.accelerator, float(self.targets_met)) > 0

@@ -149,6 +149,7 @@ def describe(plan: RunPlan) -> str:
 
     c = plan.config
     work = epoch_work(c)
+    rounds, per_round = adversarial_work(c)
     what = f"resume {plan.checkpoint}" if plan.checkpoint else "new run"
     lines = [
         f"# lora-grpo train {plan.recipe_source}: dry run (nothing loaded, nothing written)",
@@ -158,10 +159,26 @@ def describe(plan: RunPlan) -> str:
         f"UNet at one step; CFG counts two): sampling {work['sampling_passes']}, training "
         f"{work['training_passes']} forward+backward, KL reference {work['reference_passes']} forward; "
         f"{work['optimizer_steps']} optimizer steps",
-        f"# {c.train.epochs} epochs: {c.train.epochs * sum(v for k, v in work.items() if k.endswith('_passes'))} "
+        *(
+            [f"# train.adversarial: {rounds} rounds of up to {per_round} UNet passes each (the attack)"]
+            if rounds
+            else []
+        ),
+        f"# {c.train.epochs} epochs: "
+        f"{c.train.epochs * sum(v for k, v in work.items() if k.endswith('_passes')) + rounds * per_round} "
         "UNet passes in all",
     ]
     return "\n".join(lines) + "\n" + yaml.safe_dump(to_dict(c), sort_keys=False)
+
+
+def adversarial_work(config: Config) -> tuple[int, int]:
+    """(rounds, UNet passes a round at most) of train.adversarial: a round before every `every`-th epoch."""
+    from lora_grpo.adversarial import round_passes
+
+    cfg = config.train.adversarial
+    if cfg.method == "none":
+        return 0, 0
+    return (config.train.epochs - 1) // cfg.every, round_passes(config, cfg.targets)
 
 
 def local_prompt_notes(config: Config) -> list[str]:

@@ -3,11 +3,19 @@ concept-inversion's token) reach sampling, live in the checkpoint, and a resumed
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_grpo.adversarial import ADVERSARIAL_SET, Adversary, adversarial_set, round_targets
+from lora_grpo.adversarial import (
+    ADVERSARIAL_SET,
+    Adversary,
+    adversarial_set,
+    round_passes,
+    round_targets,
+)
 from lora_grpo.checkpoint import read_trainer_state
 from lora_grpo.config import AdversarialConfig, load_config
 from lora_grpo.errors import UserError
@@ -85,6 +93,13 @@ def test_adversarial_rounds_feed_the_set_and_resume_exactly(method, tmp_path):
         "a shocking image",
     )
     whole.run()
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    # the round's passes, by hand: mma reads the text encoder alone; concept-inversion draws 2 pictures for
+    # each of 2 targets (8 steps, CFG doubles) and takes 2 steps of 2 pictures x 4 noise draws
+    by_hand = {"mma": 0, "concept-inversion": 2 * 2 * 8 * 2 + 2 * 2 * 4}[method]
+    assert [r["unet_passes_adversarial"] for r in rows] == [0, by_hand]
+    assert round_passes(whole.config, 2) == by_hand
+    assert rows[1]["unet_passes_sampling"] == rows[0]["unet_passes_sampling"]  # the epoch's own, unchanged
     found = whole.prompt_sets[-1].prompts
     assert len(found) == 2 and found != whole.prompt_sets[0].prompts[:2]
     assert all("explicit" not in p.replace("<concept>", "") and "nude" not in p for p in found)

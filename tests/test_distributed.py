@@ -55,6 +55,15 @@ SETUPS = {
         ["sample.prompts_per_batch=2", "train.gradient_accumulation_steps=2"],
         ["sample.prompts_per_batch=1", "train.gradient_accumulation_steps=1"],
     ),
+    # train.adversarial: the round (concept inversion against the policy) runs on the main process alone and
+    # its prompts and token embedding reach every process before the epoch samples
+    "adversarial": (
+        ["train.epochs=2", "train.timestep_fraction=0.5", "train.adversarial.method=concept-inversion"]
+        + ["train.adversarial.every=1", "train.adversarial.targets=2", "train.adversarial.steps=2"]
+        + ["train.adversarial.ban=[nude]"],
+        ["sample.prompts_per_batch=2", "train.gradient_accumulation_steps=2"],
+        ["sample.prompts_per_batch=1", "train.gradient_accumulation_steps=1"],
+    ),
 }
 
 

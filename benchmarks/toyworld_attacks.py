@@ -26,7 +26,6 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 BASE = "builtin:toyworld-rich-sd"
@@ -83,14 +82,26 @@ def _prompts(path: str) -> list[str]:
 
 
 def _set_scores(pipe, prompts: list[str], guidance: float, seed: int) -> dict[str, float]:
-    """Red rate and colour + position accuracy of IMAGES_PER_SET images cycling through `prompts`."""
-    from lora_grpo.attacks.measure import draw, toyworld_protocol
+    """Red rate and colour + position accuracy of IMAGES_PER_SET images cycling through `prompts`, image i from
+    seed + i (the attack protocol's sampler at `guidance`)."""
+    import torch
+
+    from lora_grpo.attacks.measure import toyworld_protocol
     from lora_grpo.toyworld.readout import caption_pairs, readout, score
 
+    protocol = toyworld_protocol(1, seed)
     asked = [prompts[i % len(prompts)] for i in range(IMAGES_PER_SET)]
-    protocol = replace(toyworld_protocol(1, seed), guidance=guidance)
-    images = draw(pipe, asked, protocol, 48, lambda n: None)
-    readings = readout(images)
+    readings = []
+    for b in range(0, len(asked), 48):
+        images = pipe(
+            asked[b : b + 48],
+            num_inference_steps=protocol.steps,
+            guidance_scale=guidance,
+            eta=protocol.eta,
+            generator=[torch.Generator().manual_seed(seed + i) for i in range(b, min(b + 48, len(asked)))],
+            output_type="pt",
+        ).images
+        readings += readout(images.float().cpu())
     pairs = caption_pairs(asked, readings)
     return {
         "red_rate": sum(r.colour == "red" for r in readings) / len(readings),
@@ -117,7 +128,7 @@ def toy_targets(adapter: Path, seed: int, folder: Path) -> dict:
         for model in ("base", "adapter"):
             (pipe.disable_lora if model == "base" else pipe.enable_lora)()
             result[str(cfg)][model] = {
-                name: _set_scores(pipe, prompts, cfg, seed * 100 + k)
+                name: _set_scores(pipe, prompts, cfg, seed * 10_000 + 1000 * k)
                 for k, (name, prompts) in enumerate(sets.items())
             }
     kept.write_text(json.dumps(result, indent=2))

@@ -2,7 +2,7 @@
 al., NeurIPS 2024, "Defensive Unlearning with Adversarial Training for Robust Concept Erasure", here with the
 steering reward instead of a classifier).
 
-Every `every` epochs the main process runs the configured attack (lora_grpo.attacks) on `targets` of the
+At the end of every `every`-th epoch (after its update, before its check) the main process runs the configured attack (lora_grpo.attacks) on `targets` of the
 recipe's unsafe prompts (a window rotating round by round) against the UNet as it is now, LoRA on; the attack
 prompts found join the set `adversarial` (its newest `keep`), which the epochs after draw like any unsafe set.
 concept-inversion learns a token embedding instead and installs it in the pipeline's tokenizer and text
@@ -154,7 +154,7 @@ class AdversarialTraining:
         return adversarial_set(self.cfg, self.unsafe, self.adversary)
 
     def due(self, epochs_done: int) -> bool:
-        """A round before the next epoch: after every `every` epochs (none before the first)."""
+        """A round at the end of every `every`-th epoch (before that epoch's check)."""
         return epochs_done > 0 and epochs_done % self.cfg.every == 0
 
     def pictures(self, model, reward_fn, prompts: list[str]) -> torch.Tensor | None:

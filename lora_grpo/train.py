@@ -206,11 +206,12 @@ class Trainer:
         acc = self.accelerator
         return batch_std(acc.gather(centred), acc.gather(kept))
 
-    def adversarial_round(self, epoch: int) -> None:
-        """train.adversarial's round when one is due: at the epoch's start, from the policy as the last epoch
-        left it (so a run resumed or continued past its cap attacks exactly as one run does), its passes and
-        time in the epoch's row."""
-        if self.adversarial is None or not self.adversarial.due(epoch):
+    def adversarial_round(self, epochs_done: int) -> None:
+        """train.adversarial's round when one is due: at the end of every `every`-th epoch, after its update
+        and before its check, so the check measures prompts found against the very policy it checks (a stop
+        on the adversarial set means a fresh attack failed); its passes and time in that epoch's row, its
+        finds in that epoch's checkpoint (a resumed run attacks exactly as one run does)."""
+        if self.adversarial is None or not self.adversarial.due(epochs_done):
             return
         with self.timer("adversarial"):
             self.adversarial.run_round(self.pipe, self.model, self.reward_fn, self.accelerator, self.log)
@@ -222,7 +223,6 @@ class Trainer:
         start = time.perf_counter()
         self.timer.seconds.clear()
         self.passes.reset()
-        self.adversarial_round(epoch)
         self.progress = EpochProgress(cfg, epoch, self.clock, self.log, enabled=acc.is_main_process)
         self.use_base(epoch)
         samples = self.sample_epoch(epoch)
@@ -242,6 +242,7 @@ class Trainer:
                 n, why = len(samples.prompts), "every reward was non-finite"
                 stats = skipped_update(self.learner, n, cfg.train, self.skips, why, self.log)
         self.use_base(None)  # evaluation and checkpoints see the first base
+        self.adversarial_round(epoch + 1)
         # ---- LOG (rewards gathered from every rank)
         rewards, set_index = acc.gather(samples.rewards), acc.gather(samples.set_index)
         self.global_step += stats.optimizer_steps

@@ -172,13 +172,13 @@ def describe(plan: RunPlan) -> str:
 
 
 def adversarial_work(config: Config) -> tuple[int, int]:
-    """(rounds, UNet passes a round at most) of train.adversarial: a round before every `every`-th epoch."""
+    """(rounds, UNet passes a round at most) of train.adversarial: a round after every `every`-th epoch."""
     from lora_grpo.adversarial import round_passes
 
     cfg = config.train.adversarial
     if cfg.method == "none":
         return 0, 0
-    return (config.train.epochs - 1) // cfg.every, round_passes(config, cfg.targets)
+    return config.train.epochs // cfg.every, round_passes(config, cfg.targets)
 
 
 def local_prompt_notes(config: Config) -> list[str]:

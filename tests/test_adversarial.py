@@ -80,9 +80,9 @@ def test_bad_adversarial_settings_are_one_line(overrides, needle):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["mma", "concept-inversion"])
 def test_adversarial_rounds_feed_the_set_and_resume_exactly(method, tmp_path):
-    """Two epochs, a round between them: the set holds the round's prompts (no banned word; inversion's use
-    its token, installed in the pipeline's tokenizer), the checkpoint records them, and one epoch + resume
-    trains the same adapter bit for bit."""
+    """Two epochs, a round at the end of each (before its check): the set holds the rounds' prompts (no banned
+    word; inversion's use its token, installed in the pipeline's tokenizer), each epoch's checkpoint records the
+    round that ended it, and one epoch + resume trains the same adapter bit for bit."""
     from accelerate.state import AcceleratorState
 
     whole = _trainer(tmp_path / "whole", _adversarial(method))
@@ -97,23 +97,22 @@ def test_adversarial_rounds_feed_the_set_and_resume_exactly(method, tmp_path):
     # the round's passes, by hand: mma reads the text encoder alone; concept-inversion draws 2 pictures for
     # each of 2 targets (8 steps, CFG doubles) and takes 2 steps of 2 pictures x 4 noise draws
     by_hand = {"mma": 0, "concept-inversion": 2 * 2 * 8 * 2 + 2 * 2 * 4}[method]
-    assert [r["unet_passes_adversarial"] for r in rows] == [0, by_hand]
+    assert [r["unet_passes_adversarial"] for r in rows] == [by_hand, by_hand]
     assert round_passes(whole.config, 2) == by_hand
     assert rows[1]["unet_passes_sampling"] == rows[0]["unet_passes_sampling"]  # the epoch's own, unchanged
     found = whole.prompt_sets[-1].prompts
-    assert len(found) == 2 and found != whole.prompt_sets[0].prompts[:2]
+    assert len(found) == 4 and found[:2] != whole.prompt_sets[0].prompts[:2]
     assert all("explicit" not in p.replace("<concept>", "") and "nude" not in p for p in found)
-    before = read_trainer_state(tmp_path / "whole" / "checkpoints" / "epoch_000001")["adversarial"]
-    state = read_trainer_state(
-        tmp_path / "whole" / "checkpoints" / "epoch_000002"
-    )  # the round: before epoch 2
-    assert before["found"] == [] and state["adversarial"]["rounds"] == 1
-    assert state["adversarial"]["found"] == list(found)
+    first_round = read_trainer_state(tmp_path / "whole" / "checkpoints" / "epoch_000001")["adversarial"]
+    state = read_trainer_state(tmp_path / "whole" / "checkpoints" / "epoch_000002")
+    assert first_round["rounds"] == 1 and first_round["found"] == list(found[:2])  # sampled by epoch 2
+    assert state["adversarial"]["rounds"] == 2 and state["adversarial"]["found"] == list(found)
     if method == "concept-inversion":
         assert all("<concept>" in p for p in found)
         token = whole.pipe.tokenizer.convert_tokens_to_ids("<concept>")
         row = whole.pipe.text_encoder.get_input_embeddings().weight[token]
         assert torch.equal(row, torch.tensor(state["adversarial"]["embedding"], dtype=row.dtype))
+        assert first_round["embedding"] != state["adversarial"]["embedding"]  # each round learns afresh
     AcceleratorState._reset_state()
 
     first = _trainer(tmp_path / "split", _adversarial(method, "train.epochs=1"))

@@ -5,9 +5,12 @@ steering reward instead of a classifier).
 At the end of every `every`-th epoch (after its update, before its check) the main process runs the configured attack (lora_grpo.attacks) on `targets` of the
 recipe's unsafe prompts (a window rotating round by round) against the UNet as it is now, LoRA on; the attack
 prompts found join the set `adversarial` (its newest `keep`), which the epochs after draw like any unsafe set.
-concept-inversion learns a token embedding instead and installs it in the pipeline's tokenizer and text
-encoder, so its prompts ("a <concept> circle on the left") condition the UNet as the attack's embedding does.
-The found prompts and the embedding live in the checkpoint, so a resumed run continues exactly.
+concept-inversion learns a token embedding instead, a new token each round ("<concept-1>", "<concept-2>", ...),
+and installs it in the pipeline's tokenizer and text encoder, so its prompts ("a <concept-2> circle on the left")
+condition the UNet as the attack's embedding does: the set holds a pool of the newest rounds' tokens, not only
+the last one (one token overwritten each round left the adapter chasing the newest embedding: a fresh 200-step
+inversion still reached 0.21 on a seed-0 adapter that stopped on a fresh round's 0.03). The found prompts and
+the embeddings live in the checkpoint, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -35,19 +38,28 @@ ADVERSARIAL_SET = "adversarial"
 
 @dataclass
 class Adversary:
-    """What the attacks found so far (checkpointed): the prompts, and concept-inversion's embedding."""
+    """What the attacks found so far (checkpointed): the prompts, and concept-inversion's token embeddings."""
 
     found: list[str] = field(default_factory=list)
-    embedding: list[float] | None = None
+    embeddings: dict[str, list[float]] = field(default_factory=dict)  # token -> its vector, round by round
     rounds: int = 0
 
     def state(self) -> dict:
-        return {"found": list(self.found), "embedding": self.embedding, "rounds": self.rounds}
+        return {"found": list(self.found), "embeddings": dict(self.embeddings), "rounds": self.rounds}
 
     @classmethod
     def from_state(cls, state: dict | None) -> Adversary:
         state = state or {}
-        return cls(list(state.get("found", [])), state.get("embedding"), int(state.get("rounds", 0)))
+        embeddings = dict(state.get("embeddings", {}))
+        return cls(list(state.get("found", [])), embeddings, int(state.get("rounds", 0)))
+
+
+TOKEN_PREFIX = "<concept-"
+
+
+def round_token(round_index: int) -> str:
+    """concept-inversion's token of round `round_index` (from 0): each round learns its own."""
+    return f"{TOKEN_PREFIX}{round_index + 1}>"
 
 
 def banned_words(config: Config) -> list[str]:
@@ -111,12 +123,13 @@ def install_token(pipe, token: str, vector: torch.Tensor) -> None:
 
 
 def attack_round(
-    pipe, unet, cfg: AdversarialConfig, targets: list[Target], banned: list[str], seed: int
+    pipe, unet, cfg: AdversarialConfig, targets: list[Target], banned: list[str], seed: int, token: str
 ) -> tuple[list[str], torch.Tensor | None]:
-    """One attack on the policy as it is now: (the prompts found, concept-inversion's embedding or None)."""
-    settings = AttackSettings(cfg.method, tokens=cfg.tokens, steps=cfg.steps, seed=seed)
+    """One attack on the policy as it is now: (the prompts found, concept-inversion's embedding of `token` or
+    None)."""
+    settings = AttackSettings(cfg.method, tokens=cfg.tokens, steps=cfg.steps, seed=seed, token=token)
     models = AttackModels(pipe.tokenizer, pipe.text_encoder, unet, pipe.scheduler)
-    candidates = candidate_tokens(pipe.tokenizer, [*banned, settings.token])
+    candidates = candidate_tokens(pipe.tokenizer, [*banned, TOKEN_PREFIX])  # never an earlier round's token
     noop = lambda step, value: None  # noqa: E731
     if cfg.method == "concept-inversion":
         prompts, vector, _ = concept_inversion(models, targets, banned, candidates, settings, noop)
@@ -179,13 +192,14 @@ class AdversarialTraining:
         from accelerate.utils import broadcast_object_list
 
         result = [None]
+        token = round_token(self.adversary.rounds)
         if accelerator.is_main_process:
             prompts = round_targets(self.unsafe, self.cfg.targets, self.adversary.rounds)
             targets = targets_of(
                 prompts, self.banned, self.pictures(model, reward_fn, prompts), PICTURES_PER_TARGET
             )
             found, vector = attack_round(
-                pipe, model.unet, self.cfg, targets, self.banned, self.seed + self.adversary.rounds
+                pipe, model.unet, self.cfg, targets, self.banned, self.seed + self.adversary.rounds, token
             )
             result = [(found, None if vector is None else vector.reshape(-1).tolist())]
             log(f"adversarial round {self.adversary.rounds + 1} ({self.cfg.method}): " + "; ".join(found))
@@ -193,13 +207,13 @@ class AdversarialTraining:
         self.adversary.found += found
         self.adversary.rounds += 1
         if embedding is not None:
-            self.adversary.embedding = embedding
-            install_token(pipe, AttackSettings(self.cfg.method).token, torch.tensor(embedding))
+            self.adversary.embeddings[token] = embedding
+            install_token(pipe, token, torch.tensor(embedding))
 
     def state(self) -> dict:
         return self.adversary.state()
 
     def restore(self, state: dict | None, pipe) -> None:
         self.adversary = Adversary.from_state(state)
-        if self.adversary.embedding is not None:
-            install_token(pipe, AttackSettings(self.cfg.method).token, torch.tensor(self.adversary.embedding))
+        for token, embedding in self.adversary.embeddings.items():
+            install_token(pipe, token, torch.tensor(embedding))

@@ -4,6 +4,7 @@ concept-inversion's token) reach sampling, live in the checkpoint, and a resumed
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lora_grpo.adversarial import (
     adversarial_set,
     round_passes,
     round_targets,
+    round_token,
 )
 from lora_grpo.checkpoint import read_trainer_state
 from lora_grpo.config import AdversarialConfig, load_config
@@ -48,10 +50,12 @@ def test_round_targets_rotate_and_the_set_holds_the_newest_finds():
         tuple(unsafe),
         0.5,
     )
-    adversary = Adversary(found=["a", "b", "c"], embedding=[0.5, -1.0], rounds=2)
+    pool = {"<concept-1>": [0.5, -1.0], "<concept-2>": [2.0, 0.0]}
+    adversary = Adversary(found=["a", "b", "c"], embeddings=pool, rounds=2)
     assert adversarial_set(cfg, unsafe, adversary).prompts == ("b", "c")
     again = Adversary.from_state(adversary.state())
-    assert (again.found, again.embedding, again.rounds) == (["a", "b", "c"], [0.5, -1.0], 2)
+    assert (again.found, again.embeddings, again.rounds) == (["a", "b", "c"], pool, 2)
+    assert [round_token(r) for r in range(2)] == list(pool)  # one token a round
 
 
 @pytest.mark.parametrize(
@@ -102,17 +106,23 @@ def test_adversarial_rounds_feed_the_set_and_resume_exactly(method, tmp_path):
     assert rows[1]["unet_passes_sampling"] == rows[0]["unet_passes_sampling"]  # the epoch's own, unchanged
     found = whole.prompt_sets[-1].prompts
     assert len(found) == 4 and found[:2] != whole.prompt_sets[0].prompts[:2]
-    assert all("explicit" not in p.replace("<concept>", "") and "nude" not in p for p in found)
+    assert all("explicit" not in re.sub(r"<concept-\d+>", "", p) and "nude" not in p for p in found)
     first_round = read_trainer_state(tmp_path / "whole" / "checkpoints" / "epoch_000001")["adversarial"]
     state = read_trainer_state(tmp_path / "whole" / "checkpoints" / "epoch_000002")
     assert first_round["rounds"] == 1 and first_round["found"] == list(found[:2])  # sampled by epoch 2
     assert state["adversarial"]["rounds"] == 2 and state["adversarial"]["found"] == list(found)
-    if method == "concept-inversion":
-        assert all("<concept>" in p for p in found)
-        token = whole.pipe.tokenizer.convert_tokens_to_ids("<concept>")
-        row = whole.pipe.text_encoder.get_input_embeddings().weight[token]
-        assert torch.equal(row, torch.tensor(state["adversarial"]["embedding"], dtype=row.dtype))
-        assert first_round["embedding"] != state["adversarial"]["embedding"]  # each round learns afresh
+    if method == "concept-inversion":  # each round its own token, all of them installed
+        assert all("<concept-1>" in p for p in found[:2]) and all("<concept-2>" in p for p in found[2:])
+        pool = state["adversarial"]["embeddings"]
+        assert list(pool) == ["<concept-1>", "<concept-2>"] and first_round["embeddings"] == {
+            "<concept-1>": pool["<concept-1>"]
+        }
+        for token, vector in pool.items():
+            row = whole.pipe.text_encoder.get_input_embeddings().weight[
+                whole.pipe.tokenizer.convert_tokens_to_ids(token)
+            ]
+            assert torch.equal(row, torch.tensor(vector, dtype=row.dtype))
+        assert pool["<concept-1>"] != pool["<concept-2>"]
     AcceleratorState._reset_state()
 
     first = _trainer(tmp_path / "split", _adversarial(method, "train.epochs=1"))

@@ -2,9 +2,10 @@
 al., NeurIPS 2024, "Defensive Unlearning with Adversarial Training for Robust Concept Erasure", here with the
 steering reward instead of a classifier).
 
-At the end of every `every`-th epoch (after its update, before its check) the main process runs the configured attack (lora_grpo.attacks) on `targets` of the
-recipe's unsafe prompts (a window rotating round by round) against the UNet as it is now, LoRA on; the attack
-prompts found join the set `adversarial` (its newest `keep`), which the epochs after draw like any unsafe set.
+At the end of every `every`-th epoch (after its update, before its check) the main process runs the configured
+attack (lora_grpo.attacks) on `targets` of the recipe's unsafe prompts (a window rotating round by round) against
+the UNet as it is now, LoRA on; the attack prompts found join the set `adversarial` (its newest `keep`), which the
+epochs after draw like any unsafe set.
 concept-inversion learns a token embedding instead, a new token each round ("<concept-1>", "<concept-2>", ...),
 and installs it in the pipeline's tokenizer and text encoder, so its prompts ("a <concept-2> circle on the left")
 condition the UNet as the attack's embedding does: the set holds a pool of the newest rounds' tokens, not only
@@ -51,6 +52,8 @@ class Adversary:
     def from_state(cls, state: dict | None) -> Adversary:
         state = state or {}
         embeddings = dict(state.get("embeddings", {}))
+        if state.get("embedding") is not None:  # a checkpoint written before each round had its own token
+            embeddings = {"<concept>": state["embedding"]}
         return cls(list(state.get("found", [])), embeddings, int(state.get("rounds", 0)))
 
 

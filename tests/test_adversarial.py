@@ -56,6 +56,8 @@ def test_round_targets_rotate_and_the_set_holds_the_newest_finds():
     again = Adversary.from_state(adversary.state())
     assert (again.found, again.embeddings, again.rounds) == (["a", "b", "c"], pool, 2)
     assert [round_token(r) for r in range(2)] == list(pool)  # one token a round
+    older = Adversary.from_state({"found": ["a <concept> x"], "embedding": [1.0, 2.0], "rounds": 1})
+    assert older.embeddings == {"<concept>": [1.0, 2.0]}  # a checkpoint of one token overwritten each round
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from lora_grpo.errors import UserError
 from lora_grpo.prompts import PromptSet
 
 ADVERSARIAL_SET = "adversarial"
+NEWEST_SET = "adversarial-new"  # evaluation only: the newest round's prompts, eval/adversarial-new/...
 
 
 @dataclass
@@ -87,6 +88,15 @@ def adversarial_set(cfg: AdversarialConfig, unsafe: list[str], adversary: Advers
     """The set the attacks feed: their newest `keep` prompts; before the first attack, the unsafe prompts."""
     prompts = tuple(adversary.found[-cfg.keep :]) or tuple(unsafe)
     return PromptSet(ADVERSARIAL_SET, "unsafe", prompts, cfg.weight)
+
+
+def newest_set(cfg: AdversarialConfig, unsafe: list[str], adversary: Adversary) -> PromptSet:
+    """The newest round's prompts alone (evaluation only; before the first round, the unsafe prompts): its
+    check reads a fresh attack on the policy it checks, which the set's pool of `keep` dilutes with older
+    rounds the policy has already trained on."""
+    per_round = min(cfg.targets, len(unsafe))  # every round finds one prompt a target
+    prompts = tuple(adversary.found[-per_round:]) if adversary.rounds else tuple(unsafe)
+    return PromptSet(NEWEST_SET, "unsafe", prompts, cfg.weight)
 
 
 def round_targets(unsafe: list[str], count: int, round_index: int) -> list[str]:
@@ -168,6 +178,9 @@ class AdversarialTraining:
 
     def prompt_set(self) -> PromptSet:
         return adversarial_set(self.cfg, self.unsafe, self.adversary)
+
+    def newest_set(self) -> PromptSet:
+        return newest_set(self.cfg, self.unsafe, self.adversary)
 
     def due(self, epochs_done: int) -> bool:
         """A round at the end of every `every`-th epoch (before that epoch's check)."""

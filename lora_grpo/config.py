@@ -568,10 +568,13 @@ class Config:
                 "train.adversarial",
                 "attacks start from the unsafe prompts: add an unsafe prompt set",
             )
+            taken = sorted(
+                {"adversarial", "adversarial-new"} & ({s.name for s in self.prompts.sets} | {*eval_names})
+            )
             _require(
-                "adversarial" not in {s.name for s in self.prompts.sets},
+                not taken,
                 "train.adversarial",
-                "names its prompt set 'adversarial': rename the prompt set of that name",
+                f"names its prompt sets 'adversarial' and 'adversarial-new': rename the prompt set {taken}",
             )
         set_names = {s.name for s in self.prompts.sets} | set(eval_names)
         for cell in self.evaluate.cells:

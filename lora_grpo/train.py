@@ -62,13 +62,15 @@ from lora_grpo.tracking import (
 from lora_grpo.update import SkipCounter, ppo_update, skipped_update
 
 
-def adversarial_training(config: Config, prompt_sets: list) -> AdversarialTraining | None:
-    """train.adversarial: its trainer side, with the adversarial set appended to `prompt_sets` (None: off)."""
+def adversarial_training(config: Config, prompt_sets: list, eval_sets: list) -> AdversarialTraining | None:
+    """train.adversarial: its trainer side, with the adversarial set appended to `prompt_sets` and its newest
+    round's set to `eval_sets` (None: off)."""
     if config.train.adversarial.method == "none":
         return None
     unsafe = [p for s in prompt_sets if s.safety == "unsafe" for p in s.prompts]
     adversarial = AdversarialTraining(config, unsafe)
     prompt_sets.append(adversarial.prompt_set())
+    eval_sets.append(adversarial.newest_set())  # last: the other sets keep their evaluation seeds
     return adversarial
 
 
@@ -119,7 +121,7 @@ class Trainer:
             if note := long_prompt_note(f"set '{prompt_set.name}'", prompt_set.prompts):
                 log(note)
         check_picture_prompts(config, self.prompt_sets + self.eval_sets)
-        self.adversarial = adversarial_training(config, self.prompt_sets)  # None unless train.adversarial
+        self.adversarial = adversarial_training(config, self.prompt_sets, self.eval_sets)  # None: off
         self.accelerator = policy.setup_accelerator(config.train, config.seed)
         self.device = self.accelerator.device
         self.base_ref = resolve_model_ref(config.model.base)
@@ -215,7 +217,12 @@ class Trainer:
             return
         with self.timer("adversarial"):
             self.adversarial.run_round(self.pipe, self.model, self.reward_fn, self.accelerator, self.log)
-        self.prompt_sets[-1] = self.adversarial.prompt_set()  # the list the context shares
+        self.show_adversarial_sets()
+
+    def show_adversarial_sets(self) -> None:
+        """The adversarial sets as the attacks left them, in the lists the context shares."""
+        self.prompt_sets[-1] = self.adversarial.prompt_set()
+        self.eval_sets[-1] = self.adversarial.newest_set()
 
     def run_epoch(self, epoch: int) -> dict:
         """One GRPO iteration; returns (and logs) its metrics row."""
@@ -306,7 +313,7 @@ class Trainer:
         self.global_step = int(state.get("global_step", 0))
         if self.adversarial is not None:
             self.adversarial.restore(state.get("adversarial"), self.pipe)
-            self.prompt_sets[-1] = self.adversarial.prompt_set()
+            self.show_adversarial_sets()
         done = int(state["next_epoch"])  # epochs completed
         if self.accelerator.is_main_process:
             self.metrics.truncate(done)

@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 
 from lora_grpo.adversarial import (
     ADVERSARIAL_SET,
+    NEWEST_SET,
     Adversary,
     adversarial_set,
+    newest_set,
     round_passes,
     round_targets,
     round_token,
@@ -23,6 +25,7 @@ from lora_grpo.config import AdversarialConfig, load_config
 from lora_grpo.errors import UserError
 from lora_grpo.recipe_files import find_recipe
 from lora_grpo.train import Trainer
+from lora_grpo.train_command import build_callbacks
 
 FAST = ["train.epochs=2", "output.checkpoint_every=1", "train.optimizer=adamw", "output.sample_grid_every=0"]
 
@@ -34,7 +37,8 @@ def _adversarial(method: str, *extra: str) -> list[str]:
 
 
 def _trainer(run_dir, overrides) -> Trainer:
-    return Trainer(load_config(find_recipe("tiny-test"), overrides), run_dir, log=lambda line: None)
+    config = load_config(find_recipe("tiny-test"), overrides)
+    return Trainer(config, run_dir, log=lambda line: None, callbacks=build_callbacks(config))
 
 
 def test_round_targets_rotate_and_the_set_holds_the_newest_finds():
@@ -53,6 +57,13 @@ def test_round_targets_rotate_and_the_set_holds_the_newest_finds():
     pool = {"<concept-1>": [0.5, -1.0], "<concept-2>": [2.0, 0.0]}
     adversary = Adversary(found=["a", "b", "c"], embeddings=pool, rounds=2)
     assert adversarial_set(cfg, unsafe, adversary).prompts == ("b", "c")
+    # the newest round alone (2 targets a round: 2 prompts), for the check; the unsafe prompts before it
+    newest = newest_set(AdversarialConfig(method="mma", targets=2), unsafe, adversary)
+    assert (newest.name, newest.safety, newest.prompts) == (NEWEST_SET, "unsafe", ("b", "c"))
+    assert newest_set(
+        AdversarialConfig(method="mma", targets=9), ["u0"], Adversary(["x", "y"], rounds=2)
+    ).prompts == ("y",)  # a round finds one prompt for each of its min(targets, unsafe prompts) targets
+    assert newest_set(cfg, unsafe, Adversary()).prompts == tuple(unsafe)
     again = Adversary.from_state(adversary.state())
     assert (again.found, again.embeddings, again.rounds) == (["a", "b", "c"], pool, 2)
     assert [round_token(r) for r in range(2)] == list(pool)  # one token a round
@@ -74,6 +85,13 @@ def test_round_targets_rotate_and_the_set_holds_the_newest_finds():
                 "prompts.sets=[{name: adversarial, safety: unsafe, path: x.txt}]",
             ],
             "rename the prompt set",
+        ),
+        (
+            [
+                "train.adversarial.method=mma",
+                "evaluate.sets=[{name: adversarial-new, safety: unsafe, path: x.txt}]",
+            ],
+            "rename the prompt set ['adversarial-new']",
         ),
     ],
 )
@@ -108,6 +126,8 @@ def test_adversarial_rounds_feed_the_set_and_resume_exactly(method, tmp_path):
     assert rows[1]["unet_passes_sampling"] == rows[0]["unet_passes_sampling"]  # the epoch's own, unchanged
     found = whole.prompt_sets[-1].prompts
     assert len(found) == 4 and found[:2] != whole.prompt_sets[0].prompts[:2]
+    assert whole.eval_sets[-1].prompts == found[2:]  # the check after round 2 reads round 2 alone
+    assert rows[1]["eval/adversarial-new/steering_reward"] != rows[1]["eval/adversarial/steering_reward"]
     assert all("explicit" not in re.sub(r"<concept-\d+>", "", p) and "nude" not in p for p in found)
     first_round = read_trainer_state(tmp_path / "whole" / "checkpoints" / "epoch_000001")["adversarial"]
     state = read_trainer_state(tmp_path / "whole" / "checkpoints" / "epoch_000002")
@@ -132,7 +152,7 @@ def test_adversarial_rounds_feed_the_set_and_resume_exactly(method, tmp_path):
     AcceleratorState._reset_state()
     resumed = _trainer(tmp_path / "split", _adversarial(method))
     resumed.run(tmp_path / "split" / "checkpoints" / "epoch_000001")
-    assert resumed.prompt_sets[-1].prompts == found
+    assert resumed.prompt_sets[-1].prompts == found and resumed.eval_sets[-1].prompts == found[2:]
     a = load_file(str(tmp_path / "whole" / "adapter" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "split" / "adapter" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

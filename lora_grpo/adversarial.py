@@ -5,7 +5,8 @@ steering reward instead of a classifier).
 At the end of every `every`-th epoch (after its update, before its check) the main process runs the configured
 attack (lora_grpo.attacks) on `targets` of the recipe's unsafe prompts (a window rotating round by round) against
 the UNet as it is now, LoRA on; the attack prompts found join the set `adversarial` (its newest `keep`), which the
-epochs after draw like any unsafe set.
+epochs after draw like any unsafe set. The newest round's prompts alone are also an evaluation-only set,
+`adversarial-new`: the check right after a round reads that fresh attack undiluted by the older rounds.
 concept-inversion learns a token embedding instead, a new token each round ("<concept-1>", "<concept-2>", ...),
 and installs it in the pipeline's tokenizer and text encoder, so its prompts ("a <concept-2> circle on the left")
 condition the UNet as the attack's embedding does: the set holds a pool of the newest rounds' tokens, not only

@@ -293,7 +293,8 @@ class SampleConfig:
 class AdversarialConfig:
     """Adversarial training (AdvUnlearn's idea, Zhang et al., NeurIPS 2024, with this project's reward): every
     `every` epochs an attack (lora-grpo attack's methods) runs against the current policy, and what it finds
-    joins an unsafe prompt set named `adversarial`."""
+    joins an unsafe prompt set named `adversarial`; periodic evaluation also samples the newest round's prompts
+    alone as the set `adversarial-new` (evaluation only; nameable in stop_when)."""
 
     method: Literal["none", "ring-a-bell", "mma", "unlearndiff", "concept-inversion"] = "none"
     every: int = 5  # attack the current policy after every N epochs

@@ -517,6 +517,26 @@ def parse_condition(text: str) -> tuple[str, str, float]:
     return match.group(1), match.group(2), bound
 
 
+def stop_when_problem(conditions: list[str], set_names: set[str], cells: list[str]) -> str | None:
+    """Why a `stop_when` condition on `eval/<set>/...` or `eval@<cell>/<set>/...` could never hold (it names no
+    prompt set or no cell of the recipe, so the run would silently go to its cap), or None."""
+    for text in conditions:
+        key = parse_condition(text)[0]
+        head, _, rest = key.partition("/")
+        if head != "eval" and not head.startswith("eval@"):
+            continue
+        set_name = rest.split("/")[0]
+        cell = head.removeprefix("eval@") if head.startswith("eval@") else None
+        if cell is not None and cell not in cells:
+            return f"{text!r} names no cell {cell!r} of evaluate.cells {cells}: add the cell or fix the name"
+        if set_name not in set_names:
+            return (
+                f"{text!r} names no prompt set {set_name!r} (sets: {sorted(set_names)}), so it would never hold: "
+                "fix the name"
+            )
+    return None
+
+
 @dataclass
 class Config:
     name: str = ""  # recipe name (defaults to the file name)
@@ -578,6 +598,11 @@ class Config:
                 f"names its prompt sets 'adversarial' and 'adversarial-new': rename the prompt set {taken}",
             )
         set_names = {s.name for s in self.prompts.sets} | set(eval_names)
+        if self.train.adversarial.method != "none":
+            set_names |= {"adversarial", "adversarial-new"}
+        cells = [c.name for c in self.evaluate.cells]
+        problem = stop_when_problem(self.evaluate.stop_when, set_names, cells)
+        _require(problem is None, "evaluate.stop_when", problem or "")
         for cell in self.evaluate.cells:
             _require(
                 cell.base <= len(self.model.bases),

@@ -168,6 +168,8 @@ def test_a_recipe_file_name_that_is_no_folder_name_becomes_one(tmp_path):
         ("sampel.num_steps=3", "did you mean 'sample'?"),
         ("evaluate.stop_when=['red_rate about 0.1']", "is not `METRIC OP NUMBER`"),
         ("evaluate.stop_when=['x <= nan']", "is not `METRIC OP NUMBER`"),
+        ("evaluate.stop_when=['eval/tiny-unsafee/clip_score >= 0.1']", "names no prompt set 'tiny-unsafee'"),
+        ("evaluate.stop_when=['eval@cfg9/tiny-unsafe/clip_score >= 0.1']", "names no cell 'cfg9'"),
         ("sample.sde_steps=9", "recipe key 'sample.sde_steps': must be in [0, sample.num_steps=8]"),
         ("sample.tail_steps=-1", "recipe key 'sample.tail_steps': must be >= 0"),
         ("sample.tail_steps=1", "recipe key 'sample.tail_steps': needs a stochastic window of the first"),
@@ -182,6 +184,23 @@ def test_bad_values_name_the_key(override, message):
         load_config(TINY, [override])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_stop_when_names_the_recipe_sets_and_cells():
+    """A condition on a set or cell the recipe has loads (the adversarial sets only with train.adversarial); the
+    same condition without them is refused before anything loads (it would never hold)."""
+    cell = "evaluate.cells=[{name: cfg5, guidance: 5.0}]"
+    ok = [
+        "evaluate.stop_when=['eval/tiny-unsafe/clip_score >= 0.1', 'eval@cfg5/tiny-safe/clip_score >= 0.1']"
+    ]
+    assert load_config(TINY, [*ok, cell]).evaluate.stop_when[1].startswith("eval@cfg5/")
+    fresh = "evaluate.stop_when=['eval/adversarial-new/steering_reward >= 0.1']"
+    adversarial = ["train.adversarial.method=mma", "train.adversarial.ban=[nude]"]
+    assert load_config(TINY, [fresh, *adversarial]).evaluate.stop_when
+    with pytest.raises(UserError, match="names no prompt set 'adversarial-new'"):
+        load_config(TINY, [fresh])
+    with pytest.raises(UserError, match="names no cell 'cfg5'"):
+        load_config(TINY, ok)
 
 
 def test_override_syntax_errors():

@@ -583,23 +583,7 @@ class Config:
         _require(
             not twice, "evaluate.sets", f"names a prompt set twice (with itself or prompts.sets): {twice}"
         )
-        if self.train.adversarial.method != "none":
-            _require(
-                any(s.safety == "unsafe" for s in self.prompts.sets),
-                "train.adversarial",
-                "attacks start from the unsafe prompts: add an unsafe prompt set",
-            )
-            taken = sorted(
-                {"adversarial", "adversarial-new"} & ({s.name for s in self.prompts.sets} | {*eval_names})
-            )
-            _require(
-                not taken,
-                "train.adversarial",
-                f"names its prompt sets 'adversarial' and 'adversarial-new': rename the prompt set {taken}",
-            )
-        set_names = {s.name for s in self.prompts.sets} | set(eval_names)
-        if self.train.adversarial.method != "none":
-            set_names |= {"adversarial", "adversarial-new"}
+        set_names = self._set_names(eval_names)
         cells = [c.name for c in self.evaluate.cells]
         problem = stop_when_problem(self.evaluate.stop_when, set_names, cells)
         _require(problem is None, "evaluate.stop_when", problem or "")
@@ -616,6 +600,25 @@ class Config:
                 "evaluate.cells.denoise",
                 f"cell {cell.name}: img2img checks start from sample.img2img's pictures: set sample.img2img",
             )
+
+    def _set_names(self, eval_names: list[str]) -> set[str]:
+        """The prompt sets periodic evaluation reports: the recipe's, evaluate.sets, and with train.adversarial
+        its two sets (checked: an unsafe set to attack from, no recipe set of theirs names)."""
+        names = {s.name for s in self.prompts.sets} | set(eval_names)
+        if self.train.adversarial.method == "none":
+            return names
+        _require(
+            any(s.safety == "unsafe" for s in self.prompts.sets),
+            "train.adversarial",
+            "attacks start from the unsafe prompts: add an unsafe prompt set",
+        )
+        taken = sorted({"adversarial", "adversarial-new"} & names)
+        _require(
+            not taken,
+            "train.adversarial",
+            f"names its prompt sets 'adversarial' and 'adversarial-new': rename the prompt set {taken}",
+        )
+        return names | {"adversarial", "adversarial-new"}
 
     @property
     def samples_per_epoch(self) -> int:

@@ -31,12 +31,9 @@ from lora_grpo.attacks.methods import (
     concept_inversion,
 )
 from lora_grpo.attacks.words import candidate_tokens, concept_words, without_banned
-from lora_grpo.config import AdversarialConfig, Config
+from lora_grpo.config import ADVERSARIAL_SET, NEWEST_SET, AdversarialConfig, Config
 from lora_grpo.errors import UserError
 from lora_grpo.prompts import PromptSet
-
-ADVERSARIAL_SET = "adversarial"
-NEWEST_SET = "adversarial-new"  # evaluation only: the newest round's prompts, eval/adversarial-new/...
 
 
 @dataclass

@@ -289,6 +289,10 @@ class SampleConfig:
         )
 
 
+ADVERSARIAL_SET = "adversarial"  # train.adversarial's unsafe set: the attacks' newest `keep` prompts
+NEWEST_SET = "adversarial-new"  # evaluation only: the newest round's prompts, eval/adversarial-new/...
+
+
 @dataclass
 class AdversarialConfig:
     """Adversarial training (AdvUnlearn's idea, Zhang et al., NeurIPS 2024, with this project's reward): every
@@ -612,13 +616,13 @@ class Config:
             "train.adversarial",
             "attacks start from the unsafe prompts: add an unsafe prompt set",
         )
-        taken = sorted({"adversarial", "adversarial-new"} & names)
+        taken = sorted({ADVERSARIAL_SET, NEWEST_SET} & names)
         _require(
             not taken,
             "train.adversarial",
             f"names its prompt sets 'adversarial' and 'adversarial-new': rename the prompt set {taken}",
         )
-        return names | {"adversarial", "adversarial-new"}
+        return names | {ADVERSARIAL_SET, NEWEST_SET}
 
     @property
     def samples_per_epoch(self) -> int:

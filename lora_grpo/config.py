@@ -291,6 +291,8 @@ class SampleConfig:
 
 ADVERSARIAL_SET = "adversarial"  # train.adversarial's unsafe set: the attacks' newest `keep` prompts
 NEWEST_SET = "adversarial-new"  # evaluation only: the newest round's prompts, eval/adversarial-new/...
+# periodic evaluation's pools: the image-weighted mean over the training sets of each safety, eval/all-safe/...
+SAFETY_AGGREGATES = {"safe": "all-safe", "unsafe": "all-unsafe"}
 
 
 @dataclass
@@ -521,22 +523,25 @@ def parse_condition(text: str) -> tuple[str, str, float]:
     return match.group(1), match.group(2), bound
 
 
-def stop_when_problem(conditions: list[str], set_names: set[str], cells: list[str]) -> str | None:
+def stop_when_problem(conditions: list[str], reported: dict[str, set[str]]) -> str | None:
     """Why a `stop_when` condition on `eval/<set>/...` or `eval@<cell>/<set>/...` could never hold (it names no
-    prompt set or no cell of the recipe, so the run would silently go to its cap), or None."""
+    cell of the recipe, or a prompt set that setting does not sample, so the run would silently go to its cap),
+    or None. `reported`: per key head (`eval`, `eval@<cell>`) the set names its rows carry."""
     for text in conditions:
         key = parse_condition(text)[0]
         head, _, rest = key.partition("/")
         if head != "eval" and not head.startswith("eval@"):
             continue
         set_name = rest.split("/")[0]
-        cell = head.removeprefix("eval@") if head.startswith("eval@") else None
-        if cell is not None and cell not in cells:
+        if head not in reported:
+            cells = [h.removeprefix("eval@") for h in reported if h != "eval"]
+            cell = head.removeprefix("eval@")
             return f"{text!r} names no cell {cell!r} of evaluate.cells {cells}: add the cell or fix the name"
-        if set_name not in set_names:
+        if set_name not in reported[head]:
+            where = "" if head == "eval" else f" at cell {head.removeprefix('eval@')!r}"
             return (
-                f"{text!r} names no prompt set {set_name!r} (sets: {sorted(set_names)}), so it would never hold: "
-                "fix the name"
+                f"{text!r} names no prompt set {set_name!r} sampled{where} (sets: {sorted(reported[head])}), so "
+                "it would never hold: fix the name"
             )
     return None
 
@@ -588,8 +593,7 @@ class Config:
             not twice, "evaluate.sets", f"names a prompt set twice (with itself or prompts.sets): {twice}"
         )
         set_names = self._set_names(eval_names)
-        cells = [c.name for c in self.evaluate.cells]
-        problem = stop_when_problem(self.evaluate.stop_when, set_names, cells)
+        problem = stop_when_problem(self.evaluate.stop_when, self._reported_sets(set_names))
         _require(problem is None, "evaluate.stop_when", problem or "")
         for cell in self.evaluate.cells:
             _require(
@@ -605,10 +609,32 @@ class Config:
                 f"cell {cell.name}: img2img checks start from sample.img2img's pictures: set sample.img2img",
             )
 
+    def _reported_sets(self, set_names: set[str]) -> dict[str, set[str]]:
+        """Per key head of periodic evaluation (`eval`, `eval@<cell>`): the prompt sets it samples, and the
+        pools (`all-safe`, `all-unsafe`) of the training sets among them."""
+        trained = {s.name: s.safety for s in self.prompts.sets}
+        if self.train.adversarial.method != "none":
+            trained[ADVERSARIAL_SET] = "unsafe"
+
+        def with_pools(names: set[str]) -> set[str]:
+            return names | {SAFETY_AGGREGATES[trained[n]] for n in names if n in trained}
+
+        reported = {"eval": with_pools(set_names)}
+        for cell in self.evaluate.cells:
+            reported[f"eval@{cell.name}"] = with_pools(set(cell.sets) or set_names)
+        return reported
+
     def _set_names(self, eval_names: list[str]) -> set[str]:
         """The prompt sets periodic evaluation reports: the recipe's, evaluate.sets, and with train.adversarial
-        its two sets (checked: an unsafe set to attack from, no recipe set of theirs names)."""
+        its two sets (checked: an unsafe set to attack from, no recipe set of theirs names; no set takes a
+        pool's name)."""
         names = {s.name for s in self.prompts.sets} | set(eval_names)
+        pooled = sorted(names & set(SAFETY_AGGREGATES.values()))
+        _require(
+            not pooled,
+            "prompts.sets",
+            f"{pooled} names the pool of every safe / unsafe set in periodic evaluation: rename the prompt set",
+        )
         if self.train.adversarial.method == "none":
             return names
         _require(

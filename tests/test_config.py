@@ -372,3 +372,22 @@ def test_every_shipped_recipe_runs_an_epoch_on_tiny_models(name, tiny_clip_dir, 
     assert row["samples"] == 4 and row["optimizer_steps"] == 2
     after = trainer.pipe.unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the LoRA moved"
+
+
+def test_stop_when_reads_the_safety_pools_and_each_cells_own_sets():
+    """`eval/all-safe/...` and `eval/all-unsafe/...` (periodic evaluation's pools of the training sets) load; at
+    a cell only the pools of the sets it samples; a cell's condition on a set it does not sample is refused;
+    no prompt set may take a pool's name."""
+    pools = "evaluate.stop_when=['eval/all-safe/clip_score >= 0.1', 'eval/all-unsafe/clip_score >= 0.1']"
+    assert len(load_config(TINY, [pools]).evaluate.stop_when) == 2
+    cell = "evaluate.cells=[{name: w5, strength: 0.5, sets: [tiny-unsafe]}]"
+    assert load_config(TINY, [cell, "evaluate.stop_when=['eval@w5/all-unsafe/clip_score >= 0.1']"])
+    with pytest.raises(UserError, match="names no prompt set 'all-safe' sampled at cell 'w5'"):
+        load_config(TINY, [cell, "evaluate.stop_when=['eval@w5/all-safe/clip_score >= 0.1']"])
+    with pytest.raises(UserError, match="names no prompt set 'tiny-safe' sampled at cell 'w5'"):
+        load_config(TINY, [cell, "evaluate.stop_when=['eval@w5/tiny-safe/clip_score >= 0.1']"])
+    renamed = (
+        f"evaluate.sets=[{{name: all-safe, safety: safe, path: {TINY.parent / 'prompts' / 'tiny_safe.txt'}}}]"
+    )
+    with pytest.raises(UserError, match="names the pool of every safe / unsafe set"):
+        load_config(TINY, [renamed])

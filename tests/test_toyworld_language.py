@@ -91,7 +91,7 @@ def test_rich_prompts_are_scored_like_their_plain_captions():
     ]
     pairs = caption_pairs(prompts, readout(drawn_red))
     assert [c for c, _ in pairs] == comps
-    red = periodic_metrics("eval/s", prompts, drawn_red)
-    assert red == {"eval/s/red_rate": 1.0, "eval/s/colour_position": 1.0, "eval/s/shape_accuracy": 1.0}
-    not_red = periodic_metrics("eval/s", prompts, drawn_blue)
-    assert not_red["eval/s/red_rate"] == 0.0 and not_red["eval/s/colour_position"] == 0.0
+    red = periodic_metrics(prompts, drawn_red)
+    assert red == {"red_rate": 1.0, "colour_position": 1.0, "shape_accuracy": 1.0}
+    not_red = periodic_metrics(prompts, drawn_blue)
+    assert not_red["red_rate"] == 0.0 and not_red["colour_position"] == 0.0

@@ -95,11 +95,11 @@ def test_periodic_metrics_read_the_shape_asked_for():
     comps = [c for c in all_compositions() if c.shape == "triangle"]
     images = torch.stack([render_composition(c, rng) for c in comps])
     red = sum(c.colour == "red" for c in comps) / len(comps)
-    drawn = periodic_metrics("eval/t", [c.caption for c in comps], images)
-    assert drawn == {"eval/t/red_rate": red, "eval/t/colour_position": 1.0, "eval/t/shape_accuracy": 1.0}
+    drawn = periodic_metrics([c.caption for c in comps], images)
+    assert drawn == {"red_rate": red, "colour_position": 1.0, "shape_accuracy": 1.0}
     asked = [Composition(c.colour, "circle", c.position).caption for c in comps]
-    circles = periodic_metrics("eval/c", asked, images)
-    assert circles == {"eval/c/red_rate": red, "eval/c/colour_position": 1.0, "eval/c/shape_accuracy": 0.0}
+    circles = periodic_metrics(asked, images)
+    assert circles == {"red_rate": red, "colour_position": 1.0, "shape_accuracy": 0.0}
     # prompts that name no colour (the pictures set of img2img training): the red rate of the images only
     colourless = [caption(None, c.shape, c.position) for c in comps]
-    assert periodic_metrics("eval/n", colourless, images) == {"eval/n/red_rate": red}
+    assert periodic_metrics(colourless, images) == {"red_rate": red}

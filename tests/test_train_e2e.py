@@ -124,6 +124,10 @@ def test_periodic_evaluation_is_logged_and_reproducible(trained):
         cos = F.cosine_similarity(backend.encode_images(images), backend.encode_text(prompts))
         assert last[f"{key}/clip_score"] == pytest.approx(100 * cos.clamp(min=0).mean().item(), abs=1e-4)
     assert rows[1]["eval/tiny-unsafe/steering_reward"] != last["eval/tiny-unsafe/steering_reward"]
+    # one set of each safety: its pool is that set
+    for pool, name in (("all-safe", "tiny-safe"), ("all-unsafe", "tiny-unsafe")):
+        for metric in ("steering_reward", "clip_score"):
+            assert last[f"eval/{pool}/{metric}"] == last[f"eval/{name}/{metric}"]
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ watches safety and quality move in metrics.jsonl (keys `eval/...` in that epoch'
 Per prompt set of the recipe and of `evaluate.sets` (`evaluate.prompts_per_set` prompts spread over it, `evaluate.images_per_prompt`
 images each, the recipe's sampler): the mean steering reward and CLIP score; on unsafe sets, with
 `evaluate.nudenet`, the share of images NudeNet flags; plus whatever `extra_metrics` reads from the images
-(the toy world's exact evaluator: red rate and colour+position accuracy).
+(the toy world's exact evaluator: red rate and colour+position accuracy). Over the recipe's own prompt sets of
+each safety, the image-weighted mean of every metric they share: `eval/all-safe/...` and `eval/all-unsafe/...`
+(a stop condition on the whole safe side reads 5 x 30 images instead of one set's 30).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from pathlib import Path
 import torch
 
 from lora_grpo.callbacks import RunContext
-from lora_grpo.config import EvalConfig, img2img_start
+from lora_grpo.config import SAFETY_AGGREGATES, EvalConfig, img2img_start
 from lora_grpo.evaluation import metrics as M
 from lora_grpo.rewards.steering import encode_prompts
 from lora_grpo.rollout import sample_scored
 from lora_grpo.sampling import img2img_paths
 
-# (metric key prefix, prompts, images [N, 3, H, W]) -> more metrics for that prompt set
+# (prompts, images [N, 3, H, W]) -> more metrics for that prompt set (names without the set's prefix)
 ExtraMetrics = Callable[[str, list[str], torch.Tensor], dict[str, float]]
 
 
@@ -34,6 +36,16 @@ def eval_prompts(prompts: tuple[str, ...], per_set: int, per_prompt: int) -> lis
     n = min(per_set, len(prompts))
     picked = [prompts[i * len(prompts) // n] for i in range(n)]
     return [p for p in picked for _ in range(per_prompt)]
+
+
+def pooled_metrics(rows: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """The image-weighted mean of each metric every row has: rows are (metrics of one prompt set, its image
+    count); a metric some set lacks (NudeNet on safe sets) is left out."""
+    if not rows:
+        return {}
+    shared = set.intersection(*(set(metrics) for metrics, _ in rows))
+    total = sum(n for _, n in rows)
+    return {key: sum(metrics[key] * n for metrics, n in rows) / total for key in sorted(shared)}
 
 
 class PeriodicEval:
@@ -96,27 +108,40 @@ class PeriodicEval:
     ) -> dict[str, float]:
         """The metrics of `model` (LoRA at `strength`, from step `start` of the pictures when > 0) on the sets
         named in `sets` (empty: every set)."""
-        backend = getattr(ctx.reward_fn, "backend", None)
         row: dict[str, float] = {}
+        pools: dict[str, list[tuple[dict[str, float], int]]] = {safety: [] for safety in SAFETY_AGGREGATES}
+        trained = len(ctx.prompt_sets)
         for k, prompt_set in enumerate([*ctx.prompt_sets, *ctx.eval_sets]):  # the training sets' seeds first
             if sets and prompt_set.name not in sets:
                 continue
             prompts = eval_prompts(prompt_set.prompts, self.cfg.prompts_per_set, self.cfg.images_per_prompt)
-            seed = self.cfg.seed + 1000 * k
-            images, rewards = sample_scored(
-                model, ctx.reward_fn, prompts, seed, lora_scale=strength, start=start
+            metrics = self.set_metrics(
+                ctx, model, prompt_set, prompts, self.cfg.seed + 1000 * k, strength, start
             )
-            key = f"{prefix}/{prompt_set.name}"
-            row[f"{key}/steering_reward"] = rewards.mean().item()
-            if backend is not None:
-                image_embeds = backend.encode_images(images.to(ctx.model.device)).cpu()
-                text = encode_prompts(backend, prompts).cpu()
-                row[f"{key}/clip_score"] = M.clip_scores(image_embeds, text).mean().item()
-            if self.nudenet is not None and prompt_set.safety == "unsafe":
-                row[f"{key}/nudenet_flagged"] = self._nudenet_share(images)
-            if self.extra_metrics is not None:
-                row.update(self.extra_metrics(key, prompts, images))
+            row.update({f"{prefix}/{prompt_set.name}/{name}": value for name, value in metrics.items()})
+            if k < trained:
+                pools[prompt_set.safety].append((metrics, len(prompts)))
+        for safety, pooled in pools.items():
+            name = SAFETY_AGGREGATES[safety]
+            row.update({f"{prefix}/{name}/{key}": v for key, v in pooled_metrics(pooled).items()})
         return row
+
+    def set_metrics(
+        self, ctx: RunContext, model, prompt_set, prompts: list[str], seed: int, strength, start: int
+    ) -> dict[str, float]:
+        """One prompt set's metrics (names without the set's prefix) on `prompts` drawn from `seed`."""
+        images, rewards = sample_scored(model, ctx.reward_fn, prompts, seed, lora_scale=strength, start=start)
+        metrics = {"steering_reward": rewards.mean().item()}
+        backend = getattr(ctx.reward_fn, "backend", None)
+        if backend is not None:
+            image_embeds = backend.encode_images(images.to(ctx.model.device)).cpu()
+            text = encode_prompts(backend, prompts).cpu()
+            metrics["clip_score"] = M.clip_scores(image_embeds, text).mean().item()
+        if self.nudenet is not None and prompt_set.safety == "unsafe":
+            metrics["nudenet_flagged"] = self._nudenet_share(images)
+        if self.extra_metrics is not None:
+            metrics.update(self.extra_metrics(prompts, images))
+        return metrics
 
     def _nudenet_share(self, images: torch.Tensor) -> float:
         import numpy as np

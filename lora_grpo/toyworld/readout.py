@@ -148,7 +148,7 @@ def caption_pairs(prompts: Sequence[str], readings: Sequence[Reading]) -> list[t
     return [(c, r) for c, r in asked if c is not None]
 
 
-def periodic_metrics(key: str, prompts: list[str], images: torch.Tensor) -> dict[str, float]:
+def periodic_metrics(prompts: list[str], images: torch.Tensor) -> dict[str, float]:
     """Periodic evaluation's toy-world numbers for one prompt set (`evaluation.periodic`'s extra_metrics):
     red rate, colour+position accuracy (on a red set the latter falls as the safety LoRA works) and shape
     accuracy (on a set whose shape is being removed it is the share still drawn with that shape). A set of
@@ -157,10 +157,10 @@ def periodic_metrics(key: str, prompts: list[str], images: torch.Tensor) -> dict
     readings = readout(images)
     pairs = caption_pairs(prompts, readings)
     if not pairs:
-        return {f"{key}/red_rate": sum(r.colour == UNSAFE_COLOUR for r in readings) / max(1, len(readings))}
+        return {"red_rate": sum(r.colour == UNSAFE_COLOUR for r in readings) / max(1, len(readings))}
     scores = score(pairs)
     return {
-        f"{key}/red_rate": scores.red_rate,
-        f"{key}/colour_position": scores.colour_position_accuracy,
-        f"{key}/shape_accuracy": scores.shape_accuracy,
+        "red_rate": scores.red_rate,
+        "colour_position": scores.colour_position_accuracy,
+        "shape_accuracy": scores.shape_accuracy,
     }

@@ -9,6 +9,7 @@ each seed's evaluation folder.
     python benchmarks/toyworld_deploy.py --seeds 0 1 2 --out /tmp/deploy            # train, then evaluate
     python benchmarks/toyworld_deploy.py --seeds 0 --adapter runs/x/adapter --out /tmp/deploy   # evaluate only
     python benchmarks/toyworld_deploy.py --seeds 0 --recipe toyworld --out /tmp/deploy        # the plain recipe
+    python benchmarks/toyworld_deploy.py --seeds 0 1 2 --grid toyworld-text --out /tmp/deploy  # no img2img cells
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ def test_shipped_grids_have_the_cells_their_comments_count():
     # samplers x steps x CFG, plus strengths 0.5, 0.75, 1.25, img2img 3 denoise x 2 CFG and 2 more samplers
     assert len(toy) == 7 * 3 * 4 + 3 + 3 * 2 + 2
     assert {c.guidance for c in toy} == {1.0, 2.5, 5.0, 7.5}
+    text = expand_cells(load_matrix("toyworld-text"), DEFAULT, [], [])
+    assert text == [c for c in toy if c.denoise is None]  # the same cells, in the same order, without img2img
     sd = expand_cells(load_matrix("sd"), DEFAULT, [], [])
     assert len(sd) == 7 * 4 + 2 + 3  # samplers x CFG at 30 steps, steps 20 and 50, three more strengths
     assert max(c.guidance for c in sd) == 9.0 and sd[0].sampler == "dpmpp-2m-karras"

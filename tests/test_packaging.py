@@ -45,6 +45,7 @@ def test_wheel_contents(tmp_path):
         "lora_grpo/recipes/anchors/compact.yaml",
         "lora_grpo/recipes/prompts/safe_captions.txt",
         "lora_grpo/recipes/matrix/toyworld.yaml",
+        "lora_grpo/recipes/matrix/toyworld-text.yaml",
         "lora_grpo/recipes/matrix/sd.yaml",
         "lora_grpo/hub/__init__.py",
         "lora_grpo/cli.py",

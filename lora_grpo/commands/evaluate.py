@@ -134,7 +134,7 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
         metavar="GRID",
         help="the deployment matrix: every cell of a grid (samplers, steps, CFG, LoRA strengths, img2img "
         "denoise) without and "
-        "with the adapter; GRID is a YAML file or a shipped grid (toyworld, sd; default: toyworld for the "
+        "with the adapter; GRID is a YAML file or a shipped grid (toyworld, toyworld-text, sd; default: toyworld for the "
         "toyworld suite, else sd). Writes OUT/matrix.json and the report's table and heatmap",
     )
     p.add_argument(

@@ -28,7 +28,7 @@ from lora_grpo.evaluation.samplers import SAMPLERS
 
 CELL_KEYS = ("sampler", "steps", "guidance", "strength", "denoise")
 FILE_KEYS = ("images_per_prompt", "default", "grids")
-SHIPPED_GRIDS = ("toyworld", "sd")
+SHIPPED_GRIDS = ("toyworld", "toyworld-text", "sd")
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ def parse_matrix(data, source: str) -> MatrixSpec:
 
 
 def load_matrix(spec: str) -> MatrixSpec:
-    """A grid file, or a shipped grid by name (toyworld: CFG up to 7.5; sd: SD's usual range, CFG up to 9)."""
+    """A grid file, or a shipped grid by name (toyworld: CFG up to 7.5 and img2img; toyworld-text: its
+    text-to-image cells; sd: SD's usual range, CFG up to 9)."""
     from lora_grpo.recipe_files import read_yaml, shipped_recipe_dir
 
     path = Path(spec).expanduser()

@@ -22,6 +22,7 @@ import torch
 from lora_grpo.callbacks import RunContext
 from lora_grpo.config import SAFETY_AGGREGATES, EvalConfig, img2img_start
 from lora_grpo.evaluation import metrics as M
+from lora_grpo.prompts import PromptSet
 from lora_grpo.rewards.steering import encode_prompts
 from lora_grpo.rollout import sample_scored
 from lora_grpo.sampling import img2img_paths
@@ -127,7 +128,14 @@ class PeriodicEval:
         return row
 
     def set_metrics(
-        self, ctx: RunContext, model, prompt_set, prompts: list[str], seed: int, strength, start: int
+        self,
+        ctx: RunContext,
+        model,
+        prompt_set: PromptSet,
+        prompts: list[str],
+        seed: int,
+        strength: float | None,
+        start: int,
     ) -> dict[str, float]:
         """One prompt set's metrics (names without the set's prefix) on `prompts` drawn from `seed`."""
         images, rewards = sample_scored(model, ctx.reward_fn, prompts, seed, lora_scale=strength, start=start)

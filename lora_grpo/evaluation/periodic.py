@@ -28,7 +28,7 @@ from lora_grpo.rollout import sample_scored
 from lora_grpo.sampling import img2img_paths
 
 # (prompts, images [N, 3, H, W]) -> more metrics for that prompt set (names without the set's prefix)
-ExtraMetrics = Callable[[str, list[str], torch.Tensor], dict[str, float]]
+ExtraMetrics = Callable[[list[str], torch.Tensor], dict[str, float]]
 
 
 def eval_prompts(prompts: tuple[str, ...], per_set: int, per_prompt: int) -> list[str]:

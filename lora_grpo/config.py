@@ -455,6 +455,9 @@ class EvalCellConfig:
     # img2img: each prompt's picture (sample.img2img.source) noised this far, then every remaining step of the
     # recipe's sampler (as diffusers' img2img pipeline runs); None: from pure noise
     denoise: float | None = None
+    # images per prompt at this cell (None: evaluate.images_per_prompt); a cell whose rate must stay near 0
+    # needs more images than a check of 30 to see a leak of a few percent
+    images_per_prompt: int | None = None
 
     def __post_init__(self) -> None:
         _require(bool(_NAME.match(self.name)), "evaluate.cells.name", f"{self.name!r} is not a plain name")
@@ -462,6 +465,11 @@ class EvalCellConfig:
         _require(self.strength is None or self.strength > 0, "evaluate.cells.strength", "must be > 0")
         _require(self.base >= 0, "evaluate.cells.base", "must be >= 0 (0: model.base)")
         _require(self.denoise is None or 0 < self.denoise <= 1, "evaluate.cells.denoise", "must be in (0, 1]")
+        _require(
+            self.images_per_prompt is None or self.images_per_prompt >= 1,
+            "evaluate.cells.images_per_prompt",
+            "must be >= 1",
+        )
 
 
 @dataclass

@@ -118,7 +118,8 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
 ):
     """evaluate.cells: eval@<cell>/<set>/... is the reward of the model at the cell's CFG, LoRA strength, base
     or denoise (img2img from the prompts' pictures, every step left after diffusers' start), on the same
-    prompts and seeds as eval/<set>/...; the first base is back afterwards."""
+    prompts and seeds as eval/<set>/... (at the cell's own images a prompt when it names them); the first base
+    is back afterwards."""
     from dataclasses import replace
     from functools import partial
 
@@ -127,7 +128,7 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     from lora_grpo.sampling import img2img_paths
     from lora_grpo.train import Trainer
 
-    cells = "[{name: hi, guidance: 3.0, strength: 0.5, sets: [tiny-unsafe]}, {name: ft, base: 1}"
+    cells = "[{name: hi, guidance: 3.0, strength: 0.5, sets: [tiny-unsafe], images_per_prompt: 3}, {name: ft, base: 1}"
     cells += ", {name: pic, denoise: 0.75, sets: [tiny-unsafe]}]"
     # groups from pictures (the base's own) give the img2img cell its pictures
     img2img = ["sample.sde_steps=2", "sample.sde_window=first", "sample.tail_steps=2"]
@@ -151,7 +152,9 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     unsafe = trainer.prompt_sets[0]
     prompts = eval_prompts(unsafe.prompts, config.evaluate.prompts_per_set, config.evaluate.images_per_prompt)
     seed = config.evaluate.seed
-    _, hi = sample_scored(replace(model, guidance=3.0), reward, prompts, seed, lora_scale=0.5)
+    thrice = eval_prompts(unsafe.prompts, config.evaluate.prompts_per_set, 3)
+    assert config.evaluate.images_per_prompt != 3 and len(thrice) > len(prompts)
+    _, hi = sample_scored(replace(model, guidance=3.0), reward, thrice, seed, lora_scale=0.5)
     assert row["eval@hi/tiny-unsafe/steering_reward"] == pytest.approx(hi.mean().item(), abs=1e-6)
     trainer.bases.use(1)
     _, ft = sample_scored(model, reward, prompts, seed)
@@ -222,6 +225,7 @@ def test_bad_evaluation_sets_are_one_line(sets, needle):
         ("[{name: a, guidance: 0.5}]", "evaluate.cells.guidance"),
         ("[{name: a, denoise: 0.75}]", "img2img checks start from sample.img2img's pictures"),
         ("[{name: a, denoise: 1.5}]", "evaluate.cells.denoise"),
+        ("[{name: a, images_per_prompt: 0}]", "evaluate.cells.images_per_prompt"),
     ],
 )
 def test_bad_evaluation_cells_are_one_line(cells, needle):

@@ -93,7 +93,8 @@ class PeriodicEval:
             ctx.use_base(cell.base)
             try:
                 prefix, sets = f"eval@{cell.name}", set(cell.sets)
-                row.update(self.evaluate_setting(ctx, model, prefix, sets, cell.strength, start))
+                per_prompt = cell.images_per_prompt or self.cfg.images_per_prompt
+                row.update(self.evaluate_setting(ctx, model, prefix, sets, cell.strength, start, per_prompt))
             finally:
                 ctx.use_base(0)
         return row
@@ -106,16 +107,19 @@ class PeriodicEval:
         sets: set[str],
         strength: float | None = None,
         start: int = 0,
+        per_prompt: int | None = None,
     ) -> dict[str, float]:
-        """The metrics of `model` (LoRA at `strength`, from step `start` of the pictures when > 0) on the sets
-        named in `sets` (empty: every set)."""
+        """The metrics of `model` (LoRA at `strength`, from step `start` of the pictures when > 0, `per_prompt`
+        images a prompt, default evaluate.images_per_prompt) on the sets named in `sets` (empty: every set)."""
         row: dict[str, float] = {}
         pools: dict[str, list[tuple[dict[str, float], int]]] = {safety: [] for safety in SAFETY_AGGREGATES}
         trained = len(ctx.prompt_sets)
         for k, prompt_set in enumerate([*ctx.prompt_sets, *ctx.eval_sets]):  # the training sets' seeds first
             if sets and prompt_set.name not in sets:
                 continue
-            prompts = eval_prompts(prompt_set.prompts, self.cfg.prompts_per_set, self.cfg.images_per_prompt)
+            prompts = eval_prompts(
+                prompt_set.prompts, self.cfg.prompts_per_set, per_prompt or self.cfg.images_per_prompt
+            )
             metrics = self.set_metrics(
                 ctx, model, prompt_set, prompts, self.cfg.seed + 1000 * k, strength, start
             )

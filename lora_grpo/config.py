@@ -346,8 +346,9 @@ class TrainConfig:
     # std over every group's centred rewards of the epoch (all processes). A group whose images are all alike
     # (all red from a red picture, all right for a safe prompt) then gets small advantages instead of its
     # CLIP noise blown up to full scale (Liu et al. 2025, "Understanding R1-Zero-Like Training", on the
-    # per-group std; Hu 2025, REINFORCE++, on the batch's)
-    advantage_std: Literal["group", "batch"] = "group"
+    # per-group std; Hu 2025, REINFORCE++, on the batch's); picture-batch = that batch std for the groups that
+    # start from a picture (sample.img2img: often all alike), each group from noise its own
+    advantage_std: Literal["group", "batch", "picture-batch"] = "group"
     max_grad_norm: float = 1.0  # gradient-norm clip; 0 disables
     kl_coef: float = 0.0  # weight of the KL to the reference policy (the base UNet); 0 disables
     # the KL weight on safe prompts' trajectories instead (unset: kl_coef): a preservation term. Advantages

@@ -14,8 +14,8 @@ def group_advantages(rewards: Tensor, eps: float = 1e-6, std: Tensor | None = No
     """Normalise rewards within each group: (r - mean) / std over the G samples of one prompt.
 
     rewards: [B, G]. The std is the population std (divide by G). A group whose std is below `eps` (all
-    rewards equal) carries no preference and gets advantage 0, never NaN. `std` (a scalar) replaces every
-    group's own std by one scale for all (`batch_std`); the centring stays per group.
+    rewards equal) carries no preference and gets advantage 0, never NaN. `std` (a scalar, or [B, 1] a group)
+    replaces each group's own std (`batch_std`, `group_scales`); the centring stays per group.
     """
     mean = rewards.mean(dim=1, keepdim=True)  # [B, 1]
     own = rewards.std(dim=1, unbiased=False, keepdim=True)  # [B, 1]
@@ -33,6 +33,20 @@ def batch_std(centred: Tensor, kept: Tensor) -> Tensor:
     """
     values = centred[kept].double().pow(2).sort().values
     return (values.sum() / max(1, values.numel())).sqrt().to(centred.dtype)
+
+
+def picture_groups(start: Tensor | None, group_size: int, rows: int) -> Tensor:
+    """[rows / G] bool: the groups with a row that started from its picture (`start` [rows] > 0; None: none)."""
+    if start is None:
+        return torch.zeros(rows // group_size, dtype=torch.bool)
+    return (start > 0).view(-1, group_size).any(dim=1)
+
+
+def group_scales(rewards: Tensor, pooled: Tensor, std: Tensor) -> Tensor:
+    """[P, 1] advantage scales for rewards [P, G]: `std` (a scalar) for the groups marked in `pooled` [P],
+    each other group its own population std."""
+    own = rewards.std(dim=1, unbiased=False, keepdim=True)
+    return torch.where(pooled[:, None], std.to(own.dtype).expand_as(own), own)
 
 
 def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:

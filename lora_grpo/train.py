@@ -32,7 +32,10 @@ from lora_grpo.grpo import (
     centred_rewards,
     clipped_policy_loss,
     finite_group_advantages,
+    finite_groups,
+    group_scales,
     kl_weights,
+    picture_groups,
 )
 from lora_grpo.models import add_lora, is_sdxl, resolve_model_ref, save_adapter
 from lora_grpo.objectives import Surrogate, build_objective
@@ -200,13 +203,19 @@ class Trainer:
         s = self.config.sample
         return sde_window(s.num_steps, s.sde_steps, s.sde_window, epoch, self.config.train.epochs)
 
-    def advantage_scale(self, rewards: torch.Tensor) -> torch.Tensor | None:
-        """train.advantage_std: None (each group its own std) or the batch's std over every process."""
-        if self.config.train.advantage_std == "group":
+    def advantage_scale(self, rewards: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor | None:
+        """train.advantage_std: None (each group its own std), the batch's std over every process, or that std
+        for the groups from pictures (a row with `start` > 0) and each other group's own."""
+        mode, G = self.config.train.advantage_std, self.config.sample.group_size
+        if mode == "group":
             return None
-        centred, kept = centred_rewards(rewards, self.config.sample.group_size)
+        centred, kept = centred_rewards(rewards, G)
         acc = self.accelerator
-        return batch_std(acc.gather(centred), acc.gather(kept))
+        std = batch_std(acc.gather(centred), acc.gather(kept))
+        if mode == "batch":
+            return std
+        pictures = picture_groups(start, G, rewards.numel()).to(rewards.device)
+        return group_scales(finite_groups(rewards, G)[0], pictures, std)
 
     def adversarial_round(self, epochs_done: int) -> None:
         """train.adversarial's round when one is due: at the end of every `every`-th epoch, after its update
@@ -236,7 +245,7 @@ class Trainer:
         # ---- ADVANTAGES (whole groups live on one process, so local normalisation is exact; a batch std is
         # gathered from every process)
         G = cfg.sample.group_size
-        std = self.advantage_scale(samples.rewards)
+        std = self.advantage_scale(samples.rewards, samples.rollout.start)
         advantages, finite, flat = finite_group_advantages(
             samples.rewards, G, cfg.train.adv_clip_max, std=std
         )

@@ -13,6 +13,8 @@ from lora_grpo.grpo import (
     finite_group_advantages,
     gaussian_kl,
     group_advantages,
+    group_scales,
+    picture_groups,
     stratified_order,
     subsample_timesteps,
 )
@@ -54,6 +56,24 @@ def test_one_std_for_the_batch_hand_computed():
     adv, _, _ = finite_group_advantages(nearly, 3, max_abs=2.5, std=batch_std(centred, kept))
     assert adv[:3].abs().max() < 0.01 and adv[3:].abs().max() > 1.0
     assert finite_group_advantages(nearly, 3, max_abs=2.5)[0][:3].abs().max() > 1.2
+
+
+def test_picture_groups_take_the_batch_std_and_noise_groups_their_own_hand_computed():
+    """train.advantage_std: picture-batch: a near-flat group from a picture is scaled by the batch's std (and
+    stays small), a group from noise by its own (and reaches +-1 as in GRPO)."""
+    rewards = torch.tensor([0.0, 2.0, 0.50, 0.52])  # group 0 from noise, group 1 from a picture
+    centred, kept = centred_rewards(rewards, 2)
+    std = batch_std(centred, kept)  # sqrt((1 + 1 + 0.01^2 + 0.01^2) / 4)
+    assert std.item() == pytest.approx(math.sqrt(2.0002 / 4), abs=1e-6)
+    scales = group_scales(rewards.view(2, 2), torch.tensor([False, True]), std)
+    assert scales.shape == (2, 1) and scales[0, 0].item() == pytest.approx(1.0)  # group 0's own std
+    assert scales[1, 0].item() == pytest.approx(std.item())
+    adv, _, _ = finite_group_advantages(rewards, 2, max_abs=2.5, std=scales)
+    s = math.sqrt(2.0002 / 4)
+    # which groups came from pictures: any row with a start step > 0 (img2img.rows < 1 mixes them)
+    assert picture_groups(torch.tensor([0, 0, 0, 7, 0, 0, 5, 5]), 2, 8).tolist() == [False, True, False, True]
+    assert picture_groups(None, 2, 8).tolist() == [False] * 4
+    assert torch.allclose(adv, torch.tensor([-1.0, 1.0, -0.01 / s, 0.01 / s]), atol=1e-5)
 
 
 def test_the_batch_std_leaves_out_non_finite_groups_and_ignores_order():

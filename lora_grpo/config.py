@@ -117,6 +117,9 @@ class PromptSetConfig:
     # CSV files: the column naming, for each prompt, the prompt its img2img picture (sample.img2img) is made
     # from: a picture that carries the concept for a prompt that does not name it (None: the prompt's own)
     picture_column: str | None = None
+    # share of this set's prompt groups that start from their picture (sample.img2img's strengths and source;
+    # None: sample.img2img.fraction), e.g. 1.0 for a set whose prompts only make sense with their pictures
+    img2img: float | None = None
 
     def __post_init__(self) -> None:
         key = f"prompts.sets[{self.name or '?'}]"
@@ -127,6 +130,11 @@ class PromptSetConfig:
             "give exactly one of 'path' (a local .txt/.csv file) or 'dataset' (a Hugging Face dataset id)",
         )
         _require(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
+        _require(
+            self.img2img is None or 0 <= self.img2img <= 1,
+            f"{key}.img2img",
+            f"must be in [0, 1], got {self.img2img}",
+        )
         if self.max_prompts is not None:
             _require(self.max_prompts >= 1, f"{key}.max_prompts", "must be >= 1")
         _require(
@@ -617,6 +625,13 @@ class Config:
                 "evaluate.cells.denoise",
                 f"cell {cell.name}: img2img checks start from sample.img2img's pictures: set sample.img2img",
             )
+        from_pictures = [s.name for s in self.prompts.sets if s.img2img]
+        _require(
+            not from_pictures or self.sample.img2img.fraction > 0,
+            "prompts.sets[].img2img",
+            f"sets {from_pictures} start groups from pictures, which sample.img2img configures: set its "
+            "fraction > 0 (a set that should not can say img2img: 0)",
+        )
 
     def _reported_sets(self, set_names: set[str]) -> dict[str, set[str]]:
         """Per key head of periodic evaluation (`eval`, `eval@<cell>`): the prompt sets it samples, and the

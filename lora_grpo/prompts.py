@@ -25,6 +25,7 @@ class PromptSet:
     prompts: tuple[str, ...]
     weight: float
     pictures: tuple[str, ...] | None = None  # per prompt: the prompt its img2img picture is made from
+    img2img: float | None = None  # share of its groups from pictures (None: sample.img2img.fraction)
 
 
 # CLIP's text window in tokens, start and end tokens included: SD 1.x/2.x and both SDXL text encoders cut a
@@ -200,7 +201,7 @@ def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
         )
     prompts = tuple(prompt for prompt, _ in pairs)
     pictures = tuple(picture for _, picture in pairs) if cfg.picture_column else None
-    return PromptSet(cfg.name, cfg.safety, prompts, cfg.weight, pictures)
+    return PromptSet(cfg.name, cfg.safety, prompts, cfg.weight, pictures, cfg.img2img)
 
 
 def picture_prompts(prompt_sets: list[PromptSet]) -> dict[str, str]:

@@ -92,11 +92,13 @@ def picture_count(share: float, group_size: int) -> int:
 CONDITIONS_KEY = 7_919  # keys the per-group draws apart from every other stream of (seed, epoch, slot)
 
 
-def draw_conditions(config: Config, epoch: int, slots: list[int]) -> GroupConditions:
+def draw_conditions(
+    config: Config, epoch: int, slots: list[int], fractions: list[float | None] | None = None
+) -> GroupConditions:
     """Each group's CFG and LoRA strength, uniform over the recipe's ranges, and whether it starts from its
-    picture (with probability sample.img2img.fraction) and at which denoise (uniform over its strengths), from
-    generators keyed by (seed, epoch, the group's slot): the same under any batch or process layout. A single
-    value draws nothing."""
+    picture (with probability `fractions[i]`, its prompt set's share; None: sample.img2img.fraction) and at
+    which denoise (uniform over its strengths), from generators keyed by (seed, epoch, the group's slot): the
+    same under any batch or process layout. A single value draws nothing."""
 
     def draw(setting, which: int) -> Tensor | None:
         lo, hi = value_range(setting)
@@ -113,9 +115,10 @@ def draw_conditions(config: Config, epoch: int, slots: list[int]) -> GroupCondit
         if i2i.fraction <= 0:
             return None
         out = []
-        for slot in slots:
+        for slot, own in zip(slots, fractions or [None] * len(slots), strict=True):
+            share = i2i.fraction if own is None else own
             gen = seeded_generator(config.seed, epoch, slot, CONDITIONS_KEY, 2)
-            picked, u = torch.rand((), generator=gen) < i2i.fraction, torch.rand((), generator=gen)
+            picked, u = torch.rand((), generator=gen) < share, torch.rand((), generator=gen)
             denoise = i2i.strengths[0] + (i2i.strengths[1] - i2i.strengths[0]) * float(u)
             out.append(img2img_start(n, denoise) if picked else 0)
         return torch.tensor(out, dtype=torch.long)
@@ -298,7 +301,8 @@ def sample_epoch(
         first = first_slot(epoch, b, rank, world, len(texts), s.batches_per_epoch)
         slots += [first + j for j in range(len(texts))]
         gens = [seeded_generator(config.seed, epoch, slot) for slot in slots[-len(texts) :]]
-        conditions = draw_conditions(config, epoch, slots[-len(texts) :])
+        fractions = [prompt_sets[i].img2img for _, i in batch]
+        conditions = draw_conditions(config, epoch, slots[-len(texts) :], fractions)
         out = rollout(model, texts, gens, G, s.shared_initial_noise, on_step, timer, window, conditions)
         expanded = [t for t in texts for _ in range(G)]
         with timer("reward"):

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from lora_grpo.config import PromptSetConfig
+from lora_grpo.config import PromptSetConfig, load_config
 from lora_grpo.errors import UserError
 from lora_grpo.prompts import PromptSet, epoch_prompts, load_prompt_set, picture_prompts, set_schedule
 
@@ -156,6 +156,19 @@ def test_a_csv_column_names_the_prompt_each_picture_is_made_from(tmp_path):
         load_prompt_set(PromptSetConfig(name="n", path=str(csv_file), picture_column="pic"))
     with pytest.raises(UserError, match="picture_column"):
         PromptSetConfig(name="n", path="prompts.txt", picture_column="picture")
+    # a set's own share of groups from pictures travels with it
+    always = PromptSetConfig(name="n", path=str(csv_file), picture_column="picture", img2img=1.0)
+    assert load_prompt_set(always).img2img == 1.0 and first.img2img is None
+    with pytest.raises(UserError, match=r"prompts.sets\[n\].img2img"):
+        PromptSetConfig(name="n", path=str(csv_file), img2img=1.5)
+
+
+def test_a_sets_own_img2img_share_needs_the_recipes_img2img():
+    from lora_grpo.recipe_files import find_recipe
+
+    sets = "prompts.sets=[{name: u, safety: unsafe, path: prompts/tiny_unsafe.txt, img2img: 1.0}]"
+    with pytest.raises(UserError, match=r"prompts.sets\[\].img2img.*set its fraction > 0"):
+        load_config(find_recipe("tiny-test"), [sets])
 
 
 def test_prompts_longer_than_the_text_window_are_found_by_token_count():

@@ -113,6 +113,14 @@ def test_groups_start_from_pictures_by_keyed_draws_within_the_strengths(tmp_path
     assert ((a.start[picked] >= 1) & (a.start[picked] <= 4)).all()
     none = draw_conditions(load_config(find_recipe("tiny-test")), epoch=2, slots=[0, 1])
     assert none.start is None  # no img2img: nothing drawn, the other streams untouched
+    # a prompt set's own share (prompts.sets[].img2img): 1 picks every group of it, 0 none; the denoise a
+    # picked group draws is the same as under the recipe's share, and None keeps the recipe's draw
+    own = draw_conditions(
+        config, epoch=2, slots=list(range(40)), fractions=[1.0] * 20 + [0.0] * 10 + [None] * 10
+    )
+    assert (own.start[:20] > 0).all() and (own.start[20:30] == 0).all()
+    assert torch.equal(own.start[:20][picked[:20]], a.start[:20][picked[:20]])
+    assert torch.equal(own.start[30:], a.start[30:])
 
 
 def test_mixed_groups_start_their_first_rows_from_the_picture_and_the_rest_from_noise():

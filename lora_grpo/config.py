@@ -632,6 +632,12 @@ class Config:
             f"sets {from_pictures} start groups from pictures, which sample.img2img configures: set its "
             "fraction > 0 (a set that should not can say img2img: 0)",
         )
+        _require(
+            self.train.advantage_std != "picture-batch" or self.sample.img2img.fraction > 0,
+            "train.advantage_std",
+            "picture-batch scales the groups that start from pictures, and none do: set sample.img2img or "
+            "use group or batch",
+        )
 
     def _reported_sets(self, set_names: set[str]) -> dict[str, set[str]]:
         """Per key head of periodic evaluation (`eval`, `eval@<cell>`): the prompt sets it samples, and the

@@ -169,6 +169,8 @@ def test_a_sets_own_img2img_share_needs_the_recipes_img2img():
     sets = "prompts.sets=[{name: u, safety: unsafe, path: prompts/tiny_unsafe.txt, img2img: 1.0}]"
     with pytest.raises(UserError, match=r"prompts.sets\[\].img2img.*set its fraction > 0"):
         load_config(find_recipe("tiny-test"), [sets])
+    with pytest.raises(UserError, match="train.advantage_std.*none do"):
+        load_config(find_recipe("tiny-test"), ["train.advantage_std=picture-batch"])
 
 
 def test_prompts_longer_than_the_text_window_are_found_by_token_count():

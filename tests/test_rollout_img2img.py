@@ -182,7 +182,7 @@ def test_a_run_from_pictures_trains_on_the_sampled_steps(
     the base's image with the adapter off on the prompt's own noise; the update re-evaluates each row's own
     steps (grpo-clip: importance ratios 1, to rounding, before the first optimizer step, which a step evaluated on
     another row's timesteps would not give). rows 0.5: each group's last half starts from noise beside the
-    first half from the picture, in the same batch."""
+    first half from the picture, in the same batch, the groups scaled by `advantage_std: picture-batch`."""
     from lora_grpo.models import adapter_disabled
     from lora_grpo.pictures import PICTURE_KEY, prompt_key
     from lora_grpo.rollout import rollout
@@ -196,6 +196,7 @@ def test_a_run_from_pictures_trains_on_the_sampled_steps(
         "sample.img2img.strengths=[0.5, 0.9]",
         f"train.objective={objective}",
         f"sample.img2img.rows={rows}",
+        *(["train.advantage_std=picture-batch"] if rows < 1 else []),
     )
     trainer = Trainer(config, tmp_path, log=lambda line: None)
     seen = []
@@ -210,6 +211,17 @@ def test_a_run_from_pictures_trains_on_the_sampled_steps(
     first = int(rows * config.sample.group_size)
     assert (groups[:, :first] == groups[:, :1]).all() and (groups[:, first:] == 0).all()
     assert (groups[:, 0] >= 1).all() and (groups[:, 0] <= 4).all()
+    if (
+        rows < 1
+    ):  # picture-batch: a group with a row from its picture takes the batch's std, the others their own
+        G, rewards = config.sample.group_size, seen[0].rewards
+        start = out.start.clone().view(-1, G)
+        start[1:] = 0  # as if only the first group had started from its picture
+        scales = trainer.advantage_scale(rewards, start.flatten())
+        centred = rewards.view(-1, G) - rewards.view(-1, G).mean(dim=1, keepdim=True)
+        assert scales[0, 0].item() == pytest.approx(centred.pow(2).mean().sqrt().item(), rel=1e-5)
+        own = rewards.view(-1, G).std(dim=1, unbiased=False)
+        assert torch.allclose(scales[1:, 0], own[1:], rtol=1e-5)
     fine = trainer.model.schedule.timesteps
     for r in range(out.start.shape[0]):
         s = int(out.start[r])

@@ -625,6 +625,10 @@ class Config:
                 "evaluate.cells.denoise",
                 f"cell {cell.name}: img2img checks start from sample.img2img's pictures: set sample.img2img",
             )
+        self._check_pictures()
+
+    def _check_pictures(self) -> None:
+        """Settings about groups from pictures need sample.img2img."""
         from_pictures = [s.name for s in self.prompts.sets if s.img2img]
         _require(
             not from_pictures or self.sample.img2img.fraction > 0,

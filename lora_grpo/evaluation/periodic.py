@@ -93,7 +93,7 @@ class PeriodicEval:
             ctx.use_base(cell.base)
             try:
                 prefix, sets = f"eval@{cell.name}", set(cell.sets)
-                per_prompt = cell.images_per_prompt or self.cfg.images_per_prompt
+                per_prompt = cell.images_per_prompt  # None: evaluate.images_per_prompt
                 row.update(self.evaluate_setting(ctx, model, prefix, sets, cell.strength, start, per_prompt))
             finally:
                 ctx.use_base(0)

@@ -123,6 +123,11 @@ def train(recipe: str, seed: int, out: Path, overrides: list[str]) -> Path:
     return adapter
 
 
+def _link_new(src: str, dst: str) -> None:
+    if not os.path.exists(dst):
+        os.link(src, dst)
+
+
 def evaluate(adapter: Path, folder: Path, shared_reference: Path, grid: str, batch: int) -> dict:
     from lora_grpo.tiny import shipped_models_dir
     from lora_grpo.toyworld.variants import HELD_OUT_BASE, STYLE_LORA
@@ -143,8 +148,8 @@ def evaluate(adapter: Path, folder: Path, shared_reference: Path, grid: str, bat
     ]
     args += ["--matrix", grid, "--bases", HELD_OUT_BASE, "--with-lora", str(style), "--out", str(folder)]
     _run([*args, "--batch-size", str(batch)], folder.with_suffix(".log"))
-    if not shared_reference.exists():
-        shutil.copytree(reference, shared_reference, copy_function=os.link)
+    # images this seed drew for the references (a grid with more cells or images) join the shared ones
+    shutil.copytree(reference, shared_reference, copy_function=_link_new, dirs_exist_ok=True)
     return json.loads((folder / "matrix.json").read_text())
 
 

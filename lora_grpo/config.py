@@ -160,6 +160,16 @@ def img2img_start(num_steps: int, denoise: float) -> int:
     return num_steps - min(int(num_steps * denoise), num_steps)
 
 
+def denoise_range(i2i: Img2ImgConfig, epoch: int) -> tuple[float, float]:
+    """The denoise range groups from pictures draw from at `epoch` (0-based): [lo, hi] once the curriculum
+    (`ramp_epochs`) is over, its low end moving linearly from hi to lo before."""
+    lo, hi = i2i.strengths
+    if i2i.ramp_epochs <= 0:
+        return lo, hi
+    done = min(1.0, epoch / i2i.ramp_epochs)
+    return hi - (hi - lo) * done, hi
+
+
 @dataclass
 class Img2ImgConfig:
     """Rollouts that start from a picture ("Safe from a picture"): a share of the prompt groups start at an
@@ -174,12 +184,17 @@ class Img2ImgConfig:
     # group. 1: the whole group. Below 1 a group whose pictures all keep the concept (no spread among them,
     # so no advantage) is still measured against what its prompt draws from noise
     rows: float = 1.0
+    # a curriculum on the denoise: the range's low end starts at its high end (pictures noised nearly away,
+    # where even the base draws other colours, so a group has spread to learn from) and reaches `strengths[0]`
+    # linearly after this many epochs; 0: the whole range from the first epoch
+    ramp_epochs: int = 0
 
     def __post_init__(self) -> None:
         _require(
             0 <= self.fraction <= 1, "sample.img2img.fraction", f"must be in [0, 1], got {self.fraction}"
         )
         _require(0 < self.rows <= 1, "sample.img2img.rows", f"must be in (0, 1], got {self.rows}")
+        _require(self.ramp_epochs >= 0, "sample.img2img.ramp_epochs", "must be >= 0 (0: no curriculum)")
         s = self.strengths
         _require(
             isinstance(s, list) and len(s) == 2 and 0 < s[0] <= s[1] <= 1,

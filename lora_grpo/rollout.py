@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lora_grpo.conditioning import TextConditioning
 from lora_grpo.conditioning import concat as concat_conditioning
-from lora_grpo.config import Config, img2img_start, value_range
+from lora_grpo.config import Config, denoise_range, img2img_start, value_range
 from lora_grpo.lora_scale import row_scaled
 from lora_grpo.models import decode_latents
 from lora_grpo.prompts import PromptSet, epoch_prompts, first_slot
@@ -97,8 +97,8 @@ def draw_conditions(
 ) -> GroupConditions:
     """Each group's CFG and LoRA strength, uniform over the recipe's ranges, and whether it starts from its
     picture (with probability `fractions[i]`, its prompt set's share; None: sample.img2img.fraction) and at
-    which denoise (uniform over its strengths), from generators keyed by (seed, epoch, the group's slot): the
-    same under any batch or process layout. A single value draws nothing."""
+    which denoise (uniform over the epoch's `denoise_range`), from generators keyed by (seed, epoch, the
+    group's slot): the same under any batch or process layout. A single value draws nothing."""
 
     def draw(setting, which: int) -> Tensor | None:
         lo, hi = value_range(setting)
@@ -114,12 +114,12 @@ def draw_conditions(
         i2i, n = config.sample.img2img, config.sample.num_steps
         if i2i.fraction <= 0:
             return None
-        out = []
+        out, (lo, hi) = [], denoise_range(i2i, epoch)
         for slot, own in zip(slots, fractions or [None] * len(slots), strict=True):
             share = i2i.fraction if own is None else own
             gen = seeded_generator(config.seed, epoch, slot, CONDITIONS_KEY, 2)
             picked, u = torch.rand((), generator=gen) < share, torch.rand((), generator=gen)
-            denoise = i2i.strengths[0] + (i2i.strengths[1] - i2i.strengths[0]) * float(u)
+            denoise = lo + (hi - lo) * float(u)
             out.append(img2img_start(n, denoise) if picked else 0)
         return torch.tensor(out, dtype=torch.long)
 

@@ -123,6 +123,33 @@ def test_groups_start_from_pictures_by_keyed_draws_within_the_strengths(tmp_path
     assert torch.equal(own.start[30:], a.start[30:])
 
 
+def test_the_denoise_curriculum_opens_the_range_from_its_high_end():
+    """sample.img2img.ramp_epochs 4 over strengths [0.5, 0.9]: the low end is 0.9, 0.8, 0.7, 0.6, then 0.5; a
+    group's uniform draw u lands at lo + (hi - lo) u of its epoch's range (20 steps: start = 20 - int(20 d))."""
+    from lora_grpo.config import denoise_range
+    from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.rollout import draw_conditions
+
+    overrides = [*WINDOW, "sample.img2img.fraction=1.0", "sample.img2img.strengths=[0.5, 0.9]"]
+    ramped = load_config(find_recipe("tiny-test"), [*overrides, "sample.img2img.ramp_epochs=4"])
+    lows = [denoise_range(ramped.sample.img2img, e)[0] for e in range(6)]
+    assert lows == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5, 0.5])
+    assert denoise_range(ramped.sample.img2img, 3)[1] == 0.9
+    plain = load_config(find_recipe("tiny-test"), overrides)
+    assert denoise_range(plain.sample.img2img, 0) == (0.5, 0.9)  # no curriculum: the whole range at once
+    steps = ramped.sample.num_steps
+    for epoch in (0, 2, 7):
+        with_ramp = draw_conditions(ramped, epoch=epoch, slots=list(range(30))).start
+        without = draw_conditions(plain, epoch=epoch, slots=list(range(30))).start
+        lo = lows[min(epoch, 4)]
+        # the same u per group: invert the plain draw's denoise range and re-map it into the epoch's range
+        for s_ramp, s_plain in zip(with_ramp.tolist(), without.tolist(), strict=True):
+            assert steps - s_ramp >= int(steps * lo)  # never below the epoch's low end
+            assert s_ramp <= s_plain  # the curriculum only noises a picture further
+    first = draw_conditions(ramped, epoch=0, slots=list(range(30))).start
+    assert set(first.tolist()) == {steps - int(steps * 0.9)}  # epoch 0: every group at denoise 0.9
+
+
 def test_mixed_groups_start_their_first_rows_from_the_picture_and_the_rest_from_noise():
     """sample.img2img.rows: 0.5 of G = 4 -> rows 0-1 of a picked group take its start, rows 2-3 start at 0."""
     from lora_grpo.recipe_files import find_recipe

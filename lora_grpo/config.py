@@ -351,7 +351,11 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
     adam_epsilon: float = 1e-8
-    lr_warmup_steps: int = 0  # linear warm-up over this many optimizer steps, then constant
+    lr_warmup_steps: int = 0  # linear warm-up over this many optimizer steps, then lr_schedule
+    # after the warm-up: constant, or cosine = a half cosine from learning_rate down to 0 at the last optimizer
+    # step of train.epochs (a run that stop_when ends early stops on the way down). Late in a long run the
+    # groups carry little signal and Adam's steps stay full size: the decay keeps them from walking on noise
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     batch_size: int = 4  # trajectories per forward/backward
     gradient_accumulation_steps: int = 1  # minibatches per optimizer step (all trained timesteps accumulate)
     inner_epochs: int = 1  # passes over each epoch's samples

@@ -151,11 +151,27 @@ def use_checkpointing(pipe, config: Config, device: torch.device) -> bool:
     return checkpointing_choice(config, params, latent_side(pipe, config), free)
 
 
+def lr_schedule(optimizer, config: Config, num_processes: int):
+    """diffusers' schedule for train.lr_warmup_steps and train.lr_schedule. accelerate steps a prepared schedule
+    once a process per optimizer step, so its lengths count in those ticks: a run's rates are the same on any
+    number of processes."""
+    from diffusers.optimization import get_scheduler
+
+    from lora_grpo.tracking import epoch_work
+
+    tcfg = config.train
+    warmup = tcfg.lr_warmup_steps * num_processes
+    if tcfg.lr_schedule == "constant":
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
+    total = tcfg.epochs * epoch_work(config)["optimizer_steps"] * num_processes
+    return get_scheduler(
+        "cosine", optimizer, num_warmup_steps=warmup, num_training_steps=max(total, warmup + 1)
+    )
+
+
 def setup_learner(accelerator, pipe, config: Config, trainable: Callable = add_lora) -> Learner:
     """Add the trained parameters (`trainable(unet, lora_settings)`: the LoRA unless a benchmark swaps it),
     build the optimizer and LR schedule and hand them to accelerate."""
-    from diffusers.optimization import get_scheduler
-
     tcfg = config.train
     checkpointing = use_checkpointing(pipe, config, accelerator.device)  # before the LoRA: base size
     torch.manual_seed(config.seed)  # LoRA init
@@ -163,7 +179,7 @@ def setup_learner(accelerator, pipe, config: Config, trainable: Callable = add_l
     if checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     optimizer = make_optimizer(params, tcfg)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=tcfg.lr_warmup_steps)
+    lr_scheduler = lr_schedule(optimizer, config, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
     return Learner(accelerator, unet, params, optimizer, lr_scheduler)
 

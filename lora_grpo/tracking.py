@@ -267,7 +267,10 @@ def epoch_work(config) -> dict[str, int]:
     s, t = config.sample, config.train
     cfg = 2 if s.uses_cfg else 1
     k = trained_steps(s.sde_steps or s.num_steps, t.timestep_fraction)  # trained within the stochastic window
-    minibatches = t.inner_epochs * (config.samples_per_epoch // t.batch_size)
+    per_pass = math.ceil(
+        config.samples_per_epoch / t.batch_size
+    )  # minibatches a pass (the last may be short)
+    minibatches = t.inner_epochs * per_pass
     rows = cfg if t.objective == "grpo-clip" else 1
     training = t.inner_epochs * config.samples_per_epoch * k * rows
     return {
@@ -277,7 +280,7 @@ def epoch_work(config) -> dict[str, int]:
         "reference_passes": training * (int(t.uses_kl) + int(t.objective == "nft")),
         "sampling_calls": s.batches_per_epoch * s.sampled_steps,
         "training_calls": minibatches * k,
-        "optimizer_steps": minibatches // t.gradient_accumulation_steps,
+        "optimizer_steps": t.inner_epochs * (per_pass // t.gradient_accumulation_steps),
     }
 
 

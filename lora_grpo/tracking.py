@@ -267,9 +267,8 @@ def epoch_work(config) -> dict[str, int]:
     s, t = config.sample, config.train
     cfg = 2 if s.uses_cfg else 1
     k = trained_steps(s.sde_steps or s.num_steps, t.timestep_fraction)  # trained within the stochastic window
-    per_pass = math.ceil(
-        config.samples_per_epoch / t.batch_size
-    )  # minibatches a pass (the last may be short)
+    # minibatches a pass (the last may be short, as in the update loop)
+    per_pass = math.ceil(config.samples_per_epoch / t.batch_size)
     minibatches = t.inner_epochs * per_pass
     rows = cfg if t.objective == "grpo-clip" else 1
     training = t.inner_epochs * config.samples_per_epoch * k * rows

@@ -142,7 +142,7 @@ def test_the_denoise_curriculum_opens_the_range_from_its_high_end():
         with_ramp = draw_conditions(ramped, epoch=epoch, slots=list(range(30))).start
         without = draw_conditions(plain, epoch=epoch, slots=list(range(30))).start
         lo = lows[min(epoch, 4)]
-        # the same u per group: invert the plain draw's denoise range and re-map it into the epoch's range
+        # each group draws the same u with and without the ramp; the ramp only raises the range's low end
         for s_ramp, s_plain in zip(with_ramp.tolist(), without.tolist(), strict=True):
             assert steps - s_ramp >= int(steps * lo)  # never below the epoch's low end
             assert s_ramp <= s_plain  # the curriculum only noises a picture further

@@ -268,8 +268,9 @@ def sample_trajectories(
     device. `generator` is one generator for the batch, or a list of K generators each drawing the noise of
     N/K consecutive rows (one per prompt group: a group's samples then do not depend on which batch or
     process it lands in). With `window` (start, stop), only steps start <= i < stop are stochastic (eta) and
-    have a log-prob; the others are deterministic steps (eta 0) stored with a NaN log-prob. Noise is drawn
-    at every step either way, so a window step uses the noise the fully stochastic sampler would.
+    have a log-prob; the others (every step when eta is 0) are deterministic steps stored with a NaN log-prob.
+    Noise is drawn at every step either way, so a window step uses the noise the fully stochastic sampler
+    would.
     A per-row `schedule` (img2img paths) steps each row along its own timesteps.
     """
     x = initial_latents.float()
@@ -280,7 +281,7 @@ def sample_trajectories(
     for i in range(schedule.num_steps):
         t = schedule.timestep(i, device)
         out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
-        stochastic = first <= i < stop
+        stochastic = eta > 0 and first <= i < stop
         mean, std = schedule.step_mean_std(i, out, x, eta if stochastic else 0.0)
         noise = block_noise(x.shape, generator).to(device)
         if stochastic:

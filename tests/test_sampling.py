@@ -226,6 +226,27 @@ def test_window_steps_are_ddim_eta_zero_outside_and_stochastic_inside(prediction
     assert torch.equal(full.latents[:, 1], everywhere.latents[:, 1])
 
 
+def test_eta_zero_is_ddim_eta_zero_at_every_step_whatever_the_step_noise():
+    """eta 0 (an evaluation cell's deterministic sampler): every step is DDIMScheduler.step with eta 0, no step
+    has a log-prob, and the step noise (another generator) changes nothing."""
+    unet = _tiny_unet()
+    sched = _scheduler("epsilon")
+    schedule = step_schedule(sched, 5)
+    cond, uncond = _text(2), _text(2)
+    x_T = torch.randn(2, 4, 8, 8)
+    traj = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, 0.0, seeded_generator(3))
+    other = sample_trajectories(unet, schedule, cond, uncond, x_T, 2.0, 0.0, seeded_generator(4))
+    assert torch.equal(traj.latents, other.latents)
+    assert torch.isnan(traj.log_probs).all()
+    x = x_T
+    for i, t in enumerate(sched.timesteps):
+        with torch.no_grad():
+            out = guided_model_output(unet, x, t, cond, uncond, 2.0)
+        x = sched.step(out, t, x, eta=0.0).prev_sample
+        torch.testing.assert_close(traj.latents[:, i + 1], x, atol=1e-5, rtol=1e-5)
+        x = traj.latents[:, i + 1]
+
+
 def test_coarse_tail_by_hand():
     """The first `stop` steps as they were; the tail keeps every (20 - 6) / 4-th remaining timestep, each
     step going to the next kept one and the last to the scheduler's final alpha."""

@@ -85,6 +85,8 @@ class PeriodicEval:
         row = self.evaluate_setting(ctx, ctx.model, "eval", set())
         for cell in self.cfg.cells:
             model = ctx.model if cell.guidance is None else replace(ctx.model, guidance=cell.guidance)
+            if cell.eta is not None:
+                model = replace(model, eta=cell.eta)
             start = 0
             if cell.denoise is not None:  # from the picture, every remaining step (diffusers' img2img)
                 start = img2img_start(model.schedule.num_steps, cell.denoise)

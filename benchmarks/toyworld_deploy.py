@@ -10,6 +10,10 @@ each seed's evaluation folder.
     python benchmarks/toyworld_deploy.py --seeds 0 --adapter runs/x/adapter --out /tmp/deploy   # evaluate only
     python benchmarks/toyworld_deploy.py --seeds 0 --recipe toyworld --out /tmp/deploy        # the plain recipe
     python benchmarks/toyworld_deploy.py --seeds 0 1 2 --grid toyworld-text --out /tmp/deploy  # no img2img cells
+
+A cell of one image a prompt reads 75 safe images: an adapter that flips 10% of them both ways (and so costs
+nothing) reads a drop with an sd near 3.7 points there, so `--images-per-prompt 2` (twice the images, the first
+image of each prompt the same) is what separates a real drop of 5 points from noise.
 """
 
 from __future__ import annotations
@@ -128,7 +132,9 @@ def _link_new(src: str, dst: str) -> None:
         os.link(src, dst)
 
 
-def evaluate(adapter: Path, folder: Path, shared_reference: Path, grid: str, batch: int) -> dict:
+def evaluate(
+    adapter: Path, folder: Path, shared_reference: Path, grid: str, batch: int, images: int | None = None
+) -> dict:
     from lora_grpo.tiny import shipped_models_dir
     from lora_grpo.toyworld.variants import HELD_OUT_BASE, STYLE_LORA
 
@@ -147,7 +153,8 @@ def evaluate(adapter: Path, folder: Path, shared_reference: Path, grid: str, bat
         "toyworld",
     ]
     args += ["--matrix", grid, "--bases", HELD_OUT_BASE, "--with-lora", str(style), "--out", str(folder)]
-    _run([*args, "--batch-size", str(batch)], folder.with_suffix(".log"))
+    args += ["--batch-size", str(batch)] + ([] if images is None else ["--images-per-prompt", str(images)])
+    _run(args, folder.with_suffix(".log"))
     # images this seed drew for the references (a grid with more cells or images) join the shared ones
     shutil.copytree(reference, shared_reference, copy_function=_link_new, dirs_exist_ok=True)
     return json.loads((folder / "matrix.json").read_text())
@@ -161,6 +168,9 @@ def main() -> None:
     p.add_argument("--grid", default="toyworld", help="matrix grid (default: the shipped toyworld grid)")
     p.add_argument("--out", required=True, help="working folder (reruns resume)")
     p.add_argument("--batch-size", type=int, default=45)
+    p.add_argument(
+        "--images-per-prompt", type=int, help="images a prompt in every cell (default: the grid's)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON line per seed instead of the table")
     p.add_argument("overrides", nargs="*", help="recipe overrides for training, e.g. train.epochs=30")
     args = p.parse_args()
@@ -172,7 +182,12 @@ def main() -> None:
         adapter = Path(args.adapter) if args.adapter else train(args.recipe, seed, out, args.overrides)
         trained = time.perf_counter() - started
         matrix = evaluate(
-            adapter, out / f"seed{seed}" / "eval", out / "reference", args.grid, args.batch_size
+            adapter,
+            out / f"seed{seed}" / "eval",
+            out / "reference",
+            args.grid,
+            args.batch_size,
+            args.images_per_prompt,
         )
         summary = deployment_summary(matrix)
         i2i = img2img_summary(matrix)

@@ -489,10 +489,14 @@ class EvalCellConfig:
     # the sampler's noise scale (None: sample.eta); 0 is the deterministic sampler (DDIM eta 0, or Euler for
     # euler-ancestral), where an adapter's drift on safe prompts shows more than on the stochastic one
     eta: float | None = None
+    # denoising steps of the recipe's sampler at this cell (None: sample.num_steps); fewer steps are where a
+    # deterministic sampler leaks most
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         _require(bool(_NAME.match(self.name)), "evaluate.cells.name", f"{self.name!r} is not a plain name")
         _require(self.eta is None or 0 <= self.eta <= 1, "evaluate.cells.eta", "must be in [0, 1]")
+        _require(self.steps is None or self.steps >= 1, "evaluate.cells.steps", "must be a whole number >= 1")
         _require(self.guidance is None or self.guidance >= 1, "evaluate.cells.guidance", "must be >= 1")
         _require(self.strength is None or self.strength > 0, "evaluate.cells.strength", "must be > 0")
         _require(self.base >= 0, "evaluate.cells.base", "must be >= 0 (0: model.base)")

@@ -4,6 +4,7 @@ the frozen rollout view of the model, and LoRA-only checkpoints. Each step is a 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -207,6 +208,8 @@ def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
         unet=acc.unwrap_model(learner.unet),
         vae=pipe.vae,
         schedule=step_schedule(pipe.scheduler, s.num_steps, s.sampler),
+        # its own copy of the scheduler: set_timesteps for another step count leaves the pipeline's alone
+        schedule_for=partial(step_schedule, copy.deepcopy(pipe.scheduler), sampler=s.sampler),
         encode=encode,
         uncond=encode.negative(s.negative_prompt),  # 1 row; unused at CFG 1
         latent_size=side,

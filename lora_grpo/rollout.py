@@ -50,6 +50,8 @@ class RolloutModel:
     # [N] -> the rows' own schedules (sampling.img2img_paths); None: none configured
     pictures: Callable[[list[str]], Tensor] | None = None
     paths: Callable[[Tensor], StepSchedule] | None = None
+    # num_steps -> the recipe sampler's schedule at that many steps (evaluation cells with `steps`)
+    schedule_for: Callable[[int], StepSchedule] | None = None
 
     @property
     def latent_channels(self) -> int:

@@ -117,7 +117,7 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     tiny_sd_dir, tiny_clip_dir, fine_tuned_dir, tmp_path
 ):
     """evaluate.cells: eval@<cell>/<set>/... is the reward of the model at the cell's CFG, LoRA strength, base,
-    eta or denoise (img2img from the prompts' pictures, every step left after diffusers' start), on the same
+    eta, step count or denoise (img2img from the prompts' pictures, every step left after diffusers' start), on the same
     prompts and seeds as eval/<set>/... (at the cell's own images a prompt when it names them); the first base
     is back afterwards."""
     from dataclasses import replace
@@ -129,7 +129,8 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     from lora_grpo.train import Trainer
 
     cells = "[{name: hi, guidance: 3.0, strength: 0.5, sets: [tiny-unsafe], images_per_prompt: 3}, {name: ft, base: 1}"
-    cells += ", {name: pic, denoise: 0.75, sets: [tiny-unsafe]}, {name: det, eta: 0.0, sets: [tiny-unsafe]}]"
+    cells += ", {name: pic, denoise: 0.75, sets: [tiny-unsafe]}, {name: det, eta: 0.0, sets: [tiny-unsafe]}"
+    cells += ", {name: four, steps: 4, eta: 0.0, sets: [tiny-unsafe]}]"
     # groups from pictures (the base's own) give the img2img cell its pictures
     img2img = ["sample.sde_steps=2", "sample.sde_window=first", "sample.tail_steps=2"]
     img2img += ["sample.img2img.fraction=0.5", "sample.img2img.strengths=[0.5, 0.9]"]
@@ -169,8 +170,20 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     # eta 0: the deterministic sampler (no step noise) on the same initial noise
     _, det = sample_scored(replace(model, eta=0.0), reward, prompts, seed)
     assert row["eval@det/tiny-unsafe/steering_reward"] == pytest.approx(det.mean().item(), abs=1e-6)
+    # steps 4: diffusers' DDIM timesteps at 4 steps (a scheduler of its own; the recipe's schedule unchanged)
+    from diffusers import DDIMScheduler
+
+    from lora_grpo.sampling import step_schedule
+
+    ddim = DDIMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler")
+    four_steps = step_schedule(ddim, 4)
+    assert four_steps.timesteps.tolist() == ddim.timesteps.tolist() and len(ddim.timesteps) == 4
+    assert model.schedule.num_steps == config.sample.num_steps != 4
+    _, four = sample_scored(replace(model, eta=0.0, schedule=four_steps), reward, prompts, seed)
+    assert row["eval@four/tiny-unsafe/steering_reward"] == pytest.approx(four.mean().item(), abs=1e-6)
     means = (hi.mean().item(), ft.mean().item(), plain.mean().item(), pic.mean().item(), det.mean().item())
-    assert len({round(v, 6) for v in means}) == 5
+    means += (four.mean().item(),)
+    assert len({round(v, 6) for v in means}) == 6
 
 
 def test_evaluation_sets_are_sampled_by_evaluation_only(tiny_sd_dir, tiny_clip_dir, tmp_path):
@@ -229,6 +242,7 @@ def test_bad_evaluation_sets_are_one_line(sets, needle):
         ("[{name: a, denoise: 0.75}]", "img2img checks start from sample.img2img's pictures"),
         ("[{name: a, denoise: 1.5}]", "evaluate.cells.denoise"),
         ("[{name: a, eta: -0.5}]", "evaluate.cells.eta"),
+        ("[{name: a, steps: 0}]", "evaluate.cells.steps"),
         ("[{name: a, images_per_prompt: 0}]", "evaluate.cells.images_per_prompt"),
     ],
 )

@@ -87,6 +87,8 @@ class PeriodicEval:
             model = ctx.model if cell.guidance is None else replace(ctx.model, guidance=cell.guidance)
             if cell.eta is not None:
                 model = replace(model, eta=cell.eta)
+            if cell.steps is not None:  # before the img2img start, which counts these steps
+                model = replace(model, schedule=model.schedule_for(cell.steps))
             start = 0
             if cell.denoise is not None:  # from the picture, every remaining step (diffusers' img2img)
                 start = img2img_start(model.schedule.num_steps, cell.denoise)

@@ -170,14 +170,14 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     # eta 0: the deterministic sampler (no step noise) on the same initial noise
     _, det = sample_scored(replace(model, eta=0.0), reward, prompts, seed)
     assert row["eval@det/tiny-unsafe/steering_reward"] == pytest.approx(det.mean().item(), abs=1e-6)
-    # steps 4: diffusers' DDIM timesteps at 4 steps (a scheduler of its own; the recipe's schedule unchanged)
+    # steps 4: SD's DDIM at 4 steps (1000 training steps, "leading" spacing, offset 1: 250 apart, by hand); a
+    # scheduler of its own, so the recipe's schedule is unchanged
     from diffusers import DDIMScheduler
 
     from lora_grpo.sampling import step_schedule
 
-    ddim = DDIMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler")
-    four_steps = step_schedule(ddim, 4)
-    assert four_steps.timesteps.tolist() == ddim.timesteps.tolist() and len(ddim.timesteps) == 4
+    four_steps = step_schedule(DDIMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler"), 4)
+    assert four_steps.timesteps.tolist() == [751, 501, 251, 1]
     assert model.schedule.num_steps == config.sample.num_steps != 4
     _, four = sample_scored(replace(model, eta=0.0, schedule=four_steps), reward, prompts, seed)
     assert row["eval@four/tiny-unsafe/steering_reward"] == pytest.approx(four.mean().item(), abs=1e-6)

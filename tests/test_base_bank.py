@@ -117,9 +117,9 @@ def test_evaluation_cells_sample_at_their_cfg_strength_and_base(
     tiny_sd_dir, tiny_clip_dir, fine_tuned_dir, tmp_path
 ):
     """evaluate.cells: eval@<cell>/<set>/... is the reward of the model at the cell's CFG, LoRA strength, base,
-    eta, step count or denoise (img2img from the prompts' pictures, every step left after diffusers' start), on the same
-    prompts and seeds as eval/<set>/... (at the cell's own images a prompt when it names them); the first base
-    is back afterwards."""
+    eta, step count or denoise (img2img from the prompts' pictures, every step left after diffusers' start), on
+    the same prompts and seeds as eval/<set>/... (at the cell's own images a prompt when it names them); the
+    first base is back afterwards."""
     from dataclasses import replace
     from functools import partial
 

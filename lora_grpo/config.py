@@ -208,7 +208,10 @@ class SampleConfig:
     num_steps: int = 50  # denoising steps per trajectory
     # the stochastic sampler (lora_grpo/kernels/): ddim, or euler-ancestral (diffusers' and ComfyUI's "Euler a")
     sampler: Literal["ddim", "euler-ancestral"] = "ddim"
-    eta: float = 1.0  # the sampler's noise scale (1: DDIM-SDE / Euler a); > 0 so a step has a log-prob
+    # the sampler's noise scale (1: DDIM-SDE / Euler a); > 0 so a step has a log-prob. [lo, hi]: drawn per
+    # prompt group, so training also sees the near-deterministic samplers users run (lo may be 0 for an
+    # objective that reads no log-prob, awm or nft: a group at eta 0 is the deterministic sampler)
+    eta: float | list[float] = 1.0
     # classifier-free guidance; 1.0 skips the unconditional pass; [lo, hi]: drawn per prompt group
     guidance_scale: float | list[float] = 5.0
     group_size: int = 16  # G: images per prompt; advantages are normalised within each group
@@ -245,8 +248,9 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_steps >= 1, "sample.num_steps", "must be >= 1")
+        _require_range(self.eta, "sample.eta", 0.0, "0: the deterministic sampler")
         _require(
-            self.eta > 0,
+            value_range(self.eta)[0] > 0 or isinstance(self.eta, list),
             "sample.eta",
             "must be > 0: with eta 0 the sampler is deterministic and has no log-prob",
         )
@@ -652,6 +656,12 @@ class Config:
                 "evaluate.cells.denoise",
                 f"cell {cell.name}: img2img checks start from sample.img2img's pictures: set sample.img2img",
             )
+        _require(
+            value_range(self.sample.eta)[0] > 0 or self.train.objective != "grpo-clip",
+            "sample.eta",
+            f"a range from 0 ({self.sample.eta}) draws deterministic groups, which have no log-prob for "
+            "train.objective grpo-clip: start the range above 0 or use train.objective awm or nft",
+        )
         self._check_pictures()
 
     def _check_pictures(self) -> None:

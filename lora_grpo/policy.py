@@ -213,10 +213,10 @@ def rollout_model(pipe, learner: Learner, config: Config) -> RolloutModel:
         encode=encode,
         uncond=encode.negative(s.negative_prompt),  # 1 row; unused at CFG 1
         latent_size=side,
-        guidance=value_range(s.guidance_scale)[
-            0
-        ],  # a range: training draws per group, evaluation the low end
-        eta=s.eta,
+        # a range: training draws per group; evaluation takes CFG's low end and eta's high end (the stochastic
+        # sampler the checks have always read)
+        guidance=value_range(s.guidance_scale)[0],
+        eta=value_range(s.eta)[1],
         decode_batch_size=s.decode_batch_size,
         device=acc.device,
         autocast=acc.autocast,

@@ -64,14 +64,16 @@ class RolloutModel:
 
 @dataclass(frozen=True)
 class GroupConditions:
-    """Per prompt group: the CFG and LoRA strength it samples (and trains) at, and the step it starts at from
-    its prompt's picture (img2img; 0: from pure noise); None: the recipe's one value (no img2img)."""
+    """Per prompt group: the CFG, LoRA strength and sampler noise (eta) it samples (and trains) at, and the
+    step it starts at from its prompt's picture (img2img; 0: from pure noise); None: the recipe's one value
+    (no img2img)."""
 
     guidance: Tensor | None = None  # [P] or, from `rows`, [N]
     lora_scale: Tensor | None = None
     start: Tensor | None = None  # long
     # share of a group's rows (its first ones) that take its start; the rest start at 0
     picture_rows: float = 1.0
+    eta: Tensor | None = None
 
     def rows(self, group_size: int, device: torch.device) -> GroupConditions:
         """Each row's values ([P] -> [N = P x G]) on `device`."""
@@ -83,7 +85,7 @@ class GroupConditions:
         if start is not None:
             in_group = torch.arange(start.numel(), device=device) % group_size
             start = torch.where(in_group < picture_count(self.picture_rows, group_size), start, 0)
-        return GroupConditions(expand(self.guidance), expand(self.lora_scale), start)
+        return GroupConditions(expand(self.guidance), expand(self.lora_scale), start, eta=expand(self.eta))
 
 
 def picture_count(share: float, group_size: int) -> int:
@@ -97,7 +99,7 @@ CONDITIONS_KEY = 7_919  # keys the per-group draws apart from every other stream
 def draw_conditions(
     config: Config, epoch: int, slots: list[int], fractions: list[float | None] | None = None
 ) -> GroupConditions:
-    """Each group's CFG and LoRA strength, uniform over the recipe's ranges, and whether it starts from its
+    """Each group's CFG, LoRA strength and eta, uniform over the recipe's ranges, and whether it starts from its
     picture (with probability `fractions[i]`, its prompt set's share; None: sample.img2img.fraction) and at
     which denoise (uniform over the epoch's `denoise_range`), from generators keyed by (seed, epoch, the
     group's slot): the same under any batch or process layout. A single value draws nothing."""
@@ -126,7 +128,8 @@ def draw_conditions(
         return torch.tensor(out, dtype=torch.long)
 
     guidance, scale = draw(config.sample.guidance_scale, 0), draw(config.lora.train_scale, 1)
-    return GroupConditions(guidance, scale, starts(), config.sample.img2img.rows)
+    eta = draw(config.sample.eta, 3)
+    return GroupConditions(guidance, scale, starts(), config.sample.img2img.rows, eta)
 
 
 @dataclass
@@ -143,6 +146,7 @@ class Rollout:
         None  # [N] long: the fine step each row started at from its picture (None: all at 0)
     )
     schedule: StepSchedule | None = None  # each row's own steps when groups start from pictures (per-row)
+    eta: Tensor | None = None  # [N] each row's eta when drawn per group (None: the model's one value)
 
 
 def concat(rollouts: Sequence[Rollout]) -> Rollout:
@@ -192,6 +196,7 @@ def rollout(
         noise = noise.repeat_interleave(group_size, dim=0)
     rows = (conditions or GroupConditions()).rows(group_size, model.device)
     guidance = model.guidance if rows.guidance is None else rows.guidance
+    eta = model.eta if rows.eta is None else rows.eta
     schedule, paths = model.schedule, None
     if rows.start is not None:
         schedule = paths = model.paths(rows.start.cpu())
@@ -207,7 +212,7 @@ def rollout(
                 model.uncond_for(n),
                 noise.to(model.device),
                 guidance,
-                model.eta,
+                eta,
                 generators,
                 on_step=on_step,
                 window=window,
@@ -216,7 +221,9 @@ def rollout(
         images = decode_latents(model.vae, traj.latents[:, -1], model.decode_batch_size)
     unet.train(was_training)
     start = rows.start
-    return Rollout(cond, traj.latents, traj.log_probs, images, rows.guidance, rows.lora_scale, start, paths)
+    return Rollout(
+        cond, traj.latents, traj.log_probs, images, rows.guidance, rows.lora_scale, start, paths, rows.eta
+    )
 
 
 def from_pictures(

@@ -19,6 +19,7 @@ from lora_grpo.conditioning import TextConditioning
 from lora_grpo.conditioning import concat as concat_conditioning
 from lora_grpo.errors import UserError
 from lora_grpo.kernels import ENDS_AT_CLEAN, step_mean_std
+from lora_grpo.kernels.prediction import broadcast
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -67,9 +68,12 @@ class StepSchedule:
             self.sampler,
         )
 
-    def step_mean_std(self, i, model_output: Tensor, x: Tensor, eta: float) -> tuple[Tensor, Tensor]:
-        """Mean and std of step(s) `i` (an int, or [N] indices into the schedule) from x, by the sampler."""
+    def step_mean_std(self, i, model_output: Tensor, x: Tensor, eta: float | Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of step(s) `i` (an int, or [N] indices into the schedule) from x, by the sampler; eta
+        one number or [N] (each row its own)."""
         a_t, a_prev = self.at(self.alpha_prod, i, x.device), self.at(self.alpha_prod_prev, i, x.device)
+        if isinstance(eta, Tensor):
+            eta = broadcast(eta, x)
         return step_mean_std(self.sampler, model_output, x, a_t, a_prev, eta, self.prediction_type)
 
 
@@ -257,7 +261,7 @@ def sample_trajectories(
     uncond: TextConditioning | None,
     initial_latents: Tensor,
     guidance: float | Tensor,
-    eta: float,
+    eta: float | Tensor,
     generator: torch.Generator | Sequence[torch.Generator],
     on_step: Callable[[], None] | None = None,
     window: tuple[int, int] | None = None,
@@ -270,7 +274,7 @@ def sample_trajectories(
     process it lands in). With `window` (start, stop), only steps start <= i < stop are stochastic (eta) and
     have a log-prob; the others (every step when eta is 0) are deterministic steps stored with a NaN log-prob.
     Noise is drawn at every step either way, so a window step uses the noise the fully stochastic sampler
-    would.
+    would. eta [N]: each row its own (a row at eta 0 is deterministic throughout, its log-probs NaN).
     A per-row `schedule` (img2img paths) steps each row along its own timesteps.
     """
     x = initial_latents.float()
@@ -281,19 +285,52 @@ def sample_trajectories(
     for i in range(schedule.num_steps):
         t = schedule.timestep(i, device)
         out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
-        stochastic = eta > 0 and first <= i < stop
-        mean, std = schedule.step_mean_std(i, out, x, eta if stochastic else 0.0)
-        noise = block_noise(x.shape, generator).to(device)
-        if stochastic:
-            x = mean + std * noise
-            log_probs.append(gaussian_log_prob(x, mean, std))
+        in_window = first <= i < stop
+        if isinstance(eta, Tensor):
+            x, log_prob = row_eta_step(schedule, i, out, x, eta.to(device) * in_window, generator)
         else:
-            x = mean
-            log_probs.append(torch.full((x.shape[0],), float("nan"), device=device))
+            x, log_prob = shared_eta_step(schedule, i, out, x, eta if in_window else 0.0, generator)
+        log_probs.append(log_prob)
         latents.append(x)
         if on_step is not None:
             on_step()
     return Trajectories(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1))
+
+
+def shared_eta_step(
+    schedule: StepSchedule,
+    i: int,
+    out: Tensor,
+    x: Tensor,
+    eta: float,
+    generator: torch.Generator | Sequence[torch.Generator],
+) -> tuple[Tensor, Tensor]:
+    """One step of `sample_trajectories` at one eta for every row: (x_prev, log-prob [N]); eta 0 takes the
+    deterministic step (the mean) with a NaN log-prob. The step noise is drawn either way."""
+    mean, std = schedule.step_mean_std(i, out, x, eta)
+    noise = block_noise(x.shape, generator).to(x.device)
+    if eta > 0:
+        x_prev = mean + std * noise
+        return x_prev, gaussian_log_prob(x_prev, mean, std)
+    return mean, torch.full((x.shape[0],), float("nan"), device=x.device)
+
+
+def row_eta_step(
+    schedule: StepSchedule,
+    i: int,
+    out: Tensor,
+    x: Tensor,
+    eta: Tensor,
+    generator: torch.Generator | Sequence[torch.Generator],
+) -> tuple[Tensor, Tensor]:
+    """One step of `sample_trajectories` where each row has its own eta [N]: (x_prev, log-prob [N]); a row at
+    eta 0 takes the deterministic step (its mean exactly) and gets a NaN log-prob."""
+    mean, std = schedule.step_mean_std(i, out, x, eta)
+    noise = block_noise(x.shape, generator).to(x.device)
+    x_prev = mean + std * noise
+    sampled = eta > 0  # [N]
+    log_prob = gaussian_log_prob(x_prev, mean, torch.where(broadcast(eta, x) > 0, std, 1.0))
+    return x_prev, torch.where(sampled, log_prob, float("nan"))
 
 
 def step_log_prob(
@@ -305,7 +342,7 @@ def step_log_prob(
     cond: TextConditioning,
     uncond: TextConditioning | None,
     guidance: float | Tensor,
-    eta: float,
+    eta: float | Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-prob under the current UNet of stored steps latents -> next_latents (with gradient).
 

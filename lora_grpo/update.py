@@ -268,7 +268,8 @@ def step_batch(p: UpdatePass, rows: Tensor, idx: Tensor, j: int, cond, uncond, o
     acc, unet, model, rollout = p.learner.accelerator, p.learner.unet, p.model, p.rollout
     x_t, x_prev = rollout.latents[rows, idx], rollout.latents[rows, idx + 1]
     guidance = model.guidance if rollout.guidance is None else rollout.guidance[rows]
-    step_args = (row_schedule(p, rows), idx, x_t, x_prev, cond, uncond, guidance, model.eta)
+    eta = model.eta if rollout.eta is None else rollout.eta[rows]
+    step_args = (row_schedule(p, rows), idx, x_t, x_prev, cond, uncond, guidance, eta)
     noised: list[tuple[Tensor, Tensor, Tensor]] = []  # drawn once and shared by both denoising passes
 
     def policy() -> tuple[Tensor, Tensor, Tensor]:

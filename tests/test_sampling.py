@@ -247,6 +247,32 @@ def test_eta_zero_is_ddim_eta_zero_at_every_step_whatever_the_step_noise():
         x = traj.latents[:, i + 1]
 
 
+def test_each_row_at_its_own_eta_is_that_rows_trajectory_at_that_eta():
+    """eta [N] (a per-group draw): each row's latents and log-probs are those of the same rows sampled with
+    its eta for the whole batch (same generator, so the same step noise); a row at eta 0 is the deterministic
+    sampler with NaN log-probs, and the window still bounds the stochastic steps."""
+    unet = _tiny_unet()
+    schedule = step_schedule(_scheduler("epsilon"), 5)
+    cond, uncond = _text(3), _text(3)
+    x_T = torch.randn(3, 4, 8, 8)
+    etas = [1.0, 0.0, 0.4]
+    for window in (None, (1, 3)):
+        mixed = sample_trajectories(
+            unet, schedule, cond, uncond, x_T, 2.0, torch.tensor(etas), seeded_generator(5), window=window
+        )
+        for r, eta in enumerate(etas):
+            alone = sample_trajectories(
+                unet, schedule, cond, uncond, x_T, 2.0, eta, seeded_generator(5), window=window
+            )
+            torch.testing.assert_close(mixed.latents[r], alone.latents[r], atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                mixed.log_probs[r], alone.log_probs[r], atol=1e-5, rtol=0, equal_nan=True
+            )
+    assert torch.isnan(mixed.log_probs[1]).all() and torch.isnan(mixed.log_probs[:, [0, 3, 4]]).all()
+    assert torch.isfinite(mixed.log_probs[[0, 2]][:, 1:3]).all()
+    assert (mixed.latents[0] - mixed.latents[2]).abs().max() > 1e-3  # the etas did differ
+
+
 def test_coarse_tail_by_hand():
     """The first `stop` steps as they were; the tail keeps every (20 - 6) / 4-th remaining timestep, each
     step going to the next kept one and the last to the scheduler's final alpha."""

@@ -65,21 +65,25 @@ def test_group_draws_are_keyed_by_slot_within_range_and_absent_for_one_value():
     from lora_grpo.rollout import draw_conditions
 
     config = load_config(
-        find_recipe("tiny-test"), ["sample.guidance_scale=[1.5, 7.5]", "lora.train_scale=[0.5, 1.0]"]
+        find_recipe("tiny-test"),
+        ["sample.guidance_scale=[1.5, 7.5]", "lora.train_scale=[0.5, 1.0]", "sample.eta=[0.2, 0.9]"],
     )
     a = draw_conditions(config, epoch=3, slots=[0, 1, 2, 3])
     b = draw_conditions(config, epoch=3, slots=[2, 9])
     assert a.guidance.shape == (4,) and torch.equal(a.guidance[2], b.guidance[0])  # a group's draw is its own
-    assert torch.equal(a.lora_scale[2], b.lora_scale[0])
+    assert torch.equal(a.lora_scale[2], b.lora_scale[0]) and torch.equal(a.eta[2], b.eta[0])
+    assert ((a.eta >= 0.2) & (a.eta <= 0.9)).all() and len(set(a.eta.tolist())) == 4
+    assert not torch.equal(a.eta, a.guidance) and not torch.equal(a.eta, a.lora_scale)  # streams apart
     assert ((a.guidance >= 1.5) & (a.guidance <= 7.5)).all() and (
         (a.lora_scale >= 0.5) & (a.lora_scale <= 1)
     ).all()
     assert len(set(a.guidance.tolist())) == 4
     assert not torch.equal(a.guidance, draw_conditions(config, epoch=4, slots=[0, 1, 2, 3]).guidance)
     plain = draw_conditions(load_config(find_recipe("tiny-test")), epoch=3, slots=[0, 1])
-    assert plain.guidance is None and plain.lora_scale is None
+    assert plain.guidance is None and plain.lora_scale is None and plain.eta is None
     rows = a.rows(3, torch.device("cpu"))
     assert torch.equal(rows.guidance, a.guidance.repeat_interleave(3))
+    assert torch.equal(rows.eta, a.eta.repeat_interleave(3))
 
 
 @pytest.mark.parametrize(
@@ -91,6 +95,10 @@ def test_group_draws_are_keyed_by_slot_within_range_and_absent_for_one_value():
         ("sample.guidance_scale=[1.0, .nan]", "finite"),
         ("lora.train_scale=[0.0, 1.0]", "lora.train_scale"),
         ("lora.train_scale=high", "expected a number"),
+        ("sample.eta=0.0", "must be > 0"),
+        ("sample.eta=[-0.5, 1.0]", "needs 0.0 <= lo <= hi"),
+        # a group at eta 0 has no log-prob for the clipped ratio (tiny-test trains grpo-clip)
+        ("sample.eta=[0.0, 1.0]", "start the range above 0 or use train.objective awm or nft"),
     ],
 )
 def test_bad_ranges_are_one_line(override, needle):
@@ -103,9 +111,10 @@ def test_bad_ranges_are_one_line(override, needle):
 def test_a_run_with_ranges_trains_each_group_at_its_own_cfg_and_strength(
     tiny_sd_dir, tiny_clip_dir, tmp_path
 ):
-    """With a LoRA far from zero, the update re-evaluates each stored step at its row's CFG and strength: the
-    importance ratios are exactly 1 before the first optimizer step (at strength 1 or the recipe's low CFG
-    they would not be), and the groups' values are constant within a group and differ between groups."""
+    """With a LoRA far from zero, the update re-evaluates each stored step at its row's CFG, strength and eta:
+    the importance ratios are exactly 1 before the first optimizer step (at strength 1, the recipe's low CFG
+    or eta 1 they would not be), and the groups' values are constant within a group and differ between
+    groups."""
     from lora_grpo.train import Trainer
 
     config = load_config(
@@ -118,6 +127,7 @@ def test_a_run_with_ranges_trains_each_group_at_its_own_cfg_and_strength(
             "output.sample_grid_every=0",
             "sample.guidance_scale=[1.0, 6.0]",
             "lora.train_scale=[0.3, 1.0]",
+            "sample.eta=[0.3, 1.0]",
         ],
     )
     trainer = Trainer(config, tmp_path, log=lambda line: None)
@@ -133,6 +143,6 @@ def test_a_run_with_ranges_trains_each_group_at_its_own_cfg_and_strength(
     assert abs(row["first_ratio_min"] - 1) <= 1e-6 and abs(row["first_ratio_max"] - 1) <= 1e-6
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.learner.params, strict=True))
     rollout, G = seen[0].rollout, config.sample.group_size
-    for values in (rollout.guidance, rollout.lora_scale):
+    for values in (rollout.guidance, rollout.lora_scale, rollout.eta):
         groups = values.view(-1, G)
         assert (groups == groups[:, :1]).all() and len(set(groups[:, 0].tolist())) == groups.shape[0]

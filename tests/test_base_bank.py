@@ -290,6 +290,7 @@ def test_the_robust_sd_recipe_runs_an_epoch_on_tiny_models(
         ],
     )
     assert config.lora.train_scale == [0.5, 1.0] and config.sample.guidance_scale == [4.0, 9.0]
+    assert config.sample.eta == [0.0, 1.0]  # groups at eta 0 (deterministic) ride the img2img paths too
     assert load_config(find_recipe("sd15-nudity-robust")).sample.img2img.fraction == 0.25
     trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
     from lora_grpo.evaluation.periodic import PeriodicEval
@@ -317,4 +318,5 @@ def test_the_robust_sd_recipe_runs_an_epoch_on_tiny_models(
     assert {"eval@cfg9/nsfw-extended/steering_reward", "eval@half/nsfw-extended/steering_reward"} <= set(row)
     assert "eval@cfg9/everyday/steering_reward" not in row
     xl = load_config(find_recipe("sdxl-nudity-robust"))
+    assert xl.sample.eta == [0.0, 1.0]
     assert xl.lora.train_scale == [0.5, 1.0] and [c.name for c in xl.evaluate.cells] == ["cfg9", "half"]

@@ -116,14 +116,14 @@ def test_toyworld_shapes_measures_the_removed_and_kept_shapes():
 
 def test_toyworld_deploy_finds_every_cell_that_misses_a_target():
     """The deployment benchmark's check on a hand-made matrix: red above 0.10 or safe accuracy more than 5
-    points under the reference, cell by cell."""
+    points under the reference, cell by cell, at strengths 0.75 and 1; the slider's ends reported apart."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("toyworld_deploy", BENCH / "toyworld_deploy.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    def cell(sampler, guidance, base, loras, red, safe, red_ref=0.9, safe_ref=0.95):
+    def cell(sampler, guidance, base, loras, red, safe, red_ref=0.9, safe_ref=0.95, strength=1.0):
         def side(r, s):
             return {"toyworld": {"red_rate": r, "safe_colour_position": s}}
 
@@ -131,7 +131,7 @@ def test_toyworld_deploy_finds_every_cell_that_misses_a_target():
             "sampler": sampler,
             "steps": 20,
             "guidance": guidance,
-            "strength": 1.0,
+            "strength": strength,
             "base": base,
             "loras": loras,
             "suites": {"toyworld": {"base": side(red_ref, safe_ref), "adapter": side(red, safe)}},
@@ -143,9 +143,13 @@ def test_toyworld_deploy_finds_every_cell_that_misses_a_target():
             cell("euler-a", 7.5, "b", [], 0.2, 0.95),  # red misses
             cell("ddim-eta1", 1.0, "ft", [], 0.1, 0.89),  # red at the bound holds; safe -6 pt misses
             cell("ddim-eta1", 1.0, "b", [["s.safetensors", 1.0]], 0.05, 0.90),  # -5 pt holds
+            cell("ddim-eta1", 1.0, "b", [], 0.3, 0.95, strength=0.5),  # the slider's end: reported apart
+            cell("ddim-eta1", 1.0, "b", [], 0.0, 0.95, strength=0.75),
         ]
     }
     summary = bench.deployment_summary(matrix)
+    assert summary["cells"] == 6 and summary["target_cells"] == 5
+    assert summary["outside_misses"] == ["ddim-eta1 20 steps CFG 1 strength 0.5"]
     assert summary["red_misses"] == ["euler-a 20 steps CFG 7.5 strength 1"]
     assert summary["safe_misses"] == ["ddim-eta1 20 steps CFG 1 strength 1 on ft"]
     assert summary["worst_red"]["red"] == 0.2 and summary["worst_drop"]["drop"] == pytest.approx(0.06)
@@ -164,7 +168,7 @@ def test_toyworld_deploy_finds_every_cell_that_misses_a_target():
         i2i(0.75, (0.20, 0.0, 0.30, 0.97), (1.0, 0.9, 0.45, 0.96)),  # red 0.20 > 0.15; edits -15 pt
         i2i(0.5, (0.49, 0.40, 0.1, 0.90), (1.0, 0.8, 0.1, 0.96)),  # red 0.49 <= half of 1.0; safe -6 pt
     ]
-    assert bench.deployment_summary(matrix)["cells"] == 4  # img2img cells have their own summary
+    assert bench.deployment_summary(matrix)["cells"] == 6  # img2img cells have their own summary
     img = bench.img2img_summary(matrix)
     assert img["cells"] == 3 and not img["held"]
     assert [m.split(":")[0] for m in img["misses"]] == [

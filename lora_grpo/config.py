@@ -206,7 +206,9 @@ class Img2ImgConfig:
 @dataclass
 class SampleConfig:
     num_steps: int = 50  # denoising steps per trajectory
-    # the stochastic sampler (lora_grpo/kernels/): ddim, or euler-ancestral (diffusers' and ComfyUI's "Euler a")
+    # the stochastic sampler (lora_grpo/kernels/): ddim, or euler-ancestral (diffusers' and ComfyUI's "Euler a").
+    # Both take the same Gaussian step at every eta (eta 0: Euler's deterministic step), so the per-group choice
+    # among Euler, DDIM eta 0 / 1 and Euler a is `eta: [0, 1]` (tests/test_sampling.py)
     sampler: Literal["ddim", "euler-ancestral"] = "ddim"
     # the sampler's noise scale (1: DDIM-SDE / Euler a); > 0 so a step has a log-prob. [lo, hi]: drawn per
     # prompt group, so training also sees the near-deterministic samplers users run (lo may be 0 for an

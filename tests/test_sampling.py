@@ -382,19 +382,22 @@ def test_text_conditioning_rows_repeat_expand_and_concat():
     assert concat([TextConditioning(a.hidden), TextConditioning(a.hidden)]).pooled is None
 
 
-def test_ddim_at_eta_1_and_euler_ancestral_take_the_same_gaussian_step():
-    """In DDIM coordinates both kernels step to the DDPM posterior: mean (a_prev/a_t)-weighted as DDIM's, std
-    sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) (hand formula). So a rollout cannot tell them apart,
-    and training on one covers the other (the deployment matrix shows the same images for both)."""
+def test_ddim_and_euler_ancestral_take_the_same_gaussian_step_at_every_eta():
+    """In DDIM coordinates both kernels step to the DDPM posterior at eta 1: std sqrt((1 - a_prev) / (1 - a_t) *
+    (1 - a_t / a_prev)) (hand formula); both stds are linear in eta and both means are sqrt(a_prev) x0 +
+    sqrt(1 - a_prev - std^2) eps, so they agree at every eta (eta 0: DDIM's deterministic step is Euler's). A
+    rollout cannot tell them apart, so a per-group eta range (`sample.eta: [0, 1]`) is the per-group choice
+    among Euler, DDIM eta 0 / 1 and Euler a (the deployment matrix shows the same images for both)."""
     from lora_grpo.kernels import step_mean_std
 
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     a_t, a_prev = torch.tensor([0.05, 0.3, 0.7]), torch.tensor([0.1, 0.6, 0.9])
     for prediction in ("epsilon", "v_prediction"):
-        m1, s1 = step_mean_std("ddim", out, x, a_t, a_prev, 1.0, prediction)
-        m2, s2 = step_mean_std("euler-ancestral", out, x, a_t, a_prev, 1.0, prediction)
-        assert torch.allclose(m1, m2, atol=1e-5) and torch.allclose(s1, s2, atol=1e-6)
+        for eta in (0.0, 0.4, 1.0):
+            m1, s1 = step_mean_std("ddim", out, x, a_t, a_prev, eta, prediction)
+            m2, s2 = step_mean_std("euler-ancestral", out, x, a_t, a_prev, eta, prediction)
+            assert torch.allclose(m1, m2, atol=1e-5) and torch.allclose(s1, s2, atol=1e-6)
     expected = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     assert torch.allclose(s1.flatten(1)[:, 0], expected, atol=1e-6)
 

@@ -220,10 +220,8 @@ def rollout(
     with timer("decode"):
         images = decode_latents(model.vae, traj.latents[:, -1], model.decode_batch_size)
     unet.train(was_training)
-    start = rows.start
-    return Rollout(
-        cond, traj.latents, traj.log_probs, images, rows.guidance, rows.lora_scale, start, paths, rows.eta
-    )
+    kept = (rows.guidance, rows.lora_scale, rows.start, paths, rows.eta)
+    return Rollout(cond, traj.latents, traj.log_probs, images, *kept)
 
 
 def from_pictures(

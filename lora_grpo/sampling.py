@@ -286,10 +286,8 @@ def sample_trajectories(
         t = schedule.timestep(i, device)
         out = guided_model_output(unet, x.to(model_dtype), t, cond, uncond, guidance)
         in_window = first <= i < stop
-        if isinstance(eta, Tensor):
-            x, log_prob = row_eta_step(schedule, i, out, x, eta.to(device) * in_window, generator)
-        else:
-            x, log_prob = shared_eta_step(schedule, i, out, x, eta if in_window else 0.0, generator)
+        step_eta = eta.to(device) * in_window if isinstance(eta, Tensor) else (eta if in_window else 0.0)
+        x, log_prob = sampling_step(schedule, i, out, x, step_eta, generator)
         log_probs.append(log_prob)
         latents.append(x)
         if on_step is not None:
@@ -297,40 +295,27 @@ def sample_trajectories(
     return Trajectories(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1))
 
 
-def shared_eta_step(
+def sampling_step(
     schedule: StepSchedule,
     i: int,
     out: Tensor,
     x: Tensor,
-    eta: float,
+    eta: float | Tensor,
     generator: torch.Generator | Sequence[torch.Generator],
 ) -> tuple[Tensor, Tensor]:
-    """One step of `sample_trajectories` at one eta for every row: (x_prev, log-prob [N]); eta 0 takes the
-    deterministic step (the mean) with a NaN log-prob. The step noise is drawn either way."""
+    """One step of `sample_trajectories`: (x_prev, log-prob [N]). eta one number or [N] (each row its own); a
+    row at eta 0 takes the deterministic step (the mean exactly) with a NaN log-prob. The step noise is drawn
+    either way."""
     mean, std = schedule.step_mean_std(i, out, x, eta)
     noise = block_noise(x.shape, generator).to(x.device)
-    if eta > 0:
-        x_prev = mean + std * noise
-        return x_prev, gaussian_log_prob(x_prev, mean, std)
-    return mean, torch.full((x.shape[0],), float("nan"), device=x.device)
-
-
-def row_eta_step(
-    schedule: StepSchedule,
-    i: int,
-    out: Tensor,
-    x: Tensor,
-    eta: Tensor,
-    generator: torch.Generator | Sequence[torch.Generator],
-) -> tuple[Tensor, Tensor]:
-    """One step of `sample_trajectories` where each row has its own eta [N]: (x_prev, log-prob [N]); a row at
-    eta 0 takes the deterministic step (its mean exactly) and gets a NaN log-prob."""
-    mean, std = schedule.step_mean_std(i, out, x, eta)
-    noise = block_noise(x.shape, generator).to(x.device)
+    if not isinstance(eta, Tensor):
+        if eta > 0:
+            x_prev = mean + std * noise
+            return x_prev, gaussian_log_prob(x_prev, mean, std)
+        return mean, torch.full((x.shape[0],), float("nan"), device=x.device)
     x_prev = mean + std * noise
-    sampled = eta > 0  # [N]
     log_prob = gaussian_log_prob(x_prev, mean, torch.where(broadcast(eta, x) > 0, std, 1.0))
-    return x_prev, torch.where(sampled, log_prob, float("nan"))
+    return x_prev, torch.where(eta > 0, log_prob, float("nan"))
 
 
 def step_log_prob(

@@ -251,8 +251,9 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _require(self.num_steps >= 1, "sample.num_steps", "must be >= 1")
         _require_range(self.eta, "sample.eta", 0.0, "0: the deterministic sampler")
+        # one eta must be > 0; a range may start at 0 (Config checks it against the objective)
         _require(
-            value_range(self.eta)[0] > 0 or isinstance(self.eta, list),
+            isinstance(self.eta, list) or self.eta > 0,
             "sample.eta",
             "must be > 0: with eta 0 the sampler is deterministic and has no log-prob",
         )

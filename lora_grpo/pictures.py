@@ -28,16 +28,14 @@ def prompt_key(prompt: str) -> int:
 
 
 class PictureSource:
-    """prompts -> their pictures' latents [P, C, h, w] (CPU, fp32), each made once by `make`; a prompt in
-    `aliases` gets the picture of the prompt it maps to (prompts.picture_prompts)."""
+    """prompts -> their pictures' latents [P, C, h, w] (CPU, fp32), each made once by `make` (a prompt set
+    that starts a prompt from another's picture asks for that one: PromptSet.picture_of)."""
 
-    def __init__(self, make: Callable[[list[str]], Tensor], aliases: dict[str, str] | None = None):
+    def __init__(self, make: Callable[[list[str]], Tensor]):
         self.make = make
-        self.aliases = aliases or {}
         self.cache: dict[str, Tensor] = {}
 
     def __call__(self, prompts: list[str]) -> Tensor:
-        prompts = [self.aliases.get(p, p) for p in prompts]
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
             for prompt, latent in zip(missing, self.make(missing), strict=True):
@@ -49,7 +47,6 @@ def base_pictures(
     model: RolloutModel,
     seed: int,
     on_first_base: Callable[[], AbstractContextManager] = nullcontext,
-    aliases: dict[str, str] | None = None,
 ) -> PictureSource:
     """The base model's own image of each prompt (`model`'s sampler and CFG, the adapter off), drawn on the
     first base (`on_first_base`: with model.bases, a context that switches to it and back)."""
@@ -59,16 +56,14 @@ def base_pictures(
         with on_first_base(), adapter_disabled(model.unet):
             return rollout(model, prompts, gens).latents[:, -1]
 
-    return PictureSource(make, aliases)
+    return PictureSource(make)
 
 
-def rendered_pictures(
-    model: RolloutModel, render: Callable[[str, int], Tensor], aliases: dict[str, str] | None = None
-) -> PictureSource:
+def rendered_pictures(model: RolloutModel, render: Callable[[str, int], Tensor]) -> PictureSource:
     """`render(prompt, key)` -> image [3, H, W] in [0, 1], VAE-encoded."""
 
     def make(prompts: list[str]) -> Tensor:
         images = torch.stack([render(p, prompt_key(p)) for p in prompts])
         return encode_images(model.vae, images)
 
-    return PictureSource(make, aliases)
+    return PictureSource(make)

@@ -27,6 +27,13 @@ class PromptSet:
     pictures: tuple[str, ...] | None = None  # per prompt: the prompt its img2img picture is made from
     img2img: float | None = None  # share of its groups from pictures (None: sample.img2img.fraction)
 
+    def picture_of(self, prompt: str) -> str:
+        """The prompt `prompt`'s img2img picture is made from in this set (itself unless `pictures` names
+        another). The same prompt may start from different pictures in different sets."""
+        if self.pictures is None:
+            return prompt
+        return self.pictures[self.prompts.index(prompt)]
+
 
 # CLIP's text window in tokens, start and end tokens included: SD 1.x/2.x and both SDXL text encoders cut a
 # prompt there, so the words after it never reach the model.
@@ -199,26 +206,21 @@ def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
         raise UserError(
             f"prompt set '{cfg.name}' is empty ({source}): add prompts or remove the set from the recipe"
         )
+    check_one_picture(cfg.name, pairs)
     prompts = tuple(prompt for prompt, _ in pairs)
     pictures = tuple(picture for _, picture in pairs) if cfg.picture_column else None
     return PromptSet(cfg.name, cfg.safety, prompts, cfg.weight, pictures, cfg.img2img)
 
 
-def picture_prompts(prompt_sets: list[PromptSet]) -> dict[str, str]:
-    """prompt -> the prompt its img2img picture is made from, for the prompts whose set names another; a prompt
-    given two different pictures' prompts is an error."""
-    mapping: dict[str, str] = {}
-    for prompt_set in prompt_sets:
-        for prompt, picture in zip(
-            prompt_set.prompts, prompt_set.pictures or prompt_set.prompts, strict=True
-        ):
-            if mapping.get(prompt, picture) != picture:
-                raise UserError(
-                    f"prompt {prompt!r} has two pictures' prompts ({mapping[prompt]!r} and {picture!r}, the "
-                    f"second in set '{prompt_set.name}'): give each prompt one"
-                )
-            mapping[prompt] = picture
-    return {prompt: picture for prompt, picture in mapping.items() if picture != prompt}
+def check_one_picture(name: str, pairs: list[tuple[str, str]]) -> None:
+    """Within one set each prompt starts from one picture (across sets it may differ)."""
+    seen: dict[str, str] = {}
+    for prompt, picture in pairs:
+        if seen.setdefault(prompt, picture) != picture:
+            raise UserError(
+                f"prompt {prompt!r} has two pictures' prompts in set '{name}' ({seen[prompt]!r} and "
+                f"{picture!r}): give it one, or put the second in a set of its own"
+            )
 
 
 def set_schedule(weights: list[float], num_slots: int) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -74,6 +74,8 @@ class GroupConditions:
     # share of a group's rows (its first ones) that take its start; the rest start at 0
     picture_rows: float = 1.0
     eta: Tensor | None = None
+    # per group: the prompt whose picture it starts from (its set's `picture_of`); None: its own prompt
+    pictures: tuple[str, ...] | None = None
 
     def rows(self, group_size: int, device: torch.device) -> GroupConditions:
         """Each row's values ([P] -> [N = P x G]) on `device`."""
@@ -85,7 +87,8 @@ class GroupConditions:
         if start is not None:
             in_group = torch.arange(start.numel(), device=device) % group_size
             start = torch.where(in_group < picture_count(self.picture_rows, group_size), start, 0)
-        return GroupConditions(expand(self.guidance), expand(self.lora_scale), start, eta=expand(self.eta))
+        scale, guidance, eta = expand(self.lora_scale), expand(self.guidance), expand(self.eta)
+        return GroupConditions(guidance, scale, start, eta=eta, pictures=self.pictures)
 
 
 def picture_count(share: float, group_size: int) -> int:
@@ -201,7 +204,8 @@ def rollout(
     if rows.start is not None:
         schedule = paths = model.paths(rows.start.cpu())
         if bool((rows.start > 0).any()):
-            noise = from_pictures(model, prompts, group_size, noise, rows.start.cpu(), paths)
+            made_from = list(rows.pictures or prompts)
+            noise = from_pictures(model, made_from, group_size, noise, rows.start.cpu(), paths)
     with timer("sampling"):
         cond = model.encode(prompts).repeat_interleave(group_size)  # N rows
         with model.autocast(), row_scaled(unet, rows.lora_scale):
@@ -232,7 +236,7 @@ def from_pictures(
     start: Tensor,
     paths: StepSchedule,
 ) -> Tensor:
-    """Initial latents [N, ...]: a row with start s > 0 gets its prompt's picture noised to its first step's
+    """Initial latents [N, ...]: a row with start s > 0 gets its group's picture (of `prompts`[group]) noised to its first step's
     timestep (fine step s) with the row's own noise (x_s = sqrt(abar) x0 + sqrt(1 - abar) noise), the others
     their noise."""
     if model.pictures is None:
@@ -250,10 +254,11 @@ def sample_scored(
     batch: int = 40,
     lora_scale: float | None = None,
     start: int = 0,
+    pictures: list[str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Images [N, 3, H, W] (CPU) and rewards [N] of `prompts` (one image each) on noise fixed by `seed`, with
-    the LoRA at `lora_scale` (None: 1); from step `start` of each prompt's picture (img2img, `model.paths`)
-    when > 0.
+    the LoRA at `lora_scale` (None: 1); from step `start` of each prompt's picture (img2img, `model.paths`;
+    `pictures`: the prompt each picture is made from, default the prompt itself) when > 0.
 
     The noise of batch b comes from a generator keyed by (seed, b), so calls at different points of training
     compare the models on the same noise; evaluation draws nothing from the training streams.
@@ -263,7 +268,8 @@ def sample_scored(
         texts = prompts[b : b + batch]
         scale = None if lora_scale is None else torch.full((len(texts),), lora_scale)
         starts = torch.full((len(texts),), start, dtype=torch.long) if start else None
-        conditions = GroupConditions(lora_scale=scale, start=starts)
+        made_from = None if pictures is None else tuple(pictures[b : b + batch])
+        conditions = GroupConditions(lora_scale=scale, start=starts, pictures=made_from)
         out = rollout(model, texts, seeded_generator(seed, b), conditions=conditions)
         images.append(out.images.cpu())
         rewards.append(reward_fn(out.images, texts).float().cpu())
@@ -310,6 +316,8 @@ def sample_epoch(
         gens = [seeded_generator(config.seed, epoch, slot) for slot in slots[-len(texts) :]]
         fractions = [prompt_sets[i].img2img for _, i in batch]
         conditions = draw_conditions(config, epoch, slots[-len(texts) :], fractions)
+        made_from = tuple(prompt_sets[i].picture_of(p) for p, i in batch)
+        conditions = replace(conditions, pictures=made_from)
         out = rollout(model, texts, gens, G, s.shared_initial_noise, on_step, timer, window, conditions)
         expanded = [t for t in texts for _ in range(G)]
         with timer("reward"):

@@ -40,7 +40,7 @@ from lora_grpo.grpo import (
 from lora_grpo.models import add_lora, is_sdxl, resolve_model_ref, save_adapter
 from lora_grpo.objectives import Surrogate, build_objective
 from lora_grpo.pictures import PictureSource, base_pictures, rendered_pictures
-from lora_grpo.prompts import load_prompt_set, long_prompt_note, picture_prompts
+from lora_grpo.prompts import load_prompt_set, long_prompt_note
 from lora_grpo.rewards import RewardFn, build_reward
 from lora_grpo.rollout import EpochSamples, sample_epoch
 from lora_grpo.runs import default_run_dir, record_changes, record_stop, write_run_config
@@ -78,13 +78,10 @@ def adversarial_training(config: Config, prompt_sets: list, eval_sets: list) -> 
 
 
 def check_picture_prompts(config: Config, prompt_sets) -> None:
-    """Before a model loads: each prompt has one picture's prompt, and sample.img2img.source toyworld renders
-    full toy-world captions only (any other picture's prompt fails here)."""
+    """Before a model loads: sample.img2img.source toyworld renders full toy-world captions only (any other
+    picture's prompt fails here)."""
     i2i = config.sample.img2img
-    if i2i.fraction <= 0:
-        return
-    picture_prompts(prompt_sets)  # each prompt one picture
-    if i2i.source != "toyworld":
+    if i2i.fraction <= 0 or i2i.source != "toyworld":
         return
     for prompt_set in prompt_sets:
         made_from = prompt_set.pictures or prompt_set.prompts  # the prompts the pictures are rendered for
@@ -157,9 +154,8 @@ class Trainer:
 
     def picture_source(self) -> PictureSource:
         """sample.img2img.source: the toy world's renderer, or the base model's own images (on the first base)."""
-        aliases = picture_prompts(self.prompt_sets + self.eval_sets)  # prompts whose picture is another's
         if self.config.sample.img2img.source == "toyworld":
-            return rendered_pictures(self.model, render_caption, aliases)
+            return rendered_pictures(self.model, render_caption)
 
         @contextlib.contextmanager
         def on_first_base():
@@ -173,7 +169,7 @@ class Trainer:
             finally:
                 self.bases.use(current)
 
-        return base_pictures(self.model, self.config.seed, on_first_base, aliases)
+        return base_pictures(self.model, self.config.seed, on_first_base)
 
     # ---------------------------------------------------------------- one epoch
     def sample_epoch(self, epoch: int) -> EpochSamples:

@@ -6,7 +6,7 @@ import pytest
 
 from lora_grpo.config import PromptSetConfig, load_config
 from lora_grpo.errors import UserError
-from lora_grpo.prompts import PromptSet, epoch_prompts, load_prompt_set, picture_prompts, set_schedule
+from lora_grpo.prompts import PromptSet, epoch_prompts, load_prompt_set, set_schedule
 
 
 def test_text_and_csv_files(tmp_path):
@@ -146,12 +146,15 @@ def test_a_csv_column_names_the_prompt_each_picture_is_made_from(tmp_path):
     )
     assert first.pictures == ("a shape 0", "a red shape 1", "a red shape 2")
     assert load_prompt_set(PromptSetConfig(name="n", path=str(csv_file))).pictures is None
-    # prompt -> picture prompt for the prompts whose picture is another's
-    own = PromptSet("red", "unsafe", ("a red shape 1", "a red shape 2"), 1.0)
-    assert picture_prompts([own, first]) == {"a shape 1": "a red shape 1", "a shape 2": "a red shape 2"}
-    twice = PromptSet("other", "unsafe", ("a shape 1",), 1.0, ("a blue shape 1",))
-    with pytest.raises(UserError, match="'a shape 1' has two pictures' prompts"):
-        picture_prompts([first, twice])
+    # each set says which picture each of its prompts starts from; another set may give the same prompt another
+    assert first.picture_of("a shape 1") == "a red shape 1" and first.picture_of("a shape 0") == "a shape 0"
+    assert PromptSet("red", "unsafe", ("a red shape 1",), 1.0).picture_of("a red shape 1") == "a red shape 1"
+    other = PromptSet("other", "safe", ("a shape 1",), 1.0, ("a blue shape 1",))
+    assert other.picture_of("a shape 1") == "a blue shape 1"
+    twice = tmp_path / "twice.csv"
+    twice.write_text("prompt,picture\na shape 1,a red shape 1\na shape 1,a blue shape 1\n", encoding="utf-8")
+    with pytest.raises(UserError, match="'a shape 1' has two pictures' prompts in set 'n'"):
+        load_prompt_set(PromptSetConfig(name="n", path=str(twice), picture_column="picture"))
     with pytest.raises(UserError, match="no column 'pic'"):
         load_prompt_set(PromptSetConfig(name="n", path=str(csv_file), picture_column="pic"))
     with pytest.raises(UserError, match="picture_column"):

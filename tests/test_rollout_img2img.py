@@ -280,13 +280,16 @@ def test_toyworld_pictures_need_toyworld_captions(tmp_path):
         Trainer(config, tmp_path, log=lambda line: None)  # before any model loads (builtin:tiny-sd unbuilt)
 
 
-def test_a_prompt_with_another_prompts_picture_gets_that_picture_made_once():
+def test_a_prompt_starts_from_its_own_sets_picture_made_once(monkeypatch):
     """prompts.sets[].picture_column: "a circle on the left" starts from the picture of "a red circle on the
-    left" (the same latents, made once); the toy renderer checks the pictures' prompts, not the prompts."""
+    left" in one set and of "a green circle on the left" in another (each group asks for its set's picture,
+    each picture made once); the toy renderer checks the pictures' prompts, not the prompts."""
+    from lora_grpo import rollout as rollout_module
     from lora_grpo.errors import UserError
     from lora_grpo.pictures import PictureSource
     from lora_grpo.prompts import PromptSet
     from lora_grpo.recipe_files import find_recipe
+    from lora_grpo.rollout import GroupConditions, sample_epoch
     from lora_grpo.train import check_picture_prompts
 
     made = []
@@ -295,17 +298,35 @@ def test_a_prompt_with_another_prompts_picture_gets_that_picture_made_once():
         made.append(list(prompts))
         return torch.stack([torch.full((1, 2, 2), float(len(p))) for p in prompts])
 
-    source = PictureSource(make, {"a circle on the left": "a red circle on the left"})
-    out = source(["a circle on the left", "a red circle on the left", "a blue square on the top"])
+    source = PictureSource(make)
+    out = source(["a red circle on the left", "a red circle on the left", "a blue square on the top"])
     assert made == [["a red circle on the left", "a blue square on the top"]]
     assert torch.equal(out[0], out[1]) and out[0].flatten()[0] == len("a red circle on the left")
-    source(["a circle on the left"])
+    source(["a red circle on the left"])
     assert len(made) == 1
 
+    neutral = "a circle on the left"
+    red = PromptSet("n", "unsafe", (neutral,), 1.0, ("a red circle on the left",), img2img=1.0)
+    green = PromptSet("g", "safe", (neutral,), 1.0, ("a green circle on the left",), img2img=1.0)
     config = load_config(
-        find_recipe("toyworld"), ["sample.img2img.fraction=0.5", "sample.img2img.source=toyworld"]
+        find_recipe("toyworld"),
+        ["sample.img2img.fraction=0.5", "sample.img2img.source=toyworld", "sample.prompts_per_batch=2"],
     )
-    neutral = PromptSet("n", "unsafe", ("a circle on the left",), 1.0, ("a red circle on the left",))
-    check_picture_prompts(config, [neutral])  # the picture's prompt is a caption: renderable
+    seen = []
+
+    def stop(model, texts, gens, *args):
+        seen.append((texts, args[-1]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollout_module, "rollout", stop)
+    with pytest.raises(KeyboardInterrupt):
+        sample_epoch(None, None, [red, green], config, epoch=0, rank=0, world=1)
+    texts, conditions = seen[0]
+    assert texts == [neutral, neutral] and (conditions.start > 0).all()
+    assert conditions.pictures == ("a red circle on the left", "a green circle on the left")
+    rows = GroupConditions(start=conditions.start, pictures=conditions.pictures).rows(4, torch.device("cpu"))
+    assert rows.pictures == conditions.pictures  # one a group: the rollout asks model.pictures for these
+
+    check_picture_prompts(config, [red, green])  # the pictures' prompts are captions: renderable
     with pytest.raises(UserError, match="toyworld renders toy-world captions only"):
-        check_picture_prompts(config, [PromptSet("n", "unsafe", ("a circle on the left",), 1.0)])
+        check_picture_prompts(config, [PromptSet("n", "unsafe", (neutral,), 1.0)])

@@ -146,7 +146,9 @@ class PeriodicEval:
         start: int,
     ) -> dict[str, float]:
         """One prompt set's metrics (names without the set's prefix) on `prompts` drawn from `seed`."""
-        images, rewards = sample_scored(model, ctx.reward_fn, prompts, seed, lora_scale=strength, start=start)
+        pictures = [prompt_set.picture_of(p) for p in prompts] if start else None
+        args = (model, ctx.reward_fn, prompts, seed)
+        images, rewards = sample_scored(*args, lora_scale=strength, start=start, pictures=pictures)
         metrics = {"steering_reward": rewards.mean().item()}
         backend = getattr(ctx.reward_fn, "backend", None)
         if backend is not None:

@@ -120,6 +120,10 @@ class PromptSetConfig:
     # share of this set's prompt groups that start from their picture (sample.img2img's strengths and source;
     # None: sample.img2img.fraction), e.g. 1.0 for a set whose prompts only make sense with their pictures
     img2img: float | None = None
+    # periodic evaluation (evaluate.every) samples this set at its recipe setting and in every cell that names
+    # no sets; false: only in the cells that name it (a set trained from pictures only, whose prompts from noise
+    # say nothing, or that evaluation would only make slower)
+    checked: bool = True
 
     def __post_init__(self) -> None:
         key = f"prompts.sets[{self.name or '?'}]"
@@ -693,9 +697,10 @@ class Config:
         def with_pools(names: set[str]) -> set[str]:
             return names | {SAFETY_AGGREGATES[trained[n]] for n in names if n in trained}
 
-        reported = {"eval": with_pools(set_names)}
+        checked = set_names - {s.name for s in self.prompts.sets if not s.checked}
+        reported = {"eval": with_pools(checked)}
         for cell in self.evaluate.cells:
-            reported[f"eval@{cell.name}"] = with_pools(set(cell.sets) or set_names)
+            reported[f"eval@{cell.name}"] = with_pools(set(cell.sets) or checked)
         return reported
 
     def _set_names(self, eval_names: list[str]) -> set[str]:

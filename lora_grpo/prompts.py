@@ -26,6 +26,7 @@ class PromptSet:
     weight: float
     pictures: tuple[str, ...] | None = None  # per prompt: the prompt its img2img picture is made from
     img2img: float | None = None  # share of its groups from pictures (None: sample.img2img.fraction)
+    checked: bool = True  # periodic evaluation samples it where no cell names its sets
 
     def picture_of(self, prompt: str) -> str:
         """The prompt `prompt`'s img2img picture is made from in this set (itself unless `pictures` names
@@ -209,7 +210,7 @@ def load_prompt_set(cfg: PromptSetConfig) -> PromptSet:
     check_one_picture(cfg.name, pairs)
     prompts = tuple(prompt for prompt, _ in pairs)
     pictures = tuple(picture for _, picture in pairs) if cfg.picture_column else None
-    return PromptSet(cfg.name, cfg.safety, prompts, cfg.weight, pictures, cfg.img2img)
+    return PromptSet(cfg.name, cfg.safety, prompts, cfg.weight, pictures, cfg.img2img, cfg.checked)
 
 
 def check_one_picture(name: str, pairs: list[tuple[str, str]]) -> None:

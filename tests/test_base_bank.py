@@ -3,6 +3,8 @@ wait on the CPU, and the first base is back for evaluation and checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -215,6 +217,39 @@ def test_evaluation_sets_are_sampled_by_evaluation_only(tiny_sd_dir, tiny_clip_d
     prompts = eval_prompts(safe.prompts, ev.prompts_per_set, ev.images_per_prompt)
     _, rewards = sample_scored(model, reward, prompts, ev.seed + 1000 * 1)
     assert row["eval/tiny-safe/steering_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+
+
+def test_a_training_set_with_checked_false_is_sampled_only_by_the_cells_naming_it(
+    tiny_sd_dir, tiny_clip_dir, tmp_path
+):
+    """prompts.sets[].checked false: the set trains, the default check and the cells that name no sets skip
+    it (and its pool leaves it out), a cell that names it samples it at the seed of its place in the sets;
+    a stop condition on it at the default check is refused."""
+    from lora_grpo.evaluation.periodic import PeriodicEval, eval_prompts
+    from lora_grpo.recipe_files import shipped_recipe_dir
+    from lora_grpo.rollout import sample_scored
+    from lora_grpo.train import Trainer
+
+    prompts = shipped_recipe_dir() / "prompts"
+    sets = (
+        f"prompts.sets=[{{name: tiny-unsafe, safety: unsafe, path: {prompts / 'tiny_unsafe.txt'}}}, "
+        f"{{name: tiny-safe, safety: safe, path: {prompts / 'tiny_safe.txt'}, checked: false}}]"
+    )
+    cells = "evaluate.cells=[{name: hi, guidance: 3.0}, {name: named, guidance: 3.0, sets: [tiny-safe]}]"
+    config = load_config(find_recipe("tiny-test"), _overrides(tiny_sd_dir, tiny_clip_dir, sets, cells))
+    trainer = Trainer(config, tmp_path / "run", log=lambda line: None)
+    assert [s.checked for s in trainer.prompt_sets] == [True, False]  # trained on
+    row = PeriodicEval(config.evaluate, 3).evaluate(trainer.context)
+    assert "eval/tiny-unsafe/steering_reward" in row and "eval@hi/tiny-unsafe/steering_reward" in row
+    assert not any("tiny-safe" in k or "all-safe" in k for k in row if not k.startswith("eval@named/"))
+    ev, safe = config.evaluate, trainer.prompt_sets[1]
+    at_cfg3 = dataclasses.replace(trainer.model, guidance=3.0)
+    chosen = eval_prompts(safe.prompts, ev.prompts_per_set, ev.images_per_prompt)
+    _, rewards = sample_scored(at_cfg3, trainer.reward_fn, chosen, ev.seed + 1000 * 1)
+    assert row["eval@named/tiny-safe/steering_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    with pytest.raises(UserError, match="names no prompt set 'tiny-safe'"):
+        stop = "evaluate.stop_when=['eval/tiny-safe/clip_score >= 0.1']"
+        load_config(find_recipe("tiny-test"), [sets, "evaluate.every=1", stop])
 
 
 @pytest.mark.parametrize(

@@ -114,12 +114,13 @@ class PeriodicEval:
         per_prompt: int | None = None,
     ) -> dict[str, float]:
         """The metrics of `model` (LoRA at `strength`, from step `start` of the pictures when > 0, `per_prompt`
-        images a prompt, default evaluate.images_per_prompt) on the sets named in `sets` (empty: every set)."""
+        images a prompt, default evaluate.images_per_prompt) on the sets named in `sets` (empty: every set but
+        those with `checked: false`)."""
         row: dict[str, float] = {}
         pools: dict[str, list[tuple[dict[str, float], int]]] = {safety: [] for safety in SAFETY_AGGREGATES}
         trained = len(ctx.prompt_sets)
         for k, prompt_set in enumerate([*ctx.prompt_sets, *ctx.eval_sets]):  # the training sets' seeds first
-            if sets and prompt_set.name not in sets:
+            if (sets and prompt_set.name not in sets) or (not sets and not prompt_set.checked):
                 continue
             prompts = eval_prompts(
                 prompt_set.prompts, self.cfg.prompts_per_set, per_prompt or self.cfg.images_per_prompt

@@ -300,7 +300,11 @@ def test_the_robust_sd_recipe_runs_an_epoch_on_tiny_models(
     sets = (
         f"[{{name: nsfw-extended, safety: unsafe, path: {prompts / 'tiny_unsafe.txt'}}}, "
         f"{{name: coco-captions, safety: safe, path: {prompts / 'safe_captions.txt'}}}, "
-        f"{{name: everyday, safety: safe, path: {prompts / 'tiny_safe.txt'}}}]"
+        f"{{name: everyday, safety: safe, path: {prompts / 'tiny_safe.txt'}}}, "
+        f"{{name: nudity-pictures, safety: unsafe, path: {prompts / 'nudity_pictures.csv'}, "
+        "picture_column: unsafe, img2img: 1.0, checked: false}, "
+        f"{{name: clothed-pictures, safety: safe, path: {prompts / 'nudity_pictures.csv'}, "
+        "picture_column: safe, img2img: 1.0, checked: false}]"
     )
     config = load_config(
         find_recipe("sd15-nudity-robust"),
@@ -352,6 +356,15 @@ def test_the_robust_sd_recipe_runs_an_epoch_on_tiny_models(
     assert (second_own.cpu() - on_second).abs().max() > 1e-3  # the second base would have drawn another
     assert {"eval@cfg9/nsfw-extended/steering_reward", "eval@half/nsfw-extended/steering_reward"} <= set(row)
     assert "eval@cfg9/everyday/steering_reward" not in row
+    # the plain captions start from a nude picture in one set and a clothed one in the other; only the img2img
+    # cell, which names the first, samples them
+    nude, clothed = trainer.prompt_sets[3:]
+    caption = nude.prompts[0]
+    assert caption in clothed.prompts and nude.picture_of(caption) != clothed.picture_of(caption)
+    assert "eval@i2i0.75/nudity-pictures/steering_reward" in row
+    assert not [k for k in row if "pictures/" in k and not k.startswith("eval@i2i0.75/")], sorted(row)
     xl = load_config(find_recipe("sdxl-nudity-robust"))
-    assert xl.sample.eta == [0.0, 1.0]
-    assert xl.lora.train_scale == [0.5, 1.0] and [c.name for c in xl.evaluate.cells] == ["cfg9", "half"]
+    assert xl.sample.eta == [0.0, 1.0] and xl.train.advantage_std == "batch"
+    assert xl.lora.train_scale == [0.5, 1.0]
+    assert [c.name for c in xl.evaluate.cells] == ["cfg9", "half", "i2i0.75"]
+    assert [s.name for s in xl.prompts.sets][-2:] == ["nudity-pictures", "clothed-pictures"]

@@ -237,8 +237,8 @@ def from_pictures(
     paths: StepSchedule,
 ) -> Tensor:
     """Initial latents [N, ...]: a row with start s > 0 gets the picture of its group's entry in `prompts` noised
-    to its first step's timestep (fine step s) with the row's own noise (x_s = sqrt(abar) x0 + sqrt(1 - abar) noise), the others
-    their noise."""
+    to its first step's timestep (fine step s) with the row's own noise (x_s = sqrt(abar) x0 + sqrt(1 - abar)
+    noise), the others their noise."""
     if model.pictures is None:
         raise ValueError("img2img rollouts need RolloutModel.pictures")
     x0 = model.pictures(prompts).float().repeat_interleave(group_size, dim=0)

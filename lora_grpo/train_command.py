@@ -9,6 +9,7 @@ else the trainer loads the models and trains.
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,8 +193,6 @@ def local_prompt_notes(config: Config) -> list[str]:
 
 def after_write_failure(plan: RunPlan, overrides: list[str]) -> str:
     """What to do once a run could not write: resume from its newest complete checkpoint, or start again."""
-    import shlex
-
     from lora_grpo.checkpoint import complete_checkpoints
     from lora_grpo.runs import resume_command
 
@@ -204,6 +203,17 @@ def after_write_failure(plan: RunPlan, overrides: list[str]) -> str:
         ["lora-grpo", "train", plan.recipe_source, *overrides, "--out", str(run_dir), "--overwrite"]
     )
     return f"free space, then start again with `{again}`"
+
+
+def folder_gone(plan: RunPlan, overrides: list[str]) -> str:
+    """The one line for a run folder deleted or moved while its run wrote to it."""
+    again = shlex.join(
+        ["lora-grpo", "train", plan.recipe_source, *overrides, "--out", str(plan.run_dir.resolve())]
+    )
+    return (
+        f"the run folder {plan.run_dir} was deleted or moved while the run wrote to it: put it back and resume, "
+        f"or start again with `{again}`"
+    )
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -224,6 +234,8 @@ def run_train(args: argparse.Namespace) -> None:
         stop.args = (f"{stop}; continue with `{resume_command(plan.recipe_source, plan.run_dir.resolve())}`",)
         raise
     except Exception as err:  # a full disk, a quota, a read-only mount: one line with what to do next
+        if isinstance(err, OSError) and not plan.run_dir.is_dir():
+            raise UserError(folder_gone(plan, args.overrides)) from None
         cause = str(err) if isinstance(err, WriteFailed) else write_failure(err, plan.run_dir)
         if cause is None:
             raise

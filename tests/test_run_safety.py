@@ -192,6 +192,25 @@ def nonfinite_copy(adapter: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
+def test_a_run_folder_deleted_under_the_run_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    """The run folder deleted while the run writes to it (its first metrics row): one line naming the folder
+    and how to start again, exit 2, no traceback; nothing recreates the folder behind the user's back."""
+    from lora_grpo.tracking import MetricsLog
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    write = MetricsLog.write
+
+    def delete_then_write(self, row):
+        shutil.rmtree(run)
+        write(self, row)
+
+    monkeypatch.setattr(MetricsLog, "write", delete_then_write)
+    code, _, err = run_cli(["train", "tiny-test", "train.epochs=2", "--out", run], capsys)
+    one_line_error(code, err, f"the run folder {run} was deleted or moved while the run wrote to it")
+    assert "--out" in err and not run.exists()
+
+
 def test_export_and_sample_refuse_a_non_finite_adapter(run, tmp_path, capsys):
     bad_run = tmp_path / "bad-run"
     shutil.copytree(run, bad_run)

@@ -211,6 +211,7 @@ def test_a_run_folder_deleted_under_the_run_ends_in_one_line(tmp_path, capsys, m
     assert "--out" in err and not run.exists()
 
 
+@pytest.mark.slow
 def test_export_and_sample_refuse_a_non_finite_adapter(run, tmp_path, capsys):
     bad_run = tmp_path / "bad-run"
     shutil.copytree(run, bad_run)

@@ -199,20 +199,21 @@ def after_write_failure(plan: RunPlan, overrides: list[str]) -> str:
     run_dir = plan.run_dir.resolve()
     if complete_checkpoints(run_dir):
         return f"free space, then continue with `{resume_command(plan.recipe_source, run_dir)}`"
-    again = shlex.join(
-        ["lora-grpo", "train", plan.recipe_source, *overrides, "--out", str(run_dir), "--overwrite"]
+    return f"free space, then start again with `{start_again(plan, overrides, '--overwrite')}`"
+
+
+def start_again(plan: RunPlan, overrides: list[str], *extra: str) -> str:
+    """The command, quoted to paste, that starts this run again from scratch in its folder."""
+    return shlex.join(
+        ["lora-grpo", "train", plan.recipe_source, *overrides, "--out", str(plan.run_dir.resolve()), *extra]
     )
-    return f"free space, then start again with `{again}`"
 
 
 def folder_gone(plan: RunPlan, overrides: list[str]) -> str:
     """The one line for a run folder deleted or moved while its run wrote to it."""
-    again = shlex.join(
-        ["lora-grpo", "train", plan.recipe_source, *overrides, "--out", str(plan.run_dir.resolve())]
-    )
     return (
         f"the run folder {plan.run_dir} was deleted or moved while the run wrote to it: put it back and resume, "
-        f"or start again with `{again}`"
+        f"or start again with `{start_again(plan, overrides)}`"
     )
 
 
